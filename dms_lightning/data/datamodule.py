@@ -1,0 +1,264 @@
+"""DMSDataModule: one data module for the synthetic set, an image folder tree or a CSV manifest."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dms_lightning.data.sources import (
+    FileImageDataset,
+    SyntheticDMSDataset,
+    read_manifest,
+    scan_image_folder,
+    split_indices,
+)
+from dms_lightning.data.synthetic import SYNTHETIC_CLASSES
+from dms_lightning.data.transforms import eval_transform, train_transform
+
+Source = Literal["synthetic", "image_folder", "csv"]
+_SPLITS = ("train", "val", "test")
+
+
+class _Transformed(Dataset):
+    """Applies ``transform`` to the image of ``(image, label)`` items; optionally appends the sample id."""
+
+    def __init__(self, base: Dataset, transform, with_ids: bool = False) -> None:
+        self.base, self.transform, self.with_ids = base, transform, with_ids
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        item = (self.transform(image), label)
+        if self.with_ids:
+            item += (_sample_id(self.base, index),)
+        return item
+
+
+def _sample_id(dataset: Dataset, index: int) -> str:
+    if isinstance(dataset, Subset):
+        return _sample_id(dataset.dataset, dataset.indices[index])
+    return dataset.sample_id(index)
+
+
+def _targets(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, Subset):
+        parent = _targets(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    return dataset.targets
+
+
+class DMSDataModule(LightningDataModule):
+    """Driver-monitoring images for training, validation, test and prediction.
+
+    Three sources, picked by ``source``:
+
+    * ``synthetic`` (default): the procedural NIR driver set (classes ``alert``, ``eyes_closed``,
+      ``yawning``, ``looking_away``, ``phone``), deterministic from ``seed``; no files needed.
+    * ``image_folder``: ``data_dir/<class>/*.png`` split by ``val_split``/``test_split`` with
+      ``split_seed``, or ``data_dir/{train,val,test}/<class>/*`` used as given.
+    * ``csv``: a ``path,label[,split]`` manifest; paths are relative to the manifest. Rows without a
+      split are partitioned like an image folder.
+
+    Everything is validated in ``__init__`` (paths exist, values in range, class names found), so a
+    bad config fails before any model is built.
+
+    Example:
+        >>> dm = DMSDataModule(image_size=64, train_size=20, val_size=10, test_size=10, batch_size=4)
+        >>> dm.class_names[:2], dm.num_classes
+        (['alert', 'eyes_closed'], 5)
+        >>> dm.setup("fit")
+        >>> x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape)
+        (4, 1, 64, 64)
+    """
+
+    def __init__(
+        self,
+        source: Source = "synthetic",
+        data_dir: str | None = None,
+        manifest: str | None = None,
+        image_size: int = 96,
+        channels: int = 1,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        augment: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        train_size: int = 2000,
+        val_size: int = 500,
+        test_size: int = 500,
+        seed: int = 0,
+        val_split: float = 0.1,
+        test_split: float = 0.1,
+        split_seed: int = 0,
+        skip_corrupt: bool = False,
+        predict_split: Literal["train", "val", "test"] = "test",
+    ) -> None:
+        super().__init__()
+        if source not in ("synthetic", "image_folder", "csv"):
+            raise ValueError(f"data.source={source!r} is not one of 'synthetic', 'image_folder', 'csv'")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels!r} must be 1 (grayscale / NIR) or 3 (RGB)")
+        if not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"data.image_size={image_size!r} must be an integer >= 16")
+        for name, value in (("batch_size", batch_size), ("train_size", train_size), ("val_size", val_size),
+                            ("test_size", test_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name}={value!r} must be a positive integer")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
+        for name, value in (("val_split", val_split), ("test_split", test_split)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"data.{name}={value!r} must be in [0, 1)")
+        if val_split + test_split >= 1.0:
+            raise ValueError(f"data.val_split + data.test_split = {val_split + test_split} leaves no training data")
+        mean = [0.5] * channels if mean is None else list(mean)
+        std = [0.25] * channels if std is None else list(std)
+        for name, value in (("mean", mean), ("std", std)):
+            if len(value) != channels:
+                raise ValueError(f"data.{name}={value!r} needs {channels} value(s), one per channel")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"data.std={std!r} must be positive")
+
+        self.save_hyperparameters()
+        self.source, self.image_size, self.channels = source, image_size, channels
+        self.mean, self.std = mean, std
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._files: dict[str, list[tuple[str, int]]] | None = None
+        self.class_names = self._discover(source, data_dir, manifest, val_split, test_split, split_seed)
+        self.datasets: dict[str, Dataset] = {}
+        self.class_counts: dict[str, dict[str, int]] = {}
+
+    def _discover(self, source, data_dir, manifest, val_split, test_split, split_seed) -> list[str]:
+        """Validate the source's paths and find its class names (and file lists) without decoding images."""
+        if source == "synthetic":
+            return list(SYNTHETIC_CLASSES)
+        if source == "image_folder":
+            if data_dir is None:
+                raise ValueError("data.source='image_folder' needs data.data_dir: a folder of class sub-folders")
+            root = Path(data_dir).expanduser()
+            if not root.is_dir():
+                raise FileNotFoundError(f"data.data_dir={data_dir!r} is not a directory")
+            if (root / "train").is_dir():
+                classes, train = scan_image_folder(root / "train")
+                files = {"train": train}
+                for split in ("val", "test"):
+                    if (root / split).is_dir():
+                        split_classes, samples = scan_image_folder(root / split)
+                        unknown = set(split_classes) - set(classes)
+                        if unknown:
+                            raise ValueError(f"data.data_dir={data_dir!r}: {split}/ has classes {sorted(unknown)} "
+                                             f"that train/ lacks (train classes: {classes})")
+                        index = {name: i for i, name in enumerate(classes)}
+                        files[split] = [(p, index[split_classes[y]]) for p, y in samples]
+                missing = [s for s in ("val", "test") if s not in files]
+                if missing:
+                    files = self._split_missing(files, missing, val_split, test_split, split_seed)
+            else:
+                classes, samples = scan_image_folder(root)
+                files = self._partition(samples, val_split, test_split, split_seed)
+            self._files = files
+            return classes
+        if manifest is None:
+            raise ValueError("data.source='csv' needs data.manifest: a CSV of path,label[,split] rows")
+        path = Path(manifest).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.manifest={manifest!r} does not exist")
+        rows = read_manifest(path)
+        classes = sorted({label for _, label, _ in rows})
+        index = {name: i for i, name in enumerate(classes)}
+        files: dict[str, list[tuple[str, int]]] = {s: [] for s in _SPLITS}
+        unsplit = []
+        for image, label, split in rows:
+            (files[split] if split else unsplit).append((image, index[label]))
+        if unsplit:
+            parts = self._partition(unsplit, val_split, test_split, split_seed)
+            for split in _SPLITS:
+                files[split] += parts[split]
+        self._files = files
+        return classes
+
+    @staticmethod
+    def _partition(samples, val_split, test_split, split_seed) -> dict[str, list[tuple[str, int]]]:
+        parts = split_indices(len(samples), val_split, test_split, split_seed)
+        return {split: [samples[i] for i in sorted(idx)] for split, idx in parts.items()}
+
+    def _split_missing(self, files, missing, val_split, test_split, split_seed):
+        fractions = {"val": val_split if "val" in missing else 0.0, "test": test_split if "test" in missing else 0.0}
+        parts = self._partition(files["train"], fractions["val"], fractions["test"], split_seed)
+        files["train"] = parts["train"]
+        for split in missing:
+            files[split] = parts[split]
+        return files
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def preprocessing(self) -> dict:
+        """What a runtime must do to a camera frame before the model: exported into model metadata."""
+        return {"image_size": self.image_size, "channels": self.channels, "mean": self.mean, "std": self.std,
+                "layout": "NCHW", "scale": "1/255", "class_names": list(self.class_names)}
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        return torch.zeros(batch_size, self.channels, self.image_size, self.image_size)
+
+    def _base(self, split: str) -> Dataset:
+        hp = self.hparams
+        if self.source == "synthetic":
+            size = {"train": hp.train_size, "val": hp.val_size, "test": hp.test_size}[split]
+            return SyntheticDMSDataset(size, self.image_size, split=split, seed=hp.seed, channels=self.channels)
+        return FileImageDataset(self._files[split], self.image_size, self.channels, skip_corrupt=hp.skip_corrupt)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": (self.hparams.predict_split,)}.get(stage, _SPLITS)
+        for split in wanted:
+            if split in self.datasets:
+                continue
+            base = self._base(split)
+            if len(base) == 0:
+                raise ValueError(f"the {split} split of data.source={self.source!r} is empty; check data.data_dir / "
+                                 "data.manifest and data.val_split / data.test_split")
+            self.datasets[split] = base
+            counts = collections.Counter(_targets(base))
+            self.class_counts[split] = {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}
+            rank_zero_info(f"[dms_lightning] {split}: {len(base)} images, per class {self.class_counts[split]}")
+
+    def _loader(self, split: str, train: bool = False, with_ids: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}.get(split))
+            if split not in self.datasets:
+                self.datasets[split] = self._base(split)
+        transform = (train_transform(self.image_size, self.mean, self.std) if train and self.hparams.augment
+                     else eval_transform(self.mean, self.std))
+        return DataLoader(
+            _Transformed(self.datasets[split], transform, with_ids=with_ids),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(self.datasets[split]) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of ``(image, label, sample_id)`` where the id is the file path or synthetic index."""
+        return self._loader(self.hparams.predict_split, with_ids=True)

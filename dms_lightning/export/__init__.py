@@ -1,0 +1,1 @@
+"""export (in progress)."""

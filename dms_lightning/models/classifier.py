@@ -1,0 +1,213 @@
+"""DMSClassifier and the classification plumbing it shares with DistillationModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+from typing_extensions import override
+
+from dms_lightning.models.backbones import Head, build_backbone
+from dms_lightning.utils.checkpoint import restore_architecture
+from dms_lightning.utils.plotting import confusion_matrix_figure
+from dms_lightning.utils.tensorboard import log_figure
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.03):
+    """Linear warm-up then cosine decay to zero over ``total_steps`` optimizer steps (stepped per batch)."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ClassificationModule(LightningModule):
+    """Metrics, logging, prediction and optimizers of an image classifier whose network is ``self.model``.
+
+    Subclasses build ``self.model`` (the network that is pruned, quantized and exported) and may override
+    :meth:`training_loss`. Logged: ``train/loss``, ``train/acc``, ``{val,test}/{loss,acc,f1}``,
+    per-class recall ``{val,test}/recall/<class>`` and the confusion matrix as a TensorBoard image.
+    """
+
+    model: nn.Module
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None, in_channels: int, image_size: int,
+                 optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"model.class_names has {len(class_names)} names {list(class_names)} but "
+                             f"model.num_classes={num_classes}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"model.label_smoothing={label_smoothing!r} must be in [0, 1)")
+        self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.lr_scheduler_factory = lr_scheduler
+        self.label_smoothing = label_smoothing
+        self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
+        metrics = MetricCollection({
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="none"),
+        })
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    @property
+    def compression_target(self) -> nn.Module:
+        """The network that pruning, quantization and export act on."""
+        return self.model
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, logits)`` of one training batch. Subclasses add their terms here."""
+        logits = self(images)
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing), logits
+
+    @override
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch[0], batch[1]
+        loss, logits = self.training_loss(images, labels)
+        self.train_acc(logits.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        images, labels = batch[0], batch[1]
+        logits = self(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val", sync_dist=True)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(logits, labels)
+        (self.val_confusion if stage == "val" else self.test_confusion).update(logits, labels)
+
+    @override
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    @override
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        confusion = self.val_confusion if stage == "val" else self.test_confusion
+        values = metrics.compute()
+        recall = values.pop(f"{stage}/recall")
+        self.log_dict(values, prog_bar=stage == "val")
+        self.log_dict({f"{stage}/recall/{name}": r for name, r in zip(self.class_names, recall)})
+        matrix = confusion.compute()
+        metrics.reset()
+        confusion.reset()
+        if not self.trainer.sanity_checking:
+            title = f"{stage} confusion matrix (epoch {self.current_epoch})"
+            log_figure(self.trainer, f"{stage}/confusion_matrix",
+                       confusion_matrix_figure(matrix.cpu().numpy(), self.class_names, title))
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    @override
+    def predict_step(self, batch, batch_idx: int) -> dict:
+        images = batch[0]
+        probs = torch.softmax(self(images).float(), dim=1)
+        out = {"probs": probs, "pred": probs.argmax(dim=1)}
+        if len(batch) > 2:
+            out["ids"] = list(batch[2])
+        if len(batch) > 1:
+            out["label"] = batch[1]
+        return out
+
+    def trainable_parameters(self):
+        """Parameters the optimizer updates (a distillation teacher is not among them)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @override
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": warmup_cosine(optimizer, total), "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Pruned / quantized checkpoints hold a changed architecture: rebuild it before weights load.
+        restore_architecture(self, checkpoint)
+
+
+class DMSClassifier(ClassificationModule):
+    """A driver-monitoring image classifier on a torchvision backbone.
+
+    Args:
+        backbone: torchvision model name (``mobilenet_v3_small``, ``resnet18``, ``efficientnet_b0`` ...).
+        num_classes: number of classes; linked to the data module by the CLI.
+        in_channels: 1 for NIR/grayscale cameras, 3 for RGB; the first conv is adapted.
+        class_names: names of the classes, kept in the checkpoint and exported model metadata.
+        image_size: side of the square input, for ``example_input_array`` and export.
+        weights: local file with pretrained weights (never downloaded).
+        head: ``"dms"`` (pooled features → Linear ``head_hidden`` → ReLU → Dropout → Linear) or
+            ``"torchvision"`` (the backbone's own classifier, resized).
+        optimizer: optimizer factory, LightningCLI style (default ``AdamW(lr=1e-3)``).
+        lr_scheduler: scheduler factory; default: 3 % linear warm-up then cosine decay per step.
+        label_smoothing: cross-entropy label smoothing.
+
+    Example:
+        >>> model = DMSClassifier("mobilenet_v3_small", num_classes=5, image_size=64)
+        >>> model(torch.zeros(2, 1, 64, 64)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet_v3_small",
+        num_classes: int = 5,
+        in_channels: int = 1,
+        class_names: list[str] | None = None,
+        image_size: int = 96,
+        weights: str | None = None,
+        head: Head = "dms",
+        head_hidden: int = 128,
+        dropout: float = 0.2,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing)
+        self.save_hyperparameters()
+        self.model = build_backbone(backbone, num_classes, in_channels, head, head_hidden, dropout, weights)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The checkpoint holds the trained weights: reloading must not need the original weights file.
+        checkpoint.get("hyper_parameters", {})["weights"] = None

@@ -1,0 +1,1 @@
+"""Small helpers shared by the callbacks: atomic writes, TensorBoard access, plots."""
