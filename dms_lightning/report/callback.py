@@ -1,0 +1,243 @@
+"""CompressionReport: at the end of ``fit``, measure every exported variant and write the results table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from dms_lightning.report.measure import STAGES, MeasureSettings, Report, build_report
+from dms_lightning.report.plots import pareto_figure, save_pareto_plots
+from dms_lightning.report.tables import markdown_table, write_tables
+from dms_lightning.utils.artifacts import Variant, variants
+from dms_lightning.utils.io import ensure_writable_dir
+from dms_lightning.utils.plotting import plt
+from dms_lightning.utils.tensorboard import tensorboard_writers
+
+#: Callbacks that register variants at fit end; CompressionReport must come after them.
+VARIANT_PRODUCERS: tuple[str, ...] = ("ONNXExport", "PostTrainingQuantization", "SNPEExport")
+
+
+def parse_variant_specs(specs: Mapping[str, str] | Sequence[str] | None, field: str = "extra_variants") -> list[Variant]:
+    """``{"teacher": "a.onnx"}`` or ``["teacher=a.onnx", "b.onnx"]`` → variants (name defaults to the file stem)."""
+    if specs is None:
+        return []
+    if isinstance(specs, str):
+        raise ValueError(f"{field}={specs!r} must be a list of 'name=path' strings or a mapping name -> path, "
+                         "not a single string")
+    pairs = list(specs.items()) if isinstance(specs, Mapping) else []
+    if not isinstance(specs, Mapping):
+        for spec in specs:
+            if not isinstance(spec, str) or not spec:
+                raise ValueError(f"{field} entry {spec!r} must be a 'name=path' string")
+            name, sep, path = spec.partition("=")
+            pairs.append((name, path) if sep else (Path(spec).stem, spec))
+    result = []
+    for name, path in pairs:
+        if not name:
+            raise ValueError(f"{field} entry {name}={path!r} has an empty name")
+        result.append(Variant(name=str(name), onnx_path=str(path), precision="", producer="given"))
+    return result
+
+
+def log_report_to_tensorboard(writers: Sequence, report: Report, step: int = 0) -> None:
+    """Log the table (text), both Pareto plots (images) and one hparams run per variant to each writer."""
+    if not writers:
+        return
+    table = markdown_table(report)
+    figures = {axis: pareto_figure(report, axis) for axis in ("size", "latency")}
+    for writer in writers:
+        writer.add_text("compression/report", table, global_step=step)
+        for axis, figure in figures.items():
+            if figure is not None:
+                writer.add_figure(f"compression/pareto_{axis}", figure, global_step=step, close=False)
+        for row in report.rows:
+            metrics = {
+                "compression/accuracy": row.accuracy, "compression/macro_f1": row.macro_f1,
+                "compression/size_mb": row.file_size_mb, "compression/parameters": row.parameters,
+                "compression/macs": row.macs, "compression/latency_ms_p50": row.latency_ms_p50,
+                "compression/latency_ms_p99": row.latency_ms_p99,
+                "compression/throughput_images_per_s": row.throughput_images_per_s,
+                "compression/size_ratio": row.size_ratio, "compression/speedup": row.speedup,
+                "compression/accuracy_delta_pt": row.accuracy_delta_pt,
+            }
+            metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+            hparams = {"variant": row.name, "precision": row.precision, "producer": row.producer or "",
+                       "baseline": report.baseline}
+            # One hparams run per variant, so TensorBoard's HPARAMS tab compares them side by side.
+            writer.add_hparams(hparams, metrics, run_name=f"compression_{row.name}", global_step=step)
+            for key, value in metrics.items():
+                writer.add_scalar(f"{key}/{row.name}", value, global_step=step)
+        writer.flush()
+    for figure in figures.values():
+        if figure is not None:
+            plt.close(figure)
+
+
+class CompressionReport(Callback):
+    """Measure every model the run exported and write the size / latency / accuracy table.
+
+    At the end of ``fit`` (on rank zero), every variant registered by the exporting callbacks
+    (:class:`~dms_lightning.callbacks.ONNXExport`, :class:`~dms_lightning.callbacks.PostTrainingQuantization`
+    ...) plus any ``extra_variants`` (e.g. the teacher's ONNX file) is measured in ONNX Runtime on the
+    data module's test set: file size, parameters, MACs, batch-1 CPU latency p50/p90/p99 with a fixed
+    thread count, throughput at a larger batch, accuracy and macro-F1, and ratios against ``baseline``.
+    Written to ``output_dir``: ``report.md``, ``report.csv``, ``report.json``, ``pareto_size.png`` and
+    ``pareto_latency.png``; logged to TensorBoard (text table, the two plots, hparams with the metrics of
+    each variant); the table is printed. Place it **after** the exporting callbacks: their variants are
+    registered in their own ``on_fit_end``.
+
+    Args:
+        output_dir: where the report goes; default ``<log_dir>/compression_report`` (or
+            ``<default_root_dir>/compression_report`` without a logger).
+        baseline: name of the variant the ratios are against (e.g. ``"teacher"``); default: the first
+            ``extra_variants`` entry, else the first registered variant.
+        extra_variants: more ONNX files to measure, as ``{"teacher": "teacher.onnx"}`` or
+            ``["teacher=teacher.onnx"]``.
+        threads: ONNX Runtime intra-op threads for latency and throughput.
+        warmup_runs: untimed runs before the latency runs.
+        latency_runs: timed batch-1 runs per variant.
+        throughput_batch: batch size of the throughput measurement.
+        throughput_runs: timed runs at ``throughput_batch``.
+        max_test_batches: evaluate on at most this many test batches (``None``: the whole test set).
+        log_to_tensorboard: log the table, plots and hparams to every TensorBoard logger of the run.
+        print_table: print the markdown table at the end.
+        progress_bar: show a progress bar while measuring.
+
+    Example::
+
+        trainer = Trainer(callbacks=[
+            ONNXExport(dirpath="artifacts/student"),
+            CompressionReport(baseline="teacher", extra_variants={"teacher": "artifacts/teacher.onnx"}),
+        ])
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        baseline: str | None = None,
+        extra_variants: Mapping[str, str] | Sequence[str] | None = None,
+        threads: int = 1,
+        warmup_runs: int = 20,
+        latency_runs: int = 200,
+        throughput_batch: int = 32,
+        throughput_runs: int = 10,
+        max_test_batches: int | None = None,
+        log_to_tensorboard: bool = True,
+        print_table: bool = True,
+        progress_bar: bool = True,
+    ) -> None:
+        super().__init__()
+        self.settings = MeasureSettings(threads=threads, warmup_runs=warmup_runs, latency_runs=latency_runs,
+                                        throughput_batch=throughput_batch, throughput_runs=throughput_runs,
+                                        max_test_batches=max_test_batches)
+        self.extra_variants = parse_variant_specs(extra_variants)
+        for variant in self.extra_variants:
+            if not variant.onnx_path.endswith(".onnx"):
+                raise ValueError(f"extra_variants[{variant.name!r}]={variant.onnx_path!r} must be an .onnx file "
+                                 "(export checkpoints first, or use `python -m dms_lightning.report --ckpt`)")
+        names = [v.name for v in self.extra_variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"extra_variants has repeated names: {names}")
+        if baseline is not None and (not isinstance(baseline, str) or not baseline):
+            raise ValueError(f"baseline={baseline!r} must be a variant name such as 'teacher'")
+        self.output_dir = output_dir
+        self.baseline = baseline
+        self.log_to_tensorboard = log_to_tensorboard
+        self.print_table = print_table
+        self.progress_bar = progress_bar
+        self.report: Report | None = None
+        self.written: dict[str, Path] = {}
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        position = next(i for i, cb in enumerate(trainer.callbacks) if cb is self)
+        late = [type(cb).__name__ for cb in trainer.callbacks[position + 1:]
+                if type(cb).__name__ in VARIANT_PRODUCERS or getattr(cb, "produces_variants", False)]
+        if late:
+            raise MisconfigurationException(
+                f"CompressionReport is placed before {late} in trainer callbacks: it would run before they export. "
+                "Put CompressionReport last in the callbacks list.")
+        # Fail now, not after hours of training, on a missing file the user named.
+        for variant in self.extra_variants:
+            if not Path(variant.onnx_path).is_file():
+                raise FileNotFoundError(f"extra_variants[{variant.name!r}]={variant.onnx_path!r} does not exist")
+        if trainer.is_global_zero:
+            ensure_writable_dir(self._output_dir(trainer), "output_dir")
+
+    def _output_dir(self, trainer: Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        root = trainer.log_dir if trainer.loggers else None
+        return Path(root or trainer.default_root_dir) / "compression_report"
+
+    def _variants(self, trainer: Trainer) -> list[Variant]:
+        given = {v.name for v in self.extra_variants}
+        registered = [v for v in variants(trainer) if v.name not in given]
+        return self.extra_variants + registered
+
+    def _baseline(self, found: list[Variant]) -> str:
+        names = [v.name for v in found]
+        if self.baseline is None:
+            return names[0]
+        if self.baseline not in names:
+            rank_zero_warn(f"CompressionReport: baseline={self.baseline!r} is not among the variants {names}; "
+                           f"comparing with {names[0]!r} instead")
+            return names[0]
+        return self.baseline
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        found = self._variants(trainer)
+        if not found:
+            rank_zero_warn("CompressionReport: no variants to measure. Add an exporting callback (ONNXExport ...) "
+                           "before CompressionReport, or pass extra_variants.")
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        dataloader = datamodule.test_dataloader() if datamodule is not None and hasattr(datamodule,
+                                                                                         "test_dataloader") else None
+        if dataloader is None:
+            rank_zero_warn("CompressionReport: the run has no data module with a test_dataloader; "
+                           "accuracy is not measured")
+        self.report = self._measure(found, dataloader)
+        output_dir = self._output_dir(trainer)
+        self.written = dict(write_tables(self.report, output_dir))
+        self.written.update({f"pareto_{k}": v for k, v in save_pareto_plots(self.report, output_dir).items()})
+        if self.log_to_tensorboard:
+            log_report_to_tensorboard(tensorboard_writers(trainer), self.report, trainer.global_step)
+        if self.print_table:
+            rank_zero_info(f"\nCompression report (baseline {self.report.baseline}), written to {output_dir}:\n"
+                           + markdown_table(self.report))
+
+    def _measure(self, found: list[Variant], dataloader) -> Report:
+        bar = None
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(found) * len(STAGES), desc="CompressionReport", unit="step", leave=False)
+
+        def progress(name: str, stage: str) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"{name}: {stage} done")
+                bar.update(1)
+
+        try:
+            return build_report(found, dataloader, baseline=self._baseline(found), settings=self.settings,
+                                progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @override
+    def state_dict(self) -> dict:
+        # Nothing to resume: the report is recomputed from the artifacts at the end of every fit.
+        return {}

@@ -1,0 +1,467 @@
+"""Measuring deployable ONNX models: size, parameters, MACs, ONNX Runtime latency, throughput and accuracy.
+
+Every number is recomputed from the ONNX file itself and measured in ONNX Runtime on the CPU, the way a
+deployment engineer would check it, never taken from the PyTorch model that produced the file:
+
+* **size**: bytes on disk (with any external-data files);
+* **parameters / MACs**: from the graph (see :mod:`dms_lightning.report.graph`);
+* **latency**: batch 1, after warm-up, with a fixed intra-op thread count; p50 / p90 / p99 in ms;
+* **throughput**: images per second at a larger batch (a graph with a static batch of 1 is measured at
+  batch 1, and the row says so);
+* **accuracy / macro-F1**: ONNX Runtime outputs on a test dataloader.
+
+:func:`build_report` measures several variants and expresses each against a baseline (× smaller,
+× faster, accuracy delta in points).
+
+Example:
+    >>> from dms_lightning.report import MeasureSettings, measure_onnx  # doctest: +SKIP
+    >>> row = measure_onnx("student_int8.onnx", dm.test_dataloader(), settings=MeasureSettings(threads=1))
+    >>> row.latency_ms_p50, row.accuracy  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from dms_lightning.report.graph import count_macs, count_parameters, detect_precision, quantized_weight_fraction
+from dms_lightning.report.machine import machine_info
+from dms_lightning.utils.artifacts import Variant
+
+#: Stages of measuring one variant, in order; a progress callback is called once after each.
+STAGES: tuple[str, ...] = ("graph", "latency", "throughput", "accuracy")
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How latency, throughput and accuracy are measured.
+
+    Args:
+        threads: ONNX Runtime intra-op threads (fixed, so runs are comparable; 1 = one core, like a
+            small edge CPU, and stable on a shared machine).
+        warmup_runs: untimed batch-1 runs before timing (allocations, caches, lazy kernel selection).
+        latency_runs: timed batch-1 runs; p50 / p90 / p99 are taken over them.
+        throughput_batch: batch size of the throughput measurement (ignored for a static-batch graph).
+        throughput_runs: timed runs at ``throughput_batch``; images/s uses their median.
+        max_test_batches: evaluate accuracy on at most this many dataloader batches (``None``: all).
+        seed: seeds the random input used when no dataloader gives a real one.
+    """
+
+    threads: int = 1
+    warmup_runs: int = 20
+    latency_runs: int = 200
+    throughput_batch: int = 32
+    throughput_runs: int = 10
+    max_test_batches: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("threads", 1), ("warmup_runs", 0), ("latency_runs", 1), ("throughput_batch", 1),
+                              ("throughput_runs", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+        if self.max_test_batches is not None and (not isinstance(self.max_test_batches, int)
+                                                  or self.max_test_batches < 1):
+            raise ValueError(f"max_test_batches={self.max_test_batches!r} must be None (all) or an integer >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VariantMetrics:
+    """One row of the compression report: what a single ONNX file costs and how well it classifies.
+
+    Ratios are filled in by :func:`compare_to_baseline` (``None`` until then): ``size_ratio`` and
+    ``speedup`` read "× smaller" and "× faster" than the baseline; ``accuracy_delta_pt`` is in
+    percentage points (negative: worse than the baseline).
+    """
+
+    name: str
+    onnx_path: str
+    precision: str
+    producer: str = ""
+    file_size_bytes: int = 0
+    parameters: int = 0
+    macs: int = 0
+    quantized_weight_fraction: float = 0.0
+    latency_batch: int = 1
+    latency_ms_p50: float = math.nan
+    latency_ms_p90: float = math.nan
+    latency_ms_p99: float = math.nan
+    latency_ms_mean: float = math.nan
+    latency_runs: int = 0
+    throughput_batch: int = 1
+    throughput_images_per_s: float = math.nan
+    static_batch: bool = False
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    test_samples: int = 0
+    baseline: str | None = None
+    size_ratio: float | None = None
+    speedup: float | None = None
+    params_ratio: float | None = None
+    macs_ratio: float | None = None
+    throughput_ratio: float | None = None
+    accuracy_delta_pt: float | None = None
+    macro_f1_delta_pt: float | None = None
+    notes: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def file_size_mb(self) -> float:
+        return self.file_size_bytes / 1e6
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row["file_size_mb"] = self.file_size_mb
+        return row
+
+
+@dataclass
+class Report:
+    """Rows of every measured variant, the baseline they are compared with, the machine and the settings."""
+
+    rows: list[VariantMetrics]
+    baseline: str
+    machine: dict
+    settings: dict
+
+    def row(self, name: str) -> VariantMetrics:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"no variant named {name!r} in the report; variants: {[r.name for r in self.rows]}")
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "machine": self.machine, "settings": self.settings,
+                "variants": [row.to_dict() for row in self.rows]}
+
+
+def onnx_file_size(path: str | Path) -> int:
+    """Bytes of the ONNX file plus any external-data files its initializers point to."""
+    path = Path(path)
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    external = {entry.value for init in model.graph.initializer
+                if init.data_location == onnx.TensorProto.EXTERNAL
+                for entry in init.external_data if entry.key == "location"}
+    return total + sum((path.parent / name).stat().st_size for name in external)
+
+
+def open_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session with a fixed intra-op thread count and full graph optimization."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _split_batch(batch) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(images, labels)`` from a dataloader batch: a tuple/list ``(images, labels, ...)``, a dict or images."""
+    if isinstance(batch, dict):
+        images = batch.get("image", batch.get("images", batch.get("input")))
+        labels = batch.get("label", batch.get("labels", batch.get("target")))
+    elif isinstance(batch, (list, tuple)):
+        images, labels = batch[0], batch[1] if len(batch) > 1 else None
+    else:
+        images, labels = batch, None
+    if images is None:
+        raise ValueError(f"cannot find the images in a dataloader batch of type {type(batch).__name__}: expected "
+                         "(images, labels, ...) or a dict with an 'image'/'images'/'input' key")
+    return _to_numpy(images), None if labels is None else _to_numpy(labels).astype(np.int64).reshape(-1)
+
+
+class _Runner:
+    """Runs one ONNX Runtime session on numpy batches, whatever its batch dimension (dynamic or static)."""
+
+    def __init__(self, path: str | Path, threads: int) -> None:
+        self.session = open_session(path, threads)
+        spec = self.session.get_inputs()[0]
+        self.input_name = spec.name
+        self.dtype = _ORT_TYPES.get(spec.type, np.float32)
+        self.shape = list(spec.shape)
+        leading = self.shape[0] if self.shape else None
+        self.static_batch = leading if isinstance(leading, int) and leading > 0 else None
+
+    def sample_shape(self, fallback: Sequence[int] | None) -> list[int]:
+        """The per-sample input shape (without batch): the graph's static dims, else ``fallback``."""
+        dims = self.shape[1:]
+        if all(isinstance(d, int) and d > 0 for d in dims):
+            return [int(d) for d in dims]
+        if fallback is None:
+            raise ValueError(f"the model input {self.input_name!r} has dynamic dims {self.shape}; give input_shape "
+                             "(C, H, W) or a dataloader so a real input can be used")
+        return list(fallback)
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images.astype(self.dtype, copy=False)})[0]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Logits for any number of images; a static-batch graph is fed in padded chunks of its batch."""
+        if self.static_batch is None:
+            return self.run(images)
+        outputs = []
+        for start in range(0, len(images), self.static_batch):
+            chunk = images[start:start + self.static_batch]
+            real = len(chunk)
+            if real < self.static_batch:
+                pad = np.zeros((self.static_batch - real, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            outputs.append(self.run(chunk)[:real])
+        return np.concatenate(outputs)
+
+
+def _time_runs(run: Callable[[], object], warmup: int, runs: int) -> np.ndarray:
+    """Wall-clock milliseconds of ``runs`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = np.empty(runs, dtype=np.float64)
+    for i in range(runs):
+        start = time.perf_counter_ns()
+        run()
+        times[i] = (time.perf_counter_ns() - start) / 1e6
+    return times
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts ``[true, predicted]``."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def macro_f1(matrix: np.ndarray) -> float:
+    """Unweighted mean F1 over the classes that occur (as a label or a prediction), as torchmetrics does."""
+    tp = np.diag(matrix).astype(np.float64)
+    fp = matrix.sum(axis=0) - tp
+    fn = matrix.sum(axis=1) - tp
+    present = (tp + fp + fn) > 0
+    if not present.any():
+        return 0.0
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    return float(f1[present].mean())
+
+
+def evaluate_onnx(runner: _Runner, dataloader: Iterable, max_batches: int | None = None) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix of the model's argmax on ``dataloader``."""
+    labels_all, predictions_all, num_outputs = [], [], 0
+    for index, batch in enumerate(dataloader):
+        if max_batches is not None and index >= max_batches:
+            break
+        images, labels = _split_batch(batch)
+        if labels is None:
+            raise ValueError("the test dataloader yields no labels: accuracy needs (images, labels) batches")
+        logits = runner.predict(images)
+        num_outputs = logits.shape[1]
+        predictions_all.append(logits.reshape(len(images), -1).argmax(axis=1))
+        labels_all.append(labels)
+    if not labels_all:
+        raise ValueError("the test dataloader is empty: no accuracy can be measured")
+    labels, predictions = np.concatenate(labels_all), np.concatenate(predictions_all)
+    num_classes = int(max(num_outputs, labels.max() + 1))
+    matrix = confusion_matrix(labels, predictions, num_classes)
+    return {"accuracy": float((labels == predictions).mean()), "macro_f1": macro_f1(matrix),
+            "samples": int(len(labels)), "confusion_matrix": matrix.tolist()}
+
+
+class CachedBatches:
+    """Iterates a dataloader once and replays its batches as numpy arrays for every later variant.
+
+    Rendering / decoding the test set once instead of once per variant; a test set larger than
+    ``max_bytes`` is not kept, and every pass reads the dataloader again.
+    """
+
+    def __init__(self, dataloader: Iterable, max_batches: int | None = None, max_bytes: int = 512 * 2**20) -> None:
+        self.dataloader, self.max_batches, self.max_bytes = dataloader, max_batches, max_bytes
+        self._cache: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+
+    def __iter__(self):
+        if self._cache is not None:
+            yield from self._cache
+            return
+        cache: list | None = []
+        size = 0
+        for index, batch in enumerate(self.dataloader):
+            if self.max_batches is not None and index >= self.max_batches:
+                break
+            images, labels = _split_batch(batch)
+            if cache is not None:
+                size += images.nbytes
+                cache = cache if size <= self.max_bytes else None
+                if cache is not None:
+                    cache.append((images, labels))
+            yield images, labels
+        self._cache = cache
+
+
+def _first_images(dataloader: Iterable | None) -> np.ndarray | None:
+    if dataloader is None:
+        return None
+    for batch in dataloader:
+        return _split_batch(batch)[0]
+    return None
+
+
+def measure_onnx(
+    path: str | Path,
+    dataloader: Iterable | None = None,
+    *,
+    name: str | None = None,
+    precision: str | None = None,
+    producer: str = "",
+    settings: MeasureSettings | None = None,
+    input_shape: Sequence[int] | None = None,
+    progress: Callable[[str], None] | None = None,
+    info: dict | None = None,
+) -> VariantMetrics:
+    """Measure one ONNX file; see the module docstring for what each field means.
+
+    Args:
+        path: the ONNX model.
+        dataloader: test batches ``(images, labels, ...)`` for accuracy (and a real latency input);
+            ``None`` skips accuracy.
+        name: label of the row (default: the file stem).
+        precision: shown as is; detected from the graph when ``None``.
+        producer: the callback or tool that wrote the file.
+        settings: thread count, runs and batch sizes.
+        input_shape: per-sample ``(C, H, W)`` when the graph has dynamic spatial dims and no dataloader.
+        progress: called with each finished stage name of :data:`STAGES`.
+        info: extra facts copied into the row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"onnx_path={str(path)!r} does not exist")
+    settings = settings or MeasureSettings()
+    notify = progress or (lambda stage: None)
+    model = onnx.load(str(path))
+    row = VariantMetrics(name=name or path.stem, onnx_path=str(path), precision=precision or detect_precision(model),
+                         producer=producer, info=dict(info or {}))
+    row.file_size_bytes = onnx_file_size(path)
+    row.parameters = count_parameters(model)
+    row.macs = count_macs(model, batch_size=1)
+    row.quantized_weight_fraction = quantized_weight_fraction(model)
+    del model
+    notify("graph")
+
+    runner = _Runner(path, settings.threads)
+    real = _first_images(dataloader)
+    sample_shape = runner.sample_shape(None if real is None else real.shape[1:] if input_shape is None else input_shape)
+    if real is not None:
+        sample = real[:1].astype(runner.dtype)
+    else:
+        sample = np.random.default_rng(settings.seed).standard_normal((1, *sample_shape)).astype(runner.dtype)
+
+    row.static_batch = runner.static_batch is not None
+    row.latency_batch = runner.static_batch or 1
+    if row.latency_batch != 1:
+        row.notes.append(f"static batch {row.latency_batch}: latency measured at batch {row.latency_batch}")
+    latency_input = np.repeat(sample, row.latency_batch, axis=0)
+    times = _time_runs(lambda: runner.run(latency_input), settings.warmup_runs, settings.latency_runs)
+    row.latency_ms_p50, row.latency_ms_p90, row.latency_ms_p99 = (float(v) for v in np.percentile(times, [50, 90, 99]))
+    row.latency_ms_mean = float(times.mean())
+    row.latency_runs = settings.latency_runs
+    notify("latency")
+
+    if runner.static_batch is None:
+        row.throughput_batch = settings.throughput_batch
+    else:
+        row.throughput_batch = runner.static_batch
+        row.notes.append(f"static batch {runner.static_batch}: throughput measured at batch {runner.static_batch} only")
+    batch_input = np.repeat(sample, row.throughput_batch, axis=0)
+    batch_times = _time_runs(lambda: runner.run(batch_input), min(2, settings.warmup_runs), settings.throughput_runs)
+    row.throughput_images_per_s = float(row.throughput_batch / (np.median(batch_times) / 1e3))
+    notify("throughput")
+
+    if dataloader is not None:
+        result = evaluate_onnx(runner, dataloader, settings.max_test_batches)
+        row.accuracy, row.macro_f1, row.test_samples = result["accuracy"], result["macro_f1"], result["samples"]
+        row.info.setdefault("confusion_matrix", result["confusion_matrix"])
+    else:
+        row.notes.append("no test data: accuracy not measured")
+    notify("accuracy")
+    return row
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or not math.isfinite(numerator) or not math.isfinite(denominator) \
+            or denominator <= 0:
+        return None
+    return float(numerator / denominator)
+
+
+def compare_to_baseline(rows: Sequence[VariantMetrics], baseline: str) -> list[VariantMetrics]:
+    """Fill each row's ratios against the row named ``baseline`` (× smaller, × faster, accuracy delta)."""
+    names = [row.name for row in rows]
+    if baseline not in names:
+        raise ValueError(f"baseline={baseline!r} is not one of the measured variants {names}")
+    base = rows[names.index(baseline)]
+    for row in rows:
+        row.baseline = baseline
+        row.size_ratio = _ratio(base.file_size_bytes, row.file_size_bytes)
+        row.params_ratio = _ratio(base.parameters, row.parameters)
+        row.macs_ratio = _ratio(base.macs, row.macs)
+        row.speedup = _ratio(base.latency_ms_p50 * row.latency_batch, row.latency_ms_p50 * base.latency_batch)
+        row.throughput_ratio = _ratio(row.throughput_images_per_s, base.throughput_images_per_s)
+        if row.accuracy is not None and base.accuracy is not None:
+            row.accuracy_delta_pt = 100.0 * (row.accuracy - base.accuracy)
+        if row.macro_f1 is not None and base.macro_f1 is not None:
+            row.macro_f1_delta_pt = 100.0 * (row.macro_f1 - base.macro_f1)
+    return list(rows)
+
+
+def build_report(
+    variants: Sequence[Variant],
+    dataloader: Iterable | None = None,
+    *,
+    baseline: str | None = None,
+    settings: MeasureSettings | None = None,
+    input_shape: Sequence[int] | None = None,
+    progress: Callable[[str, str], None] | None = None,
+) -> Report:
+    """Measure every variant and compare it with ``baseline`` (default: the first variant).
+
+    ``progress(variant_name, stage)`` is called after each stage of each variant.
+    """
+    if not variants:
+        raise ValueError("no variants to measure: register some (ONNXExport does) or pass ONNX paths")
+    names = [v.name for v in variants]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"variant names must be unique; repeated: {duplicates}")
+    baseline = names[0] if baseline is None else baseline
+    if baseline not in names:
+        raise ValueError(f"baseline={baseline!r} is not one of the variants {names}")
+    settings = settings or MeasureSettings()
+    if dataloader is not None and not isinstance(dataloader, CachedBatches):
+        dataloader = CachedBatches(dataloader, settings.max_test_batches)
+    rows = []
+    for variant in variants:
+        notify = (lambda stage, _name=variant.name: progress(_name, stage)) if progress else None
+        rows.append(measure_onnx(variant.onnx_path, dataloader, name=variant.name,
+                                 precision=variant.precision if variant.precision else None,
+                                 producer=variant.producer, settings=settings, input_shape=input_shape,
+                                 progress=notify, info=variant.info))
+    compare_to_baseline(rows, baseline)
+    return Report(rows=rows, baseline=baseline, machine=machine_info(settings.threads), settings=settings.to_dict())
