@@ -1,0 +1,101 @@
+"""Distillation losses: logit KD (Hinton et al. 2015), FitNets hints (Romero et al. 2015), attention transfer.
+
+All three are plain functions / small modules that work on tensors, so they can be reused outside
+:class:`~dms_lightning.distill.module.DistillationModule`. They compute in float32 whatever the input
+dtype, because a KL divergence of bf16 softmaxes at temperature 4 loses most of its signal to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(teacher / T) ‖ softmax(student / T))``, averaged over the batch.
+
+    The T² factor keeps the gradient magnitude of the soft targets independent of the temperature
+    (Hinton et al. 2015, section 2), so ``alpha`` means the same thing at any ``temperature``.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0, -1.0]])
+        >>> float(kd_loss(logits, logits, temperature=4.0))
+        0.0
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature**2
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float = 4.0, alpha: float = 0.7,
+                      label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, kd)`` with ``loss = (1 − alpha)·CE(student, labels) + alpha·kd_loss(student, teacher, T)``."""
+    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+    kd = kd_loss(student_logits, teacher_logits, temperature)
+    return (1.0 - alpha) * ce + alpha * kd, ce, kd
+
+
+def _match_spatial(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger feature map to the smaller one's size (strides of two networks rarely agree)."""
+    size = (min(student.shape[-2], teacher.shape[-2]), min(student.shape[-1], teacher.shape[-1]))
+    if tuple(student.shape[-2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[-2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
+
+
+class HintAdapter(nn.Module):
+    """FitNets regressor: a learned 1×1 conv (+ BatchNorm) mapping student channels to teacher channels.
+
+    The adapter is trained with the student and thrown away afterwards: it lives beside the student,
+    never inside it, so export, pruning and quantization do not see it.
+
+    Example:
+        >>> adapter = HintAdapter(student_channels=48, teacher_channels=256)
+        >>> loss = adapter.loss(torch.randn(2, 48, 6, 6), torch.randn(2, 256, 6, 6))
+        >>> loss.shape
+        torch.Size([])
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int) -> None:
+        super().__init__()
+        self.student_channels, self.teacher_channels = student_channels, teacher_channels
+        self.project = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+        self.norm = nn.BatchNorm2d(teacher_channels)
+
+    def forward(self, student_features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.project(student_features))
+
+    def loss(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+        """Mean squared error between the adapted student features and the teacher's."""
+        if student_features.shape[1] != self.student_channels:
+            raise RuntimeError(f"the hinted student layer now has {student_features.shape[1]} channels but its adapter "
+                               f"was built for {self.student_channels} (was the layer pruned?): hint a layer whose "
+                               "output channels pruning keeps, e.g. a block output on a residual path")
+        student_features, teacher_features = _match_spatial(self(student_features), teacher_features)
+        return F.mse_loss(student_features.float(), teacher_features.detach().float())
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Spatial attention of ``N × C × H × W`` features: mean over channels of squares, L2-normalised per sample."""
+    return F.normalize(features.float().pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017): mean squared difference of normalised attention maps.
+
+    Channel counts may differ; spatial sizes are matched by average pooling.
+
+    Example:
+        >>> x = torch.randn(2, 16, 8, 8)
+        >>> float(attention_transfer_loss(x, x))
+        0.0
+    """
+    student_features, teacher_features = _match_spatial(student_features, teacher_features)
+    return (attention_map(student_features) - attention_map(teacher_features.detach())).pow(2).mean()

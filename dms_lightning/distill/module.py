@@ -1,0 +1,279 @@
+"""DistillationModule: a small student learns from a frozen DMSClassifier teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import warnings
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
+
+from dms_lightning.distill.features import (
+    FeaturePair,
+    capture_outputs,
+    check_module_path,
+    feature_shapes,
+    parse_feature_pairs,
+)
+from dms_lightning.distill.losses import HintAdapter, attention_transfer_loss, distillation_loss
+from dms_lightning.distill.teacher import TEACHER_DEFAULT_CHECKPOINT, FrozenTeacher, load_teacher
+from dms_lightning.models.backbones import Head, build_backbone
+from dms_lightning.models.classifier import ClassificationModule
+
+#: Default attention-transfer weight: β/2 with β = 10³ as in Zagoruyko & Komodakis (2017).
+DEFAULT_ATTENTION_WEIGHT = 500.0
+
+
+class DistillationModule(ClassificationModule):
+    """Train a student classifier on labels and on the soft predictions (and features) of a frozen teacher.
+
+    Loss of a training batch::
+
+        (1 − alpha) · CE(student, labels) + alpha · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
+        + Σ hint weight · MSE(adapter(student layer), teacher layer)          # feature_hints (FitNets)
+        + Σ attention weight · AT(student layer, teacher layer)               # attention_transfer
+
+    Logged: ``train/loss`` (the total), ``train/loss_ce``, ``train/loss_kd`` (``T²·KL``, before ``alpha``),
+    ``train/loss_hint`` and ``train/loss_at`` (weighted sums, when configured), the usual ``val/*`` and
+    ``test/*`` metrics of the student, and ``val/teacher_acc`` / ``test/teacher_acc`` once per run so the
+    teacher-student gap shows in TensorBoard.
+
+    The student is ``self.model``: validation, test, predict, export, pruning and quantization see only
+    it. The teacher lives beside it, always in eval mode, without gradients, outside the optimizer and,
+    unless ``save_teacher=True``, outside the saved checkpoint; it is re-read from ``teacher_checkpoint``
+    whenever the module is built, so that file must exist also to reload a distilled checkpoint.
+
+    Args:
+        student: a torchvision backbone name (built like :class:`~dms_lightning.DMSClassifier` with
+            ``student_head``, ``student_head_hidden``, ``dropout``, ``student_weights``) or any ``nn.Module``
+            mapping ``N × in_channels × H × W`` images to ``N × num_classes`` logits.
+        teacher_checkpoint: a ``DMSClassifier`` Lightning checkpoint (``configs/teacher.yaml`` writes
+            ``artifacts/teacher/best.ckpt``) or a plain ``state_dict`` file (then ``teacher_backbone`` is needed).
+        temperature: softmax temperature ``T`` of the soft targets (> 0).
+        alpha: weight of the distillation term in ``[0, 1]``; ``1 − alpha`` weighs the label cross-entropy.
+        feature_hints: FitNets hints, ``[{student: features.8, teacher: layer3, weight: 1.0}, ...]``; each
+            gets a learned 1×1 conv + BN adapter from student to teacher channels.
+        attention_transfer: attention-transfer pairs in the same format (default weight 500).
+        teacher_backbone, teacher_head, teacher_head_hidden: the teacher's architecture; by default the
+            one recorded in ``teacher_checkpoint``.
+        save_teacher: keep the teacher's weights in saved checkpoints too (they are dropped by default).
+        num_classes, class_names, in_channels, image_size: linked from the data module by the CLI; the
+            teacher must agree on classes and input channels.
+        optimizer, lr_scheduler, label_smoothing: as for :class:`~dms_lightning.DMSClassifier`.
+
+    Example:
+        >>> module = DistillationModule("mobilenet_v3_small", teacher_checkpoint="artifacts/teacher/best.ckpt",
+        ...                             temperature=4.0, alpha=0.7, image_size=96)  # doctest: +SKIP
+        >>> trainer.fit(module, datamodule=DMSDataModule())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        student: str | nn.Module = "mobilenet_v3_small",
+        teacher_checkpoint: str = TEACHER_DEFAULT_CHECKPOINT,
+        temperature: float = 4.0,
+        alpha: float = 0.7,
+        feature_hints: list[dict[str, Any]] | None = None,
+        attention_transfer: list[dict[str, Any]] | None = None,
+        teacher_backbone: str | None = None,
+        teacher_head: Head | None = None,
+        teacher_head_hidden: int | None = None,
+        save_teacher: bool = False,
+        num_classes: int = 5,
+        in_channels: int = 1,
+        class_names: list[str] | None = None,
+        image_size: int = 96,
+        student_head: Head = "dms",
+        student_head_hidden: int = 128,
+        dropout: float = 0.2,
+        student_weights: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"model.temperature={temperature!r} must be a number > 0 (typical: 2 to 8)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"model.alpha={alpha!r} must be in [0, 1]: the weight of the distillation term")
+        if not isinstance(student, (str, nn.Module)):
+            raise ValueError(f"model.student={student!r} must be a backbone name (e.g. 'mobilenet_v3_small') "
+                             "or an nn.Module classifier")
+        self.hint_pairs = parse_feature_pairs("model.feature_hints", feature_hints, default_weight=1.0)
+        self.attention_pairs = parse_feature_pairs("model.attention_transfer", attention_transfer,
+                                                   default_weight=DEFAULT_ATTENTION_WEIGHT)
+        self.save_hyperparameters(ignore=["student"] if isinstance(student, nn.Module) else None)
+        self.temperature, self.alpha, self.save_teacher = float(temperature), float(alpha), save_teacher
+
+        if isinstance(student, str):
+            self.model = build_backbone(student, num_classes, in_channels, student_head, student_head_hidden,
+                                        dropout, student_weights)
+        else:
+            self.model = student
+        self._check_classifier(self.model, "model.student")
+
+        spec = load_teacher(teacher_checkpoint, teacher_backbone, teacher_head, teacher_head_hidden,
+                            num_classes, in_channels)
+        self._check_teacher_agrees(spec, teacher_checkpoint)
+        self.teacher = FrozenTeacher(spec.network)
+        self._check_classifier(self.teacher.network, "model.teacher_checkpoint")
+
+        self.hint_adapters = nn.ModuleList(self._build_adapters())
+        self.teacher_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._teacher_acc_pending = {"val": True, "test": True}
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _check_classifier(self, network: nn.Module, field: str) -> None:
+        first_conv = next((m for m in network.modules() if isinstance(m, nn.Conv2d)), None)
+        if first_conv is not None and first_conv.in_channels != self.in_channels:
+            raise ValueError(f"{field}: the network takes {first_conv.in_channels}-channel images but the data has "
+                             f"in_channels={self.in_channels}; teacher and student must see the same input")
+        was_training = network.training
+        network.eval()
+        try:
+            with torch.no_grad():
+                logits = network(self.example_input_array)
+        except RuntimeError as err:
+            raise ValueError(f"{field}: the network fails on a 1 × {self.in_channels} × {self.image_size} × "
+                             f"{self.image_size} input: {err}") from err
+        finally:
+            network.train(was_training)
+        if not isinstance(logits, torch.Tensor) or logits.shape != (1, self.num_classes):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"{field}: the network outputs {shape} for one image but the data has "
+                             f"num_classes={self.num_classes}; it must output (N, {self.num_classes}) logits")
+
+    def _check_teacher_agrees(self, spec, teacher_checkpoint: str) -> None:
+        where = f"model.teacher_checkpoint={teacher_checkpoint!r}"
+        if spec.num_classes is not None and spec.num_classes != self.num_classes:
+            raise ValueError(f"{where} was trained for {spec.num_classes} classes {spec.class_names} but the data "
+                             f"has num_classes={self.num_classes} {self.class_names}: teacher and student must "
+                             "predict the same classes in the same order")
+        if spec.class_names is not None and self.hparams.get("class_names") is not None \
+                and list(spec.class_names) != list(self.class_names):
+            raise ValueError(f"{where} was trained for classes {spec.class_names} but the data has "
+                             f"class_names={self.class_names}: teacher and student must predict the same classes "
+                             "in the same order")
+        if spec.in_channels is not None and spec.in_channels != self.in_channels:
+            raise ValueError(f"{where} was trained on {spec.in_channels}-channel images but the data has "
+                             f"in_channels={self.in_channels}: teacher and student must see the same input")
+
+    def _build_adapters(self) -> list[HintAdapter]:
+        pairs = self.hint_pairs + self.attention_pairs
+        for pair in pairs:
+            field = "model.feature_hints" if pair in self.hint_pairs else "model.attention_transfer"
+            check_module_path(self.model, pair.student, f"{field} student")
+            check_module_path(self.teacher.network, pair.teacher, f"{field} teacher")
+        student_shapes = feature_shapes(self.model, [p.student for p in pairs], self.example_input_array)
+        teacher_shapes = feature_shapes(self.teacher.network, [p.teacher for p in pairs], self.example_input_array)
+        for pair in pairs:
+            for role, path, shapes in (("student", pair.student, student_shapes),
+                                       ("teacher", pair.teacher, teacher_shapes)):
+                if len(shapes.get(path, ())) != 4:
+                    raise ValueError(f"feature pair {pair}: the {role} module {path!r} outputs "
+                                     f"{tuple(shapes[path]) if path in shapes else 'no tensor'}; hints and attention "
+                                     "transfer need N × C × H × W feature maps (a conv block, not the classifier)")
+        return [HintAdapter(student_shapes[p.student][1], teacher_shapes[p.teacher][1]) for p in self.hint_pairs]
+
+    # ----------------------------------------------------------------------------------------- training
+    @override
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs: list[FeaturePair] = self.hint_pairs + self.attention_pairs
+        with capture_outputs(self.model, [p.student for p in pairs]) as student_features:
+            logits = self(images)
+        with capture_outputs(self.teacher.network, [p.teacher for p in pairs]) as teacher_features:
+            teacher_logits = self.teacher(images)
+        loss, ce, kd = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha,
+                                         self.label_smoothing)
+        self.log("train/loss_ce", ce)
+        self.log("train/loss_kd", kd)
+        if self.hint_pairs:
+            hint = sum(pair.weight * adapter.loss(student_features[pair.student], teacher_features[pair.teacher])
+                       for pair, adapter in zip(self.hint_pairs, self.hint_adapters))
+            self.log("train/loss_hint", hint)
+            loss = loss + hint
+        if self.attention_pairs:
+            attention = sum(pair.weight * attention_transfer_loss(student_features[pair.student],
+                                                                  teacher_features[pair.teacher])
+                            for pair in self.attention_pairs)
+            self.log("train/loss_at", attention)
+            loss = loss + attention
+        return loss, logits
+
+    @override
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        teacher = {id(p) for p in self.teacher.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in teacher]
+
+    @override
+    def on_fit_start(self) -> None:
+        # Lightning warns about modules in eval mode when training starts; the teacher's are so on purpose.
+        # Only that exact count is silenced, so any other module left in eval mode is still reported.
+        count = sum(1 for _ in self.teacher.modules())
+        warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode",
+                                category=PossibleUserWarning)
+
+    # ----------------------------------------------------------------------------------------- teacher accuracy
+    @override
+    def setup(self, stage: str) -> None:
+        # Once per fit / validate / test run: the teacher does not change, one number shows the gap.
+        self._teacher_acc_pending = {"val": True, "test": True}
+
+    def _update_teacher_acc(self, batch, stage: str) -> None:
+        if self._teacher_acc_pending[stage] and not self.trainer.sanity_checking:
+            self.teacher_acc.update(self.teacher(batch[0]), batch[1])
+
+    def _log_teacher_acc(self, stage: str) -> None:
+        if self._teacher_acc_pending[stage] and not self.trainer.sanity_checking and self.teacher_acc.update_called:
+            self.log(f"{stage}/teacher_acc", self.teacher_acc.compute())
+            self.teacher_acc.reset()
+            self._teacher_acc_pending[stage] = False
+
+    @override
+    def validation_step(self, batch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self._update_teacher_acc(batch, "val")
+
+    @override
+    def test_step(self, batch, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self._update_teacher_acc(batch, "test")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_teacher_acc("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_teacher_acc("test")
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    @override
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not self.save_teacher:
+            # The teacher is re-read from teacher_checkpoint: a student checkpoint stays student-sized.
+            for key in [k for k in state if k.startswith(prefix + "teacher.")]:
+                del state[key]
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        if not any(key.startswith("teacher.") for key in state_dict):
+            # A student-only checkpoint: keep the teacher just loaded from teacher_checkpoint.
+            state_dict = {**state_dict, **{f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The checkpoint holds the trained student: reloading must not need the original weights file.
+        hparams = checkpoint.get("hyper_parameters", {})
+        if "student_weights" in hparams:
+            hparams["student_weights"] = None
