@@ -37,6 +37,12 @@ def _count(value: int) -> str:
     return str(value)
 
 
+def _times(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.1f}×" if value >= 10 else f"{value:.2f}×"
+
+
 def _delta(value: float | None) -> str:
     return "–" if value is None else f"{value:+.2f}"
 
@@ -59,7 +65,7 @@ def markdown_table(report: Report) -> str:
             f"| {name} | {row.precision} | {_fmt(row.file_size_mb, '.2f')} | {_count(row.parameters)} | "
             f"{_count(row.macs)} | {latency} | {throughput} | "
             f"{_fmt(None if row.accuracy is None else 100 * row.accuracy, '.2f')} | {_fmt(row.macro_f1, '.3f')} | "
-            f"{_fmt(row.size_ratio, '.1f', '×')} | {_fmt(row.speedup, '.1f', '×')} | {_delta(row.accuracy_delta_pt)} |")
+            f"{_times(row.size_ratio)} | {_times(row.speedup)} | {_delta(row.accuracy_delta_pt)} |")
     return "\n".join(lines) + "\n"
 
 

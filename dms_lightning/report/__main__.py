@@ -1,0 +1,146 @@
+"""``python -m dms_lightning.report``: the compression report for given ONNX files and checkpoints.
+
+Example::
+
+    python -m dms_lightning.report --onnx teacher=artifacts/teacher.onnx student=artifacts/student_int8.onnx \\
+        --ckpt pruned=artifacts/pruned.ckpt --baseline teacher --data.image_size 96 --data.test_size 1000 \\
+        --output_dir reports/compression
+
+``.ckpt`` inputs are loaded with ``--model_class`` (default :class:`~dms_lightning.DMSClassifier`; pruned
+and quantized architectures are rebuilt from the checkpoint) and exported to
+``<output_dir>/onnx/<name>.onnx`` with :func:`dms_lightning.export.export_onnx` before measuring.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from dms_lightning.data.datamodule import DMSDataModule
+from dms_lightning.report.callback import log_report_to_tensorboard, parse_variant_specs
+from dms_lightning.report.measure import STAGES, MeasureSettings, Report, build_report
+from dms_lightning.report.plots import save_pareto_plots
+from dms_lightning.report.tables import markdown_table, write_tables
+from dms_lightning.utils.artifacts import Variant
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m dms_lightning.report",
+                            description="Measure ONNX models / checkpoints in ONNX Runtime and write the "
+                                        "compression report (markdown, CSV, JSON, Pareto plots).")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of these options")
+    parser.add_argument("--onnx", type=str, default=[], nargs="*",
+                        help="ONNX files as NAME=PATH (or PATH: the name is the file stem)")
+    parser.add_argument("--ckpt", type=str, default=[], nargs="*",
+                        help="Lightning checkpoints as NAME=PATH, exported to ONNX first")
+    parser.add_argument("--model_class", type=str, default="dms_lightning.DMSClassifier",
+                        help="LightningModule class that loads the checkpoints")
+    parser.add_argument("--baseline", type=str | None, default=None,
+                        help="variant the ratios are computed against (default: the first one)")
+    parser.add_argument("--output_dir", type=str, default="reports/compression")
+    parser.add_argument("--title", type=str, default="Compression report")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset for exported checkpoints")
+    parser.add_argument("--skip_accuracy", type=bool, default=False, help="measure size and speed only")
+    parser.add_argument("--tensorboard_dir", type=str | None, default=None,
+                        help="also log the table, plots and hparams to a TensorBoard run here")
+    parser.add_argument("--progress_bar", type=bool, default=True)
+    parser.add_class_arguments(MeasureSettings, "measure")
+    parser.add_class_arguments(DMSDataModule, "data")
+    return parser
+
+
+def _import_class(path: str):
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"model_class={path!r} must be a dotted path such as 'dms_lightning.DMSClassifier'")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model_class={path!r} cannot be imported: {err}") from err
+
+
+def export_checkpoint(ckpt: str | Path, onnx_path: str | Path, model_class: str = "dms_lightning.DMSClassifier",
+                      opset: int = 18, image_size: int | None = None, channels: int | None = None) -> Path:
+    """Load a Lightning checkpoint and export its deployable network (``compression_target``) to ONNX."""
+    import torch
+
+    from dms_lightning.export import export_onnx
+    from dms_lightning.utils.checkpoint import compression_target
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--ckpt {str(ckpt)!r} does not exist")
+    module = _import_class(model_class).load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+    module.eval()
+    example = getattr(module, "example_input_array", None)
+    if not isinstance(example, torch.Tensor):
+        if image_size is None or channels is None:
+            raise ValueError(f"{model_class} has no example_input_array: give --data.image_size and --data.channels")
+        example = torch.zeros(1, channels, image_size, image_size)
+    metadata = {"source_checkpoint": ckpt.name}
+    if getattr(module, "class_names", None):
+        metadata["class_names"] = ",".join(module.class_names)
+    return export_onnx(compression_target(module), example[:1], onnx_path, opset=opset, metadata=metadata)
+
+
+def run(config) -> Report:
+    """Measure, write and print the report described by a parsed ``config``."""
+    variants = parse_variant_specs(config.onnx, "--onnx")
+    for variant in variants:
+        if not Path(variant.onnx_path).is_file():
+            raise FileNotFoundError(f"--onnx {variant.name}={variant.onnx_path!r} does not exist")
+    data_args = {k: v for k, v in vars(config.data).items() if not k.startswith("__")}
+    datamodule = DMSDataModule(**data_args)
+    output_dir = Path(config.output_dir)
+    for spec in parse_variant_specs(config.ckpt, "--ckpt"):
+        target = output_dir / "onnx" / f"{spec.name}.onnx"
+        export_checkpoint(spec.onnx_path, target, config.model_class, config.opset, datamodule.image_size,
+                          datamodule.channels)
+        variants.append(Variant(spec.name, str(target), precision="", producer=f"export of {spec.onnx_path}"))
+    if not variants:
+        raise ValueError("nothing to measure: give --onnx NAME=PATH ... and/or --ckpt NAME=PATH ...")
+    settings = MeasureSettings(**{k: v for k, v in vars(config.measure).items() if not k.startswith("__")})
+    dataloader = None if config.skip_accuracy else datamodule.test_dataloader()
+
+    bar = None
+    if config.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(variants) * len(STAGES), desc="measuring", unit="step", leave=False)
+
+    def progress(name: str, stage: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{name}: {stage} done")
+            bar.update(1)
+
+    try:
+        report = build_report(variants, dataloader, baseline=config.baseline, settings=settings,
+                              input_shape=(datamodule.channels, datamodule.image_size, datamodule.image_size),
+                              progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    written = write_tables(report, output_dir, title=config.title)
+    written.update(save_pareto_plots(report, output_dir))
+    if config.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(config.tensorboard_dir)
+        log_report_to_tensorboard([writer], report, step=0)
+        writer.close()
+    print(markdown_table(report))
+    print("written: " + ", ".join(str(p) for p in written.values()))
+    return report
+
+
+def main(args: list[str] | None = None) -> Report:
+    parser = build_parser()
+    config = parser.parse_args(args)
+    return run(config)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
