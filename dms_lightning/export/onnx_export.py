@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from torch import nn
 from dms_lightning.utils.io import atomic_path
 
 DEFAULT_OPSET = 18
+
+
+class UnsupportedOperatorError(ValueError):
+    """A layer of the model uses an operator the ONNX exporter cannot express at the chosen opset."""
 
 
 def export_onnx(
@@ -25,12 +30,16 @@ def export_onnx(
     output_name: str = "logits",
     metadata: dict[str, str] | None = None,
     exporter: str = "torchscript",
+    simplify: bool = False,
 ) -> Path:
     """Export ``model`` to ``path`` atomically and return the path.
 
     Fake-quantized layers (``torch.fake_quantize_per_*_affine``) become QuantizeLinear/DequantizeLinear
     pairs, so a QAT model exports as an INT8 QDQ graph. ``exporter="torchscript"`` (default) is the
-    fast tracing exporter; ``"dynamo"`` uses ``torch.export``.
+    fast tracing exporter; ``"dynamo"`` uses ``torch.export``. ``metadata`` lands in the model's
+    ``metadata_props``; ``simplify=True`` runs onnxslim / onnxsim when one is installed (else nothing).
+    The graph passes ``onnx.checker`` before it is renamed onto ``path``; an operator the exporter cannot
+    express at ``opset`` raises :class:`UnsupportedOperatorError` naming the operator and the layer.
 
     Example:
         >>> import torchvision, tempfile, os
@@ -51,24 +60,75 @@ def export_onnx(
         with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tmp_file = tmp.with_suffix(".onnx")
-            if exporter == "dynamo":
-                shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-                torch.onnx.export(model, (example_input,), str(tmp_file), dynamo=True, opset_version=opset,
-                                  input_names=[input_name], output_names=[output_name], dynamic_shapes=shapes,
-                                  verbose=False)
-            else:
-                axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
-                torch.onnx.export(model, (example_input,), str(tmp_file), dynamo=False, opset_version=opset,
-                                  input_names=[input_name], output_names=[output_name], dynamic_axes=axes)
-            proto = onnx.load(str(tmp_file))
+            try:
+                _export(model, example_input, tmp_file, exporter, opset, dynamic_batch, input_name, output_name)
+                proto = onnx.load(str(tmp_file))
+            finally:
+                # The exporter writes beside the temporary (plus external-data files): never leave them.
+                tmp_file.unlink(missing_ok=True)
+                for extra in tmp.parent.glob(tmp_file.name + "*"):
+                    extra.unlink()
+            if simplify:
+                from dms_lightning.export.simplify import simplify_model
+
+                proto = simplify_model(proto)
             for key, value in (metadata or {}).items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = str(key), str(value)
             onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
-            tmp_file.unlink(missing_ok=True)
-            for extra in tmp.parent.glob(tmp_file.name + "*"):
-                extra.unlink()
     finally:
         model.train(was_training)
     return path
+
+
+def _export(model: nn.Module, example_input: torch.Tensor, file: Path, exporter: str, opset: int,
+            dynamic_batch: bool, input_name: str, output_name: str) -> None:
+    try:
+        if exporter == "dynamo":
+            shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+            torch.onnx.export(model, (example_input,), str(file), dynamo=True, opset_version=opset,
+                              input_names=[input_name], output_names=[output_name], dynamic_shapes=shapes,
+                              verbose=False)
+        else:
+            axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+            torch.onnx.export(model, (example_input,), str(file), dynamo=False, opset_version=opset,
+                              input_names=[input_name], output_names=[output_name], dynamic_axes=axes)
+    except torch.onnx.errors.UnsupportedOperatorError as err:
+        raise _explain_unsupported(model, example_input, opset, err) from err
+
+
+def _explain_unsupported(model: nn.Module, example_input: torch.Tensor, opset: int,
+                         err: Exception) -> UnsupportedOperatorError:
+    """Name the operator and the layer (module path and class) that the exporter refused."""
+    message = str(err)
+    match = re.search(r"operator '([\w:.]+)'", message)
+    operator = match.group(1) if match else "unknown operator"
+    layers = _layers_using(model, example_input, operator) if match else []
+    where = ", ".join(f"{name} ({type(model.get_submodule(name)).__name__})" if name else
+                      f"the top-level forward of {type(model).__name__}" for name in layers) or "an unknown layer"
+    hint = re.search(r"added in version (\d+)", message)
+    advice = (f"export with opset >= {hint.group(1)}" if hint else
+              "replace the layer with ONNX-exportable operations or register a custom symbolic")
+    return UnsupportedOperatorError(
+        f"{operator} used by {where} cannot be exported to ONNX opset {opset}: {advice}. "
+        f"(exporter said: {message.splitlines()[0]})")
+
+
+def _layers_using(model: nn.Module, example_input: torch.Tensor, operator: str) -> list[str]:
+    """Module paths whose forward calls ``operator`` (an ``aten::`` name), from a TorchScript trace."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, (example_input,), check_trace=False)
+    except Exception:  # noqa: BLE001 - locating the layer is best effort; the export error is what matters
+        return []
+    names: list[str] = []
+    for node in traced.inlined_graph.nodes():
+        if node.kind() != operator:
+            continue
+        # scopeName is "__module.a/__module.a.b": the innermost module comes last.
+        scope = node.scopeName().split("/")[-1].removeprefix("__module").lstrip(".")
+        if scope not in names:
+            names.append(scope)
+    return names

@@ -1,0 +1,177 @@
+"""What the export callbacks export: the network of the chosen checkpoint, real images, and its metadata."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dms_lightning.utils.checkpoint import compression_target
+
+CHECKPOINT_CHOICES = ("best", "last")
+
+
+@dataclass
+class ExportSource:
+    """A CPU, float32, eval-mode copy of the network to export and where its weights came from."""
+
+    model: nn.Module
+    origin: dict = field(default_factory=dict)
+
+
+def export_source(trainer: Trainer, pl_module: LightningModule, checkpoint: str = "best") -> ExportSource:
+    """The compression target of ``pl_module`` with the weights of the ``best`` checkpoint or the ``last`` ones.
+
+    ``best`` is ``trainer.checkpoint_callback.best_model_path`` (the monitored metric's best epoch). When
+    that epoch had the architecture the module has now, its weights are loaded into a copy of the current
+    network. When the architecture changed since (channels removed, fake-quant inserted later in the run),
+    the checkpoint is loaded through the module's own ``load_from_checkpoint``, whose
+    ``on_load_checkpoint`` re-applies the recorded architecture changes before the weights load. Without
+    a best checkpoint the final weights are used, with a warning.
+    """
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint={checkpoint!r} must be one of {CHECKPOINT_CHOICES}")
+    target = compression_target(pl_module)
+    callback = trainer.checkpoint_callback
+    best_path = getattr(callback, "best_model_path", "") if callback is not None else ""
+    if checkpoint == "best" and best_path and Path(best_path).is_file():
+        model = _load_checkpoint_target(pl_module, target, best_path)
+        score = getattr(callback, "best_model_score", None)
+        origin = {"checkpoint": "best", "path": str(best_path), "monitor": getattr(callback, "monitor", None),
+                  "score": float(score) if score is not None else None}
+    else:
+        if checkpoint == "best":
+            rank_zero_warn("[dms_lightning] export: no best checkpoint was saved (no ModelCheckpoint, or it "
+                           "monitors nothing); exporting the final weights")
+        model = _detached_copy(target, trainer)
+        origin = {"checkpoint": "last", "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+    return ExportSource(model.cpu().float().eval(), origin)
+
+
+def _load_checkpoint_target(pl_module: LightningModule, target: nn.Module, path: str) -> nn.Module:
+    prefix = next(name for name, module in pl_module.named_modules() if module is target)
+    prefix = f"{prefix}." if prefix else ""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    current = target.state_dict()
+    same_architecture = state.keys() == current.keys() and all(
+        getattr(state[k], "shape", None) == getattr(current[k], "shape", None) for k in state)
+    if same_architecture:
+        model = _detached_copy(target, pl_module._trainer)
+        model.load_state_dict(state)
+        return model
+    try:
+        restored = type(pl_module).load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:
+        raise RuntimeError(
+            f"the best checkpoint {path} has a different architecture than the final model and "
+            f"{type(pl_module).__name__}.load_from_checkpoint could not rebuild it ({err}). Save hyperparameters "
+            "and restore architecture changes in on_load_checkpoint, or export with checkpoint='last'") from err
+    return compression_target(restored)
+
+
+def _detached_copy(module: nn.Module, trainer: Trainer | None) -> nn.Module:
+    # A LightningModule holds its Trainer: map it to None instead of deep-copying the whole run.
+    memo = {id(trainer): None} if trainer is not None else {}
+    return copy.deepcopy(module, memo)
+
+
+class _QuantOpRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if "quantize" in name:
+            self.seen.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def uses_fake_quant(model: nn.Module, example_input: torch.Tensor) -> bool:
+    """Whether one forward pass of ``model`` runs a (fake-)quantization op: the INT8 QDQ export applies."""
+    recorder = _QuantOpRecorder()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), recorder:
+            model(example_input.to(next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+    return bool(recorder.seen)
+
+
+def _batch_images(batch) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}: expected a tensor, "
+                    "(images, labels, ...) or a dict with an 'image(s)' / 'input(s)' key")
+
+
+def _loaders(trainer: Trainer, split: str) -> list:
+    loaders = trainer.val_dataloaders if split == "val" else None
+    if loaders is None:
+        datamodule = getattr(trainer, "datamodule", None)
+        method = getattr(datamodule, f"{split}_dataloader", None)
+        if method is not None:
+            loaders = method()
+    if loaders is None and split == "val":
+        loaders = trainer.train_dataloader
+    if loaders is None:
+        raise ValueError(f"no {split} data to export with: give the Trainer a datamodule (or val_dataloaders)")
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+
+def sample_images(trainer: Trainer, count: int, split: str = "val") -> torch.Tensor:
+    """Up to ``count`` preprocessed images (``N × C × H × W``, CPU float32) from the ``split`` dataloader."""
+    chunks, total = [], 0
+    for loader in _loaders(trainer, split):
+        for batch in loader:
+            images = _batch_images(batch).detach().cpu().float()
+            chunks.append(images)
+            total += len(images)
+            if total >= count:
+                return torch.cat(chunks)[:count]
+    if not chunks:
+        raise ValueError(f"the {split} dataloader yielded no batches to export with")
+    return torch.cat(chunks)[:count]
+
+
+def preprocessing(trainer: Trainer, pl_module: LightningModule, example_input: torch.Tensor) -> dict:
+    """Class names and input preprocessing: the datamodule's ``preprocessing`` dict, else module attributes."""
+    info: dict = {}
+    datamodule = getattr(trainer, "datamodule", None)
+    if isinstance(getattr(datamodule, "preprocessing", None), dict):
+        info.update(datamodule.preprocessing)
+    for key, attribute in (("class_names", "class_names"), ("image_size", "image_size"), ("channels", "in_channels")):
+        if key not in info and getattr(pl_module, attribute, None) is not None:
+            info[key] = getattr(pl_module, attribute)
+    info.setdefault("channels", int(example_input.shape[1]))
+    info.setdefault("image_size", int(example_input.shape[-1]))
+    info.setdefault("layout", "NCHW")
+    if "class_names" in info:
+        info["class_names"] = list(info["class_names"])
+    return info
+
+
+def metadata_props(info: dict, **extra) -> dict[str, str]:
+    """ONNX ``metadata_props`` (strings) from a preprocessing dict: one key per field plus the whole as JSON."""
+    props = {key: value if isinstance(value, str) else json.dumps(value) for key, value in {**info, **extra}.items()}
+    props["preprocessing"] = json.dumps(info)
+    props.setdefault("producer", "dms_lightning")
+    return props
