@@ -77,6 +77,8 @@ def machine_summary(info: dict) -> str:
     """One line for the head of a table: ``AMD EPYC, 2 cores (2 usable), ORT 1.31.1, 1 thread``."""
     flags = ", ".join(info.get("cpu_flags") or []) or "no AVX2"
     threads = info.get("intra_op_threads")
-    return (f"{info.get('cpu_model')} ({info.get('logical_cores')} logical cores, {info.get('usable_cores')} usable; "
-            f"{flags}), {info.get('os')}, onnxruntime {info.get('onnxruntime')} CPUExecutionProvider, "
-            f"{threads} intra-op thread{'s' if threads != 1 else ''}")
+    text = (f"{info.get('cpu_model')} ({info.get('logical_cores')} logical cores, {info.get('usable_cores')} usable; "
+            f"{flags}), {info.get('os')}, onnxruntime {info.get('onnxruntime')} CPUExecutionProvider")
+    if threads is not None:
+        text += f", {threads} intra-op thread{'s' if threads != 1 else ''}"
+    return text
