@@ -15,7 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from dms_lightning.export.manifest import onnx_record, update_manifest
-from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
+from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, export_qdq
 from dms_lightning.export.parity import ParityError, ParityResult, check_parity, compare_outputs, parity_figure
 from dms_lightning.export.qdq import fake_quant_disabled, has_qdq
 from dms_lightning.export.runtimes import openvino_available, openvino_outputs
@@ -160,6 +160,8 @@ class ONNXExport(Callback):
         images = self._parity_images(trainer)
         example = images[:1]
         info = preprocessing(trainer, pl_module, example)
+        # This eager forward also settles weight quantization ranges, which follow the weights on every
+        # eager forward but are frozen while the exporter traces.
         quantized = uses_fake_quant(source.model, example)
         if not quantized and self.export_int8 and not self.export_fp32:
             rank_zero_warn("[dms_lightning] ONNXExport: export_int8 only, but the exported network has no "
@@ -202,8 +204,11 @@ class ONNXExport(Callback):
         """Export to a temporary, check it, and rename it onto ``path`` only if every check passes."""
         int8 = precision == "int8"
         with atomic_path(path) as tmp:
-            export_onnx(model, example, tmp, opset=self.opset, dynamic_batch=self.dynamic_batch,
-                        metadata=metadata, exporter=self.exporter, simplify=self.simplify)
+            if int8:
+                export_qdq(model, example, tmp, opset=self.opset, metadata=metadata, exporter=self.exporter)
+            else:
+                export_onnx(model, example, tmp, opset=self.opset, dynamic_batch=self.dynamic_batch,
+                            metadata=metadata, exporter=self.exporter, simplify=self.simplify)
             if has_qdq(onnx.load(str(tmp), load_external_data=False)) != int8:
                 rank_zero_warn(f"[dms_lightning] ONNXExport: the {precision} export of {variant} "
                                f"{'has no' if int8 else 'still has'} QuantizeLinear/DequantizeLinear nodes (the "

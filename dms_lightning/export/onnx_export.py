@@ -132,3 +132,18 @@ def _layers_using(model: nn.Module, example_input: torch.Tensor, operator: str) 
         if scope not in names:
             names.append(scope)
     return names
+
+
+def export_qdq(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET,
+               metadata: dict[str, str] | None = None, exporter: str = "torchscript") -> Path:
+    """Export a fake-quantized ``model`` as an INT8 QDQ graph (dynamic batch), atomically.
+
+    Uses ``dms_lightning.quant.onnx_qdq.export_qdq_onnx`` when that package is present: it stores weights as
+    integer initializers feeding DequantizeLinear (the layout ONNX Runtime's QDQ fusions and the SNPE
+    converter expect, 4x smaller) and records sub-8-bit weight widths. Otherwise plain :func:`export_onnx`.
+    """
+    try:
+        from dms_lightning.quant.onnx_qdq import export_qdq_onnx
+    except ImportError:
+        return export_onnx(model, example_input, path, opset=opset, metadata=metadata, exporter=exporter)
+    return export_qdq_onnx(model, example_input, path, metadata=metadata, opset=opset)

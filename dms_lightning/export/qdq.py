@@ -11,6 +11,7 @@ re-quantization with ``--override_params`` reproduces the trained integers exact
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -20,6 +21,9 @@ import torch
 from onnx import helper, numpy_helper
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+#: Metadata key (written by ``dms_lightning.quant``) with ``{integer weight initializer: bits}`` below 8 bits.
+NARROW_WEIGHTS_KEY = "dms_lightning.narrow_weight_bits"
 
 # Core torch fake-quant ops, the ones that export to QuantizeLinear/DequantizeLinear.
 _FAKE_QUANT_FUNCTIONS = (
@@ -104,15 +108,18 @@ class StrippedQDQ:
         return {"activation_encodings": self.activation_encodings, "param_encodings": self.param_encodings}
 
 
-def encoding_entries(scale: np.ndarray, zero_point: np.ndarray, elem_type: int) -> list[dict]:
+def encoding_entries(scale: np.ndarray, zero_point: np.ndarray, elem_type: int,
+                     bitwidth: int | None = None) -> list[dict]:
     """AIMET-style encodings (one per channel) for ONNX ``scale`` / ``zero_point`` of ``elem_type``.
 
     SNPE/QNN write ``real = scale * (q + offset)`` with ``q`` unsigned in ``[0, 2**bitwidth - 1]``, so a
     signed ONNX zero-point ``z`` maps to ``offset = -(z + 2**(bitwidth-1))`` and an unsigned one to ``-z``.
+    ``bitwidth`` overrides the container width (4-bit weights stored in int8).
     """
     if elem_type not in _BITWIDTH:
         raise ValueError(f"zero-point type {onnx.TensorProto.DataType.Name(elem_type)} has no SNPE encoding")
-    bitwidth, signed = _BITWIDTH[elem_type]
+    container_bits, signed = _BITWIDTH[elem_type]
+    bitwidth = bitwidth or container_bits
     scales = np.atleast_1d(np.asarray(scale, dtype=np.float64))
     points = np.broadcast_to(np.atleast_1d(np.asarray(zero_point, dtype=np.int64)), scales.shape)
     entries = []
@@ -143,6 +150,8 @@ def strip_qdq(model: onnx.ModelProto) -> StrippedQDQ:
     work = onnx.ModelProto()
     work.CopyFrom(model)
     graph = work.graph
+    metadata = {prop.key: prop.value for prop in work.metadata_props}
+    narrow_bits = json.loads(metadata.get(NARROW_WEIGHTS_KEY, "{}"))
     constants = _constant_tensors(graph)
     producers = {out: node for node in graph.node for out in node.output}
     dq_nodes = [node for node in graph.node if node.op_type == "DequantizeLinear"]
@@ -175,7 +184,8 @@ def strip_qdq(model: onnx.ModelProto) -> StrippedQDQ:
             if elem_type == onnx.TensorProto.INT32:
                 continue  # a bias: float, no encoding
             preferred = source if source is not None else node.input[0].removesuffix("_quantized")
-            pending_params.append((placeholder, preferred, encoding_entries(scale, zero, elem_type)))
+            bits = narrow_bits.get(node.input[0]) or narrow_bits.get(source or "")
+            pending_params.append((placeholder, preferred, encoding_entries(scale, zero, elem_type, bits)))
             continue
         if source is None:
             raise ValueError(f"DequantizeLinear {node.name!r} reads {node.input[0]!r}, which is neither a "
