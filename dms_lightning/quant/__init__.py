@@ -1,1 +1,50 @@
-"""quant (in progress)."""
+"""Quantization: fake-quant modules on core torch ops, BatchNorm folding, QAT and PTQ callbacks, encodings.
+
+Public API::
+
+    from dms_lightning.quant import prepare_qat, QuantizationConfig, export_qdq_onnx
+    from dms_lightning.quant import encodings_from_qdq_onnx, write_encodings
+    from dms_lightning.quant.ptq import quantize_onnx            # PTQ without a Trainer
+    from dms_lightning.callbacks import QuantizationAwareTraining, PostTrainingQuantization
+
+Importing this package registers the checkpoint restorer (order 20, after pruning's 10) that re-applies
+fake-quant wrappers to a freshly built model before a QAT checkpoint's weights load.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dms_lightning.quant.prepare import QuantizationConfig, float_model, is_quantized, prepare_qat
+from dms_lightning.quant.spec import QuantSpec
+from dms_lightning.utils.checkpoint import register_architecture_restorer
+
+CHECKPOINT_RECORD = "quantization"
+
+
+def _restore_quantization(pl_module: nn.Module, record: dict) -> None:
+    from dms_lightning.quant.target import dequantize_target, quantize_target, target_is_quantized
+
+    if record.get("active") and not target_is_quantized(pl_module):
+        quantize_target(pl_module, QuantizationConfig.from_dict(record["config"]))
+    elif not record.get("active") and target_is_quantized(pl_module):
+        # A checkpoint from before QAT started (e.g. test(ckpt_path="best") chose it): back to float.
+        dequantize_target(pl_module)
+
+
+register_architecture_restorer(CHECKPOINT_RECORD, _restore_quantization, order=20)
+
+
+def __getattr__(name: str):
+    # Kept lazy: restoring a checkpoint imports this package and should not pay for onnx / onnxruntime.
+    if name == "export_qdq_onnx":
+        from dms_lightning.quant.onnx_qdq import export_qdq_onnx
+        return export_qdq_onnx
+    if name in ("encodings_from_qdq_onnx", "write_encodings", "encodings_from_qdq_model", "write_encodings_for_onnx"):
+        from dms_lightning.quant import encodings
+        return getattr(encodings, name)
+    raise AttributeError(f"module 'dms_lightning.quant' has no attribute {name!r}")
+
+
+__all__ = ["CHECKPOINT_RECORD", "QuantSpec", "QuantizationConfig", "prepare_qat", "is_quantized", "float_model",
+           "export_qdq_onnx", "encodings_from_qdq_onnx", "write_encodings"]

@@ -1,0 +1,156 @@
+"""FakeQuantizer: an observer plus ``torch.fake_quantize_per_*_affine`` in one module.
+
+Built only on the two core fake-quantize ops, which have straight-through gradients and export to ONNX
+``QuantizeLinear``/``DequantizeLinear``. ``torch.ao.quantization`` is deliberately not used (deprecated).
+
+Range tracking rules (each one fixes a bug users hit with Lightning's removed QAT callback):
+
+* activation ranges move only in ``training`` mode: validation, test, predict and export never change them
+  (Lightning #8507);
+* weight ranges always follow the current weights (they are not data: no moving average is wanted);
+* nothing is written while a tracer or exporter runs, so an export never perturbs the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dms_lightning.quant.spec import QuantSpec
+
+_MIN_SCALE = 1e-8
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+class FakeQuantizer(nn.Module):
+    """Simulates ``QuantizeLinear → DequantizeLinear`` on a tensor and tracks its range.
+
+    Args:
+        spec: the integer grid (bits, symmetric, per-channel).
+        num_channels: channels of a per-channel quantizer (axis 0); 1 for per-tensor.
+        is_weight: ``True`` for weights: the range is the current tensor's min/max, observed in every
+            mode. ``False`` for activations: an exponential moving average of batch min/max
+            (``averaging_constant``), observed only in training mode while ``observer_enabled``.
+        averaging_constant: weight of the newest batch in the moving average of activation ranges.
+
+    Example:
+        >>> q = FakeQuantizer(QuantSpec(8, symmetric=False, per_channel=False))
+        >>> _ = q.train()(torch.linspace(0, 2.55, 256))
+        >>> round(float(q.scale), 4), int(q.zero_point)
+        (0.01, 0)
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+    observer_enabled: torch.Tensor
+    initialized: torch.Tensor
+
+    def __init__(self, spec: QuantSpec, num_channels: int = 1, is_weight: bool = False,
+                 averaging_constant: float = 0.01) -> None:
+        super().__init__()
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant={averaging_constant!r} must be in (0, 1]")
+        self.spec, self.is_weight, self.averaging_constant = spec, is_weight, averaging_constant
+        self.per_channel = spec.per_channel and is_weight
+        shape = (num_channels,) if self.per_channel else ()
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("min_val", torch.zeros(shape))
+        self.register_buffer("max_val", torch.zeros(shape))
+        self.register_buffer("observer_enabled", torch.tensor(True))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        kind = "weight" if self.is_weight else "activation"
+        grid = "symmetric" if self.spec.symmetric else "affine"
+        return f"{kind}, {self.spec.bits}-bit {grid}, {'per-channel' if self.per_channel else 'per-tensor'}"
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Update the range with ``x`` and recompute scale and zero point."""
+        x = x.detach().float()
+        if self.per_channel:
+            flat = x.reshape(x.shape[0], -1)
+            low, high = flat.amin(dim=1), flat.amax(dim=1)
+        else:
+            low, high = x.amin(), x.amax()
+        if self.is_weight or not bool(self.initialized):
+            self.min_val.copy_(low)
+            self.max_val.copy_(high)
+        else:
+            self.min_val.lerp_(low, self.averaging_constant)
+            self.max_val.lerp_(high, self.averaging_constant)
+        self.initialized.fill_(True)
+        self.update_qparams()
+
+    @torch.no_grad()
+    def update_qparams(self) -> None:
+        """Scale and zero point from ``min_val``/``max_val`` (the range always contains 0, as QDQ requires)."""
+        low = torch.clamp(self.min_val, max=0.0)
+        high = torch.clamp(self.max_val, min=0.0)
+        quant_min, quant_max = self.spec.quant_range
+        if self.spec.symmetric:
+            limit = self.spec.symmetric_limit
+            self.scale.copy_(torch.clamp(torch.maximum(-low, high) / limit, min=_MIN_SCALE))
+            self.zero_point.zero_()
+        else:
+            scale = torch.clamp((high - low) / (quant_max - quant_min), min=_MIN_SCALE)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(torch.clamp(quant_min - torch.round(low / scale), quant_min, quant_max).int())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _tracing() and bool(self.observer_enabled) and (self.is_weight or self.training):
+            self.observe(x)
+        if not bool(self.initialized):
+            # No range yet (evaluated before any training batch): pass through rather than clamp to 0.
+            return x
+        return self.fake_quantize(x)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        quant_min, quant_max = self.spec.quant_range
+        if self.spec.bits < 8 and _tracing():
+            # ONNX QuantizeLinear stores at least 8 bits: snap to the narrow grid with plain ops (constant-
+            # folded for weights), then quantize into an int8 container whose values stay in that grid.
+            shape = (-1,) + (1,) * (x.dim() - 1) if self.per_channel else ()
+            scale, zero_point = self.scale.reshape(shape), self.zero_point.reshape(shape).float()
+            x = (torch.clamp(torch.round(x / scale) + zero_point, quant_min, quant_max) - zero_point) * scale
+            quant_min, quant_max = (-128, 127) if self.spec.signed else (0, 255)
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 0, quant_min, quant_max)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, quant_min, quant_max)
+
+
+def activation_quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    return [m for m in model.modules() if isinstance(m, FakeQuantizer) and not m.is_weight]
+
+
+def set_observers_enabled(model: nn.Module, enabled: bool) -> None:
+    """Freeze (``False``) or unfreeze the activation ranges of every quantizer in ``model``."""
+    for quantizer in activation_quantizers(model):
+        quantizer.observer_enabled.fill_(enabled)
+
+
+@torch.no_grad()
+def sync_activation_ranges(model: nn.Module) -> None:
+    """Average activation ranges over data-parallel processes (one all-reduce), so every rank exports the same model.
+
+    A no-op outside ``torch.distributed``. Weight ranges need no sync: DDP keeps weights identical.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    quantizers = [q for q in activation_quantizers(model) if bool(q.initialized)]
+    if not quantizers:
+        return
+    packed = torch.cat([torch.stack([q.min_val.reshape(()), q.max_val.reshape(())]) for q in quantizers])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    packed /= dist.get_world_size()
+    for i, quantizer in enumerate(quantizers):
+        quantizer.min_val.fill_(packed[2 * i])
+        quantizer.max_val.fill_(packed[2 * i + 1])
+        quantizer.update_qparams()

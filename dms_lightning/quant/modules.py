@@ -1,0 +1,109 @@
+"""Quantized compute layers: Conv2d (with BatchNorm folded in), Linear.
+
+Each wraps the *original* layer objects, so parameters keep their identity: the optimizer, DDP's gradient
+buckets and any reference a user holds stay valid when QAT starts mid-run, and the float network can be
+recovered unchanged (:func:`dms_lightning.quant.prepare.float_model`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dms_lightning.quant.fake_quant import FakeQuantizer
+from dms_lightning.quant.spec import QuantSpec
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv → bn`` as one conv, using the BatchNorm running statistics.
+
+    ``w' = w · γ/σ`` and ``b' = β + (b − μ) · γ/σ`` with ``σ = sqrt(running_var + eps)``; differentiable in
+    ``w``, ``b``, ``γ`` and ``β`` (so a frozen-BN QAT still trains the affine parameters).
+    """
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    conv_bias = bias if bias is not None else torch.zeros_like(std)
+    folded_weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
+    return folded_weight, beta + (conv_bias - bn.running_mean) * factor
+
+
+class QuantConv2d(nn.Module):
+    """``Conv2d`` with fake-quantized weights (per output channel by default)."""
+
+    def __init__(self, conv: nn.Conv2d, weight_spec: QuantSpec) -> None:
+        super().__init__()
+        self.conv = conv
+        self.weight_quantizer = FakeQuantizer(weight_spec, conv.out_channels, is_weight=True)
+
+    def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.conv.weight, self.conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.deploy_weight_and_bias()
+        return self.conv._conv_forward(x, self.weight_quantizer(weight), bias)
+
+
+class QuantConvBn2d(nn.Module):
+    """``Conv2d → BatchNorm2d`` simulated as the single folded conv an integer runtime executes.
+
+    While BatchNorm is live (training, before ``freeze_bn``) the folded weight is quantized with the
+    running statistics and the conv output is rescaled so BatchNorm still normalises with *batch*
+    statistics and keeps updating its running ones (Jacob et al. 2018, "Quantization and Training of
+    Neural Networks for Efficient Integer-Arithmetic-Only Inference", section 3.2). Once frozen, and in
+    eval mode, the forward is exactly ``conv(x, Q(w'), b')``: what is exported and deployed.
+    """
+
+    bn_frozen: torch.Tensor
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, weight_spec: QuantSpec) -> None:
+        super().__init__()
+        self.conv, self.bn = conv, bn
+        self.weight_quantizer = FakeQuantizer(weight_spec, conv.out_channels, is_weight=True)
+        self.register_buffer("bn_frozen", torch.tensor(False))
+
+    def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fold_batch_norm(self.conv.weight, self.conv.bias, self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or bool(self.bn_frozen):
+            weight, bias = self.deploy_weight_and_bias()
+            return self.conv._conv_forward(x, self.weight_quantizer(weight), bias)
+        std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        gamma = self.bn.weight if self.bn.weight is not None else torch.ones_like(std)
+        factor = gamma / std
+        # A zero gamma (e.g. a channel switched off by sparsity) must not divide by zero below.
+        safe = torch.where(factor.abs() > 1e-12, factor, torch.ones_like(factor))
+        folded = self.conv.weight * factor.reshape(-1, 1, 1, 1)
+        y = self.conv._conv_forward(x, self.weight_quantizer(folded), None) / safe.reshape(1, -1, 1, 1)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.reshape(1, -1, 1, 1)
+        return self.bn(y)
+
+
+class QuantLinear(nn.Module):
+    """``Linear`` with fake-quantized weights (per output feature by default)."""
+
+    def __init__(self, linear: nn.Linear, weight_spec: QuantSpec) -> None:
+        super().__init__()
+        self.linear = linear
+        self.weight_quantizer = FakeQuantizer(weight_spec, linear.out_features, is_weight=True)
+
+    def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.linear.weight, self.linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_quantizer(self.linear.weight), self.linear.bias)
+
+
+QUANTIZED_LAYERS = (QuantConv2d, QuantConvBn2d, QuantLinear)
+
+
+def set_batch_norm_frozen(model: nn.Module, frozen: bool) -> None:
+    """Switch every folded BatchNorm of ``model`` to running statistics (``True``) or batch statistics."""
+    for module in model.modules():
+        if isinstance(module, QuantConvBn2d):
+            module.bn_frozen.fill_(frozen)

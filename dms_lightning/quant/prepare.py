@@ -1,0 +1,261 @@
+"""prepare_qat: rewrite a float network into its fake-quantized twin with torch.fx.
+
+The network is traced once with ``torch.fx`` (the graph, not ``torch.ao``'s FX quantization) and rewritten:
+
+1. every selected ``Conv2d`` becomes :class:`QuantConvBn2d` when a ``BatchNorm2d`` is its only consumer
+   (the BatchNorm is folded into it) or :class:`QuantConv2d`; every selected ``Linear`` a :class:`QuantLinear`;
+2. an activation :class:`FakeQuantizer` is placed on exactly the tensors an integer runtime keeps in int8:
+   the input of every quantized layer, its output *after* a following ReLU / ReLU6 (ONNX Runtime folds
+   those into ``QLinearConv``; SNPE fuses them too), and the output of a residual ``add`` whose inputs
+   are all int8 (``QLinearAdd``). Max-pool / flatten / reshape between two int8 tensors reuse the
+   quantizer of their input, because runtimes only keep them in int8 when both sides share one scale.
+
+Tensors around other float ops (hardswish, hardsigmoid, the squeeze-excitation multiply) are quantized
+only where a quantized layer consumes or produces them; exclude layers to keep whole regions in float.
+Graph tracing (rather than wrapping modules) is what makes residual adds, a ReLU module used twice
+(torchvision ResNet) and forwards with several inputs or keyword arguments (Lightning #7926, #15862) work.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dms_lightning.quant.fake_quant import FakeQuantizer
+from dms_lightning.quant.modules import QUANTIZED_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear
+from dms_lightning.quant.spec import QuantSpec, activation_spec, weight_spec
+
+FLOAT_MODULE_ATTR = "_dms_float_module"
+ACTIVATION_QUANTIZERS = "activation_quantizers"
+
+_FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+_FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6)
+_RANGE_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_RANGE_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, torch.reshape)
+_RANGE_PRESERVING_METHODS = ("flatten", "reshape", "view", "contiguous")
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """What is quantized and how.
+
+    Args:
+        weight: grid of conv / linear weights (default int8 symmetric per channel).
+        activation: grid of activations (default uint8 affine per tensor).
+        quantize_depthwise: quantize depthwise convolutions (``groups == in_channels``).
+        quantize_linear: quantize ``Linear`` layers.
+        exclude: ``fnmatch`` patterns of module names kept in float, e.g. ``"features.*.block.2.*"``.
+    """
+
+    weight: QuantSpec = QuantSpec(8, symmetric=True, per_channel=True)
+    activation: QuantSpec = QuantSpec(8, symmetric=False, per_channel=False)
+    quantize_depthwise: bool = True
+    quantize_linear: bool = True
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["exclude"] = list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantizationConfig:
+        w, a = data["weight"], data["activation"]
+        return cls(weight=weight_spec(w["bits"], w["symmetric"], w["per_channel"]),
+                   activation=activation_spec(a["bits"], a["symmetric"]),
+                   quantize_depthwise=data.get("quantize_depthwise", True),
+                   quantize_linear=data.get("quantize_linear", True), exclude=tuple(data.get("exclude", ())))
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        """Whether layer ``name`` is quantized under this config."""
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return False
+        if isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            return self.quantize_depthwise or not depthwise
+        return isinstance(module, nn.Linear) and self.quantize_linear
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` already holds fake-quantized layers."""
+    return any(isinstance(m, QUANTIZED_LAYERS) for m in model.modules())
+
+
+def float_model(model: nn.Module) -> nn.Module | None:
+    """The float network ``model`` was prepared from (sharing its parameters), or ``None``."""
+    return getattr(model, FLOAT_MODULE_ATTR, None)
+
+
+def quantizable_layers(model: nn.Module, config: QuantizationConfig) -> list[str]:
+    """Names of the conv / linear layers of ``model`` that ``config`` would quantize."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and config.selects(name, m)]
+
+
+def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> fx.GraphModule:
+    """The fake-quantized twin of ``model``, sharing its parameters and BatchNorm statistics.
+
+    Args:
+        model: a float network (any ``torch.fx``-traceable module; forward may take several inputs and
+            keyword arguments).
+        config: what to quantize and how; default int8 per-channel weights, uint8 per-tensor activations.
+
+    Raises:
+        ValueError: ``model`` has no layer ``config`` quantizes, or it cannot be traced.
+
+    Example:
+        >>> import torchvision
+        >>> qat = prepare_qat(torchvision.models.resnet18(num_classes=5))
+        >>> _ = qat.train()(torch.randn(2, 3, 64, 64))
+        >>> qat.eval()(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 5])
+    """
+    config = config or QuantizationConfig()
+    layers = quantizable_layers(model, config)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no quantizable layer (Conv2d / Linear) under "
+                         f"exclude={list(config.exclude)}, quantize_depthwise={config.quantize_depthwise}, "
+                         f"quantize_linear={config.quantize_linear}; nothing to quantize")
+    try:
+        graph = fx.Tracer().trace(model)
+    except Exception as err:  # noqa: BLE001 - fx raises many types for data-dependent control flow
+        raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx for quantization ({err}); "
+                         "keep data-dependent control flow out of forward, or quantize with "
+                         "PostTrainingQuantization which works on the exported ONNX graph") from err
+    graph_module = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
+    quantized = _swap_layers(graph_module, config)
+    _insert_activation_quantizers(graph_module, quantized, config.activation)
+    graph_module.graph.lint()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    _order_like(graph_module, model)
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        graph_module.to(parameter.device)  # the new quantizer buffers follow the model (a GPU run stays on GPU)
+    graph_module.train(model.training)
+    object.__setattr__(graph_module, FLOAT_MODULE_ATTR, model)
+    return graph_module
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _swap_layers(gm: fx.GraphModule, config: QuantizationConfig) -> list[fx.Node]:
+    modules = dict(gm.named_modules())
+    quantized: list[fx.Node] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        layer = modules[node.target]
+        if isinstance(layer, QUANTIZED_LAYERS):
+            raise ValueError(f"{node.target} is already quantized: prepare_qat was applied twice")
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not config.selects(node.target, layer):
+            continue
+        if isinstance(layer, nn.Linear):
+            _set_submodule(gm, node.target, QuantLinear(layer, config.weight))
+        else:
+            users = list(node.users)
+            bn = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+            if isinstance(bn, nn.BatchNorm2d) and bn.num_features == layer.out_channels and bn.track_running_stats:
+                users[0].replace_all_uses_with(node)
+                gm.graph.erase_node(users[0])
+                _set_submodule(gm, node.target, QuantConvBn2d(layer, bn, config.weight))
+            else:
+                _set_submodule(gm, node.target, QuantConv2d(layer, config.weight))
+        quantized.append(node)
+    return quantized
+
+
+def _is_module(node: fx.Node, modules: dict[str, nn.Module], types: tuple[type, ...]) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), types)
+
+
+def _fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+    """``node`` or the ReLU/ReLU6 that is its only consumer (the runtime fuses it into the layer)."""
+    users = list(node.users)
+    if len(users) == 1:
+        user = users[0]
+        if _is_module(user, modules, _FUSABLE_ACTIVATIONS) or (
+                user.op == "call_function" and user.target in _FUSABLE_FUNCTIONS) or (
+                user.op == "call_method" and user.target in ("relu", "relu_")):
+            return user
+    return node
+
+
+def _range_preserving_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    if _is_module(node, modules, _RANGE_PRESERVING_MODULES) or (
+            node.op == "call_function" and node.target in _RANGE_PRESERVING_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _RANGE_PRESERVING_METHODS):
+        first = node.args[0] if node.args else None
+        return first if isinstance(first, fx.Node) else None
+    return None
+
+
+def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], spec: QuantSpec) -> None:
+    modules = dict(gm.named_modules())
+    points: dict[fx.Node, None] = {}
+    for node in quantized:
+        if node.args and isinstance(node.args[0], fx.Node):
+            points[node.args[0]] = None
+        points[_fused_output(node, modules)] = None
+    for node in gm.graph.nodes:  # residual adds of int8 tensors run as QLinearAdd
+        if node.op == "call_function" and node.target in _ADD_FUNCTIONS or (
+                node.op == "call_method" and node.target in ("add", "add_")):
+            inputs = [a for a in node.args if isinstance(a, fx.Node)]
+            if len(inputs) == 2 and all(a in points for a in inputs):
+                points[_fused_output(node, modules)] = None
+
+    container = nn.Module()
+    gm.add_module(ACTIVATION_QUANTIZERS, container)
+    owner: dict[fx.Node, str] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in gm.graph.nodes:  # graph order, so a shared quantizer's source is named first
+        if node not in points:
+            continue
+        source = _range_preserving_input(node, modules)
+        if source is not None and source in owner:
+            name = owner[source]  # same scale on both sides, as int8 max-pool / reshape require
+        else:
+            name = node.name
+            container.add_module(name, FakeQuantizer(spec))
+        owner[node] = name
+    for node, name in owner.items():
+        anchor = placeholders[-1] if node.op == "placeholder" else node
+        with gm.graph.inserting_after(anchor):
+            quantize = gm.graph.call_module(f"{ACTIVATION_QUANTIZERS}.{name}", (node,))
+        node.replace_all_uses_with(quantize, delete_user_cb=lambda user, q=quantize: user is not q)
+
+
+def _order_like(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` the child order of ``old`` so ``parameters()`` keeps the float model's order.
+
+    An optimizer state saved before QAT started maps onto parameters by position, so a resumed run
+    (whose optimizer is built on the prepared model) must see them in the same order.
+    """
+    for name, child in list(new.named_children()):
+        counterpart = getattr(old, name, None)
+        if isinstance(child, QUANTIZED_LAYERS) or not isinstance(counterpart, nn.Module):
+            continue
+        _order_like(child, counterpart)
+    old_order = {name: i for i, (name, _) in enumerate(old.named_children())}
+    ordered = sorted(new._modules.items(), key=lambda item: old_order.get(item[0], len(old_order)))
+    new._modules.clear()
+    new._modules.update(ordered)
+
+
+def set_quantizers_state(model: nn.Module, *, observers: bool | None = None, bn_frozen: bool | None = None) -> None:
+    """Freeze / unfreeze activation observers and folded BatchNorms of a prepared model."""
+    from dms_lightning.quant.fake_quant import set_observers_enabled
+    from dms_lightning.quant.modules import set_batch_norm_frozen
+
+    if observers is not None:
+        set_observers_enabled(model, observers)
+    if bn_frozen is not None:
+        set_batch_norm_frozen(model, bn_frozen)

@@ -1,0 +1,201 @@
+"""QuantizationAwareTraining: fake-quantize the network from ``start_epoch`` and export INT8 QDQ at fit end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from dms_lightning.quant import CHECKPOINT_RECORD
+from dms_lightning.quant.fake_quant import sync_activation_ranges
+from dms_lightning.quant.prepare import QuantizationConfig, set_quantizers_state
+from dms_lightning.quant.spec import activation_spec, weight_spec
+from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
+from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
+
+
+def _optional_epoch(name: str, value: int | None, start_epoch: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < start_epoch:
+        raise ValueError(f"{name}={value!r} must be an integer >= start_epoch={start_epoch} (or None to never freeze)")
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware training for NPUs, exported as an INT8 QDQ ONNX model plus AIMET encodings.
+
+    From ``start_epoch`` the network (``pl_module.compression_target``, else the module's children) is
+    replaced by its fake-quantized twin (:func:`dms_lightning.quant.prepare_qat`): BatchNorm folded into the
+    convs, int8 per-channel symmetric weights, uint8 per-tensor activations on the tensors an integer
+    runtime keeps in int8. Parameters keep their identity, so the optimizer and DDP carry on, and a
+    pruning callback that physically removes channels earlier in the same run is picked up as is.
+    Activation ranges are moving averages updated only in training steps (never in validation / test),
+    averaged over DDP ranks each step, frozen at ``freeze_observers_epoch``; BatchNorm switches to its
+    running statistics at ``freeze_bn_epoch``. Checkpoints record the quantized architecture, so
+    ``trainer.test(ckpt_path="best")``, ``fit(ckpt_path=...)`` and ``load_from_checkpoint`` rebuild it.
+
+    At the end of ``fit`` (rank 0) it writes ``<dirpath>/<filename>.onnx`` (INT8 QDQ: ONNX Runtime runs it
+    as QLinearConv / QLinearAdd / QGemm) and ``<filename>.encodings.json`` (SNPE / QNN
+    ``--quantization_overrides``), checks that ONNX Runtime agrees with the fake-quant model on the test
+    split, and registers the variant for the report.
+
+    Args:
+        start_epoch: first epoch trained with fake quantization (after pruning's ``end_epoch``).
+        freeze_observers_epoch: from this epoch on, activation ranges stay fixed (``None``: never).
+        freeze_bn_epoch: from this epoch on, folded BatchNorms use running statistics (``None``: never).
+        weight_bits: 8 or 4 (4-bit weights are stored in int8 QDQ containers with the 4-bit range).
+        per_channel_weights: one scale per output channel (``False``: one per tensor).
+        activation_bits: 8.
+        symmetric_activations: int8 with zero point 0 instead of uint8 affine.
+        quantize_depthwise: also quantize depthwise convs (some CPUs run them faster in float).
+        quantize_linear: also quantize ``Linear`` layers.
+        exclude: ``fnmatch`` patterns of layer names (within the network) kept in float.
+        export: write the ONNX model and encodings at fit end.
+        dirpath: output folder (default ``<trainer.log_dir>/quantization``).
+        filename: file stem of the ONNX model and encodings.
+        parity_split: ``"test"`` or ``"val"`` split of ``trainer.datamodule`` used for the agreement check.
+        parity_batches: number of batches of that split to compare (``None``: all).
+        min_agreement: a warning is raised when ONNX Runtime and PyTorch agree on fewer top-1 predictions.
+        opset: ONNX opset of the export.
+
+    Example:
+        >>> from dms_lightning.callbacks import QuantizationAwareTraining
+        >>> qat = QuantizationAwareTraining(start_epoch=3, freeze_bn_epoch=5, freeze_observers_epoch=6)
+        >>> trainer = Trainer(max_epochs=8, callbacks=[qat])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        start_epoch: int = 0,
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
+        weight_bits: int = 8,
+        per_channel_weights: bool = True,
+        activation_bits: int = 8,
+        symmetric_activations: bool = False,
+        quantize_depthwise: bool = True,
+        quantize_linear: bool = True,
+        exclude: list[str] | None = None,
+        export: bool = True,
+        dirpath: str | None = None,
+        filename: str = "qat_int8",
+        parity_split: Literal["test", "val"] = "test",
+        parity_batches: int | None = None,
+        min_agreement: float = 0.99,
+        opset: int = 18,
+    ) -> None:
+        super().__init__()
+        if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or start_epoch < 0:
+            raise ValueError(f"start_epoch={start_epoch!r} must be an integer >= 0")
+        _optional_epoch("freeze_observers_epoch", freeze_observers_epoch, start_epoch)
+        _optional_epoch("freeze_bn_epoch", freeze_bn_epoch, start_epoch)
+        exclude = list(exclude or [])
+        if not all(isinstance(p, str) and p for p in exclude):
+            raise ValueError(f"exclude={exclude!r} must be a list of non-empty layer-name patterns")
+        if parity_split not in ("test", "val"):
+            raise ValueError(f"parity_split={parity_split!r} must be 'test' or 'val'")
+        if parity_batches is not None and (not isinstance(parity_batches, int) or parity_batches < 1):
+            raise ValueError(f"parity_batches={parity_batches!r} must be a positive integer or None (all)")
+        if not 0.0 <= min_agreement <= 1.0:
+            raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1]")
+        if not filename or "/" in filename:
+            raise ValueError(f"filename={filename!r} must be a non-empty file stem without '/'")
+        if opset < 13:
+            raise ValueError(f"opset={opset!r} must be >= 13 (per-channel QuantizeLinear)")
+        self.config = QuantizationConfig(
+            weight=weight_spec(weight_bits, symmetric=True, per_channel=per_channel_weights),
+            activation=activation_spec(activation_bits, symmetric_activations),
+            quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear, exclude=tuple(exclude))
+        self.start_epoch = start_epoch
+        self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
+        self.export, self.dirpath, self.filename, self.opset = export, dirpath, filename, opset
+        self.parity_split, self.parity_batches, self.min_agreement = parity_split, parity_batches, min_agreement
+        self.quantized_since: int | None = None
+        self.exported: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- phase
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs \
+                and not target_is_quantized(pl_module):
+            raise MisconfigurationException(
+                f"QuantizationAwareTraining(start_epoch={self.start_epoch}) would never start: trainer.max_epochs="
+                f"{max_epochs}; use start_epoch <= {max_epochs - 1} or train longer")
+        if not target_is_quantized(pl_module) and not target_quantizable_layers(pl_module, self.config):
+            raise MisconfigurationException(
+                f"QuantizationAwareTraining found no quantizable layer (Conv2d / Linear) in "
+                f"{type(compression_target(pl_module)).__name__} with exclude={list(self.config.exclude)}, "
+                f"quantize_depthwise={self.config.quantize_depthwise}, quantize_linear={self.config.quantize_linear}")
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch < self.start_epoch and not target_is_quantized(pl_module):
+            return
+        if not target_is_quantized(pl_module):
+            # Done here, not in setup: pruning may have replaced the layers since (it ends before start_epoch).
+            quantize_target(pl_module, self.config)
+            rank_zero_info(f"[QuantizationAwareTraining] epoch {epoch}: fake quantization on "
+                           f"({self.config.weight.bits}-bit weights, {self.config.activation.bits}-bit activations)")
+        if self.quantized_since is None:
+            self.quantized_since = epoch
+        observers = self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch
+        bn_frozen = self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch
+        set_quantizers_state(compression_target(pl_module), observers=observers, bn_frozen=bn_frozen)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.world_size > 1 and target_is_quantized(pl_module):
+            sync_activation_ranges(compression_target(pl_module))
+
+    # ---------------------------------------------------------------- checkpoints
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint_records(checkpoint)[CHECKPOINT_RECORD] = {
+            "active": target_is_quantized(pl_module), "config": self.config.to_dict()}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"start_epoch": self.start_epoch, "quantized_since": self.quantized_since,
+                "config": self.config.to_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The phase itself is a function of the epoch; the architecture comes back through the restorer.
+        self.quantized_since = state_dict.get("quantized_since")
+
+    # ---------------------------------------------------------------- export
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.export or not target_is_quantized(pl_module) or not trainer.is_global_zero:
+            return
+        example = _example_input(trainer, pl_module)
+        if example is None:
+            rank_zero_warn("QuantizationAwareTraining: no single-tensor example input (pl_module.example_input_array "
+                           "or a datamodule with example_input()); skipping the ONNX export")
+            return
+        from dms_lightning.quant.export import export_quantized_variant
+
+        dirpath = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "quantization"
+        self.exported = export_quantized_variant(
+            trainer, compression_target(pl_module), example, dirpath, self.filename, producer=type(self).__name__,
+            parity_split=self.parity_split, parity_batches=self.parity_batches, min_agreement=self.min_agreement,
+            opset=self.opset, info={"config": self.config.to_dict(), "start_epoch": self.start_epoch})
+
+
+def _example_input(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
+    example = getattr(pl_module, "example_input_array", None)
+    if isinstance(example, torch.Tensor):
+        return example[:1].cpu()
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "example_input"):
+        return datamodule.example_input(1)
+    return None

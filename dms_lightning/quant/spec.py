@@ -1,0 +1,66 @@
+"""QuantSpec: how one kind of tensor (weights or activations) is mapped onto integers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+#: Bit widths we can simulate and export: 8 everywhere, 4 for weights (stored in int8 QDQ containers).
+WEIGHT_BITS = (4, 8)
+ACTIVATION_BITS = (8,)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The integer grid of a quantized tensor.
+
+    Args:
+        bits: bit width (weights: 4 or 8; activations: 8).
+        symmetric: zero point fixed at 0 (signed grid ``[-(2^(b-1)-1), 2^(b-1)-1]``); otherwise an
+            unsigned affine grid ``[0, 2^b - 1]`` with a learned zero point.
+        per_channel: one scale per output channel (weights only; axis 0 of conv / linear weights).
+
+    Example:
+        >>> QuantSpec(bits=8, symmetric=True, per_channel=True).quant_range
+        (-128, 127)
+        >>> QuantSpec(bits=8, symmetric=False, per_channel=False).quant_range
+        (0, 255)
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    per_channel: bool = True
+
+    @property
+    def signed(self) -> bool:
+        """Symmetric grids are signed (int8 zero point 0), affine grids unsigned (uint8), like ONNX QDQ."""
+        return self.symmetric
+
+    @property
+    def quant_range(self) -> tuple[int, int]:
+        """``(quant_min, quant_max)`` of the storage type, as ``QuantizeLinear`` clamps."""
+        if self.signed:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2 ** self.bits - 1
+
+    @property
+    def symmetric_limit(self) -> int:
+        """Largest magnitude used by a symmetric grid (127 for int8: -128 is left unused, as ORT and SNPE do)."""
+        return 2 ** (self.bits - 1) - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def weight_spec(bits: int, symmetric: bool, per_channel: bool, field: str = "weight_bits") -> QuantSpec:
+    """A validated weight spec; raises ``ValueError`` naming ``field`` for an unsupported bit width."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in WEIGHT_BITS:
+        raise ValueError(f"{field}={bits!r} is not supported: weights can be quantized to {list(WEIGHT_BITS)} bits")
+    return QuantSpec(bits, symmetric, per_channel)
+
+
+def activation_spec(bits: int, symmetric: bool, field: str = "activation_bits") -> QuantSpec:
+    """A validated per-tensor activation spec; raises ``ValueError`` naming ``field`` for an unsupported width."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ACTIVATION_BITS:
+        raise ValueError(f"{field}={bits!r} is not supported: activations can be quantized to "
+                         f"{list(ACTIVATION_BITS)} bits (uint8 affine or int8 symmetric)")
+    return QuantSpec(bits, symmetric, per_channel=False)
