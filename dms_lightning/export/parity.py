@@ -116,7 +116,9 @@ def parity_figure(reference: np.ndarray, candidate: np.ndarray, result: ParityRe
     left.set_ylabel(f"{result.runtime} logit")
     left.set_title(f"top-1 agreement {result.top1_agreement:.1%}")
     diff = np.abs(reference - candidate).ravel()
-    right.hist(np.log10(np.maximum(diff, 1e-12)), bins=40)
+    log_diff = np.log10(np.maximum(diff, 1e-12))
+    low, high = float(log_diff.min(initial=-12.0)), float(log_diff.max(initial=-12.0))
+    right.hist(log_diff, bins=40, range=(low, max(high, low + 1.0)))  # a constant offset is one bar
     if result.atol:
         right.axvline(np.log10(result.atol), color="red", linestyle="--", label=f"tolerance {result.atol:g}")
         right.legend(fontsize=8)
