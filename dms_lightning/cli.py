@@ -30,7 +30,8 @@ class DMSLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         defaults = {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": "runs", "name": "dms"}},
-                    "callbacks": [LearningRateMonitor(logging_interval="epoch")]}
+                    "callbacks": [LearningRateMonitor(logging_interval="epoch")],
+                    "log_every_n_steps": 10}
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
         super().__init__(*args, **kwargs)
 

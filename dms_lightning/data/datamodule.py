@@ -226,7 +226,7 @@ class DMSDataModule(LightningDataModule):
             if split in self.datasets:
                 continue
             base = self._base(split)
-            if len(base) == 0:
+            if len(base) == 0 and not self._may_be_empty(split):
                 raise ValueError(f"the {split} split of data.source={self.source!r} is empty; check data.data_dir / "
                                  "data.manifest and data.val_split / data.test_split")
             self.datasets[split] = base
@@ -234,11 +234,17 @@ class DMSDataModule(LightningDataModule):
             self.class_counts[split] = {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}
             rank_zero_info(f"[dms_lightning] {split}: {len(base)} images, per class {self.class_counts[split]}")
 
-    def _loader(self, split: str, train: bool = False, with_ids: bool = False) -> DataLoader:
+    def _may_be_empty(self, split: str) -> bool:
+        # A split the user turned off on purpose (val_split: 0 / test_split: 0) is allowed to be empty.
+        return self.source != "synthetic" and split != "train" and self.hparams[f"{split}_split"] == 0.0
+
+    def _loader(self, split: str, train: bool = False, with_ids: bool = False) -> DataLoader | list:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}.get(split))
             if split not in self.datasets:
                 self.datasets[split] = self._base(split)
+        if len(self.datasets[split]) == 0:
+            return []  # Lightning skips a loop whose dataloader list is empty
         transform = (train_transform(self.image_size, self.mean, self.std) if train and self.hparams.augment
                      else eval_transform(self.mean, self.std))
         return DataLoader(

@@ -35,7 +35,7 @@ def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (image_size, image_size):
                 img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CorruptImageError(f"cannot read image {str(path)!r}: {err}. Fix or remove the file, "
                                 "or set `data.skip_corrupt: true` to skip unreadable images.") from err

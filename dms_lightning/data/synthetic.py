@@ -6,7 +6,7 @@ every machine and every DDP rank, and can be made as large as wanted. A scene is
 primitives in a normalised coordinate frame, so the same scene renders at any ``image_size``.
 
 Why it is not trivially separable: the label lives in a few continuous latent factors whose class
-ranges nearly touch (eye openness 0.22 vs 0.40, mouth opening 0.40 vs 0.55, head yaw 22° vs 32°,
+ranges nearly touch (eye openness 0.18 vs 0.45, mouth opening 0.35 vs 0.6, head yaw 20° vs 35°,
 texting pitch vs looking-at-lap pitch), and nuisance factors a real NIR cabin camera shows are laid over
 them: head pose, scale and position jitter, active-illumination fall-off, gain and gamma, sensor and shot
 noise, defocus and motion blur, glasses with lens glare, hands on the face, a steering-wheel rim, a seat
@@ -28,13 +28,13 @@ SYNTHETIC_CLASSES: tuple[str, ...] = ("alert", "eyes_closed", "yawning", "lookin
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
 # Class-defining latent ranges. The gaps between them are the "hard margin" of the task.
-EYES_OPEN_RANGE = (0.40, 1.0)
-EYES_CLOSED_RANGE = (0.0, 0.22)
-MOUTH_NEUTRAL_RANGE = (0.0, 0.40)
-MOUTH_YAWN_RANGE = (0.55, 1.0)
-YAW_FORWARD_MAX_DEG = 22.0
-YAW_AWAY_RANGE_DEG = (32.0, 70.0)
-PITCH_LAP_RANGE_DEG = (24.0, 42.0)
+EYES_OPEN_RANGE = (0.45, 1.0)
+EYES_CLOSED_RANGE = (0.0, 0.18)
+MOUTH_NEUTRAL_RANGE = (0.0, 0.35)
+MOUTH_YAWN_RANGE = (0.6, 1.0)
+YAW_FORWARD_MAX_DEG = 20.0
+YAW_AWAY_RANGE_DEG = (35.0, 70.0)
+PITCH_LAP_RANGE_DEG = (26.0, 42.0)
 PITCH_TEXTING_RANGE_DEG = (8.0, 18.0)
 
 
@@ -114,8 +114,8 @@ def sample_scene(rng: np.random.Generator, label: int) -> Scene:
         yaw=yaw,
         pitch=pitch,
         roll=deg(u(-14.0, 14.0)),
-        center=(u(-0.12, 0.12), u(-0.1, 0.12)),
-        scale=u(0.8, 1.12),
+        center=(u(-0.08, 0.08), u(-0.06, 0.1)),
+        scale=u(0.95, 1.2),
         gaze=(u(-0.5, 0.5), u(-0.3, 0.3)),
         skin=u(0.5, 0.8),
         hair=u(0.08, 0.35),
@@ -133,9 +133,9 @@ def sample_scene(rng: np.random.Generator, label: int) -> Scene:
         falloff=u(0.15, 0.6),
         gain=u(0.65, 1.3),
         gamma=u(0.8, 1.25),
-        blur_sigma=u(0.0, 1.1),
+        blur_sigma=u(0.0, 0.9),
         motion_blur=int(rng.integers(2, 5)) if rng.random() < 0.15 else 0,
-        noise_sigma=u(0.01, 0.05),
+        noise_sigma=u(0.01, 0.04),
         shot_noise=u(0.0, 0.04),
         noise_seed=int(rng.integers(2**31)),
         extras={"hand_pos": (u(-0.15, 0.15), u(0.15, 0.45)), "phone_angle": u(-0.35, 0.35)},
@@ -213,7 +213,7 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
 
     # Eyes: socket shading, almond opening, iris/pupil with the IR corneal glint, lid line, brow.
     eye_y = -0.1 + pitch_shift
-    eye_half_w = 0.085
+    eye_half_w = 0.095
     for side in (-1, 1):
         ex = side * 0.2 * math.cos(scene.yaw) + yaw_shift
         if abs(ex) > face_w * 0.92:  # turned away: this eye is behind the nose/face edge
@@ -222,7 +222,7 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
         w = eye_half_w * squash
         cv.paint(cv.ellipse_alpha(x, y, ex, eye_y, w * 1.6, 0.085 * vert), skin * 0.78)
         cv.paint(cv.ellipse_alpha(x, y, ex, eye_y - 0.12 * vert, w * 1.25, 0.02), skin * 0.4)
-        h = 0.06 * scene.eye_openness * vert
+        h = 0.07 * scene.eye_openness * vert
         dx = (x - ex) / w
         profile = np.clip(1.0 - dx**2, 0.0, None)
         upper = eye_y - h * profile

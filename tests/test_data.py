@@ -1,0 +1,153 @@
+"""DMSDataModule and its sources: determinism, folder / CSV layouts, errors a user can meet."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dms_lightning import DMSDataModule
+from dms_lightning.data.sources import CorruptImageError
+from dms_lightning.data.synthetic import SYNTHETIC_CLASSES, render_sample
+
+
+def _write_images(folder, classes=("alert", "phone"), per_class=6, size=40, mode="L"):
+    for c, name in enumerate(classes):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image, _ = render_sample(seed=c, split="train", index=i * len(SYNTHETIC_CLASSES) + c, size=size)
+            img = Image.fromarray(image)
+            img = img.convert("RGB") if mode == "RGB" else img
+            img.save(folder / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+
+
+def test_synthetic_samples_are_a_pure_function_of_seed_split_and_index():
+    a, label_a = render_sample(seed=3, split="train", index=17, size=48)
+    b, label_b = render_sample(seed=3, split="train", index=17, size=48)
+    other, _ = render_sample(seed=4, split="train", index=17, size=48)
+    val, _ = render_sample(seed=3, split="val", index=17, size=48)
+    assert np.array_equal(a, b) and label_a == label_b
+    assert not np.array_equal(a, other)
+    assert not np.array_equal(a, val)
+
+
+def test_synthetic_splits_are_balanced_and_have_the_dms_classes(tiny_datamodule):
+    dm = tiny_datamodule(train_size=100)
+    dm.setup("fit")
+    assert dm.class_names == ["alert", "eyes_closed", "yawning", "looking_away", "phone"]
+    assert set(dm.class_counts["train"].values()) == {20}
+
+
+def test_synthetic_images_vary_in_brightness_pose_and_noise():
+    images = np.stack([render_sample(0, "train", i, 48)[0] for i in range(30)]).astype(np.float32)
+    means = images.mean(axis=(1, 2))
+    assert means.std() > 5.0, "nuisance factors should change global brightness between samples"
+    assert images.std(axis=0).mean() > 15.0, "faces should not sit in the same place in every image"
+
+
+def test_batches_have_the_configured_shape_and_normalisation(tiny_datamodule):
+    dm = tiny_datamodule(channels=3, image_size=48, batch_size=8)
+    dm.setup("fit")
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (8, 3, 48, 48) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and int(y.max()) < 5
+    assert -2.5 < float(x.mean()) < 2.5
+
+
+def test_training_augmentation_changes_images_but_not_shapes(tiny_datamodule):
+    dm = tiny_datamodule(augment=True, batch_size=8)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    augmented, _ = next(iter(dm.train_dataloader()))
+    plain = torch.stack([dm.val_dataloader().dataset.transform(dm.datasets["train"][i][0]) for i in range(8)])
+    assert augmented.shape == plain.shape
+
+
+def test_image_folder_is_split_with_a_fixed_seed_and_uses_folder_names(tmp_path):
+    _write_images(tmp_path, classes=("eyes_closed", "alert", "phone"), per_class=10)
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), image_size=32, val_split=0.2, test_split=0.2,
+                       batch_size=4)
+    again = DMSDataModule(source="image_folder", data_dir=str(tmp_path), image_size=32, val_split=0.2,
+                          test_split=0.2, batch_size=4)
+    assert dm.class_names == ["alert", "eyes_closed", "phone"]
+    dm.setup()
+    again.setup()
+    assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [18, 6, 6]
+    assert dm.datasets["val"].samples == again.datasets["val"].samples
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 32, 32)
+
+
+def test_image_folder_with_train_val_test_subfolders_is_used_as_given(tmp_path):
+    for split, n in (("train", 4), ("val", 2), ("test", 3)):
+        _write_images(tmp_path / split, per_class=n, mode="RGB")
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), image_size=32, channels=3)
+    dm.setup()
+    assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 8, "val": 4, "test": 6}
+    assert dm.datasets["test"][0][0].shape == (3, 32, 32)
+
+
+def test_csv_manifest_paths_are_relative_to_the_manifest_and_split_column_is_honoured(tmp_path):
+    _write_images(tmp_path / "imgs", per_class=6)
+    rows = [["path", "label", "split"]]
+    for i, path in enumerate(sorted((tmp_path / "imgs").rglob("*.*"))):
+        rows.append([str(path.relative_to(tmp_path)), path.parent.name, ["train", "val", "test", ""][i % 4]])
+    with open(tmp_path / "manifest.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    dm = DMSDataModule(source="csv", manifest=str(tmp_path / "manifest.csv"), image_size=32, val_split=0.25,
+                       test_split=0.25)
+    dm.setup()
+    assert dm.class_names == ["alert", "phone"]
+    assert sum(len(d) for d in dm.datasets.values()) == 12
+    assert len(dm.datasets["train"]) >= 3
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    _write_images(tmp_path, per_class=4)
+    bad = tmp_path / "alert" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), image_size=32, val_split=0.0,
+                       test_split=0.0)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    index = [i for i, (p, _) in enumerate(dataset.samples) if p.endswith("broken.png")][0]
+    with pytest.raises(CorruptImageError, match="broken.png"):
+        dataset[index]
+
+
+def test_skip_corrupt_drops_and_counts_unreadable_images(tmp_path):
+    _write_images(tmp_path, per_class=4)
+    (tmp_path / "phone" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), image_size=32, val_split=0.0,
+                       test_split=0.0, skip_corrupt=True)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 8
+    assert dm.datasets["train"].skipped[0].endswith("broken.jpg")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"source": "image_folder", "data_dir": "/no/such/dir"}, "data.data_dir='/no/such/dir'"),
+        ({"source": "csv", "manifest": "/no/such.csv"}, "data.manifest='/no/such.csv'"),
+        ({"source": "image_folder"}, "needs data.data_dir"),
+        ({"source": "webcam"}, "data.source='webcam'"),
+        ({"channels": 2}, "data.channels=2"),
+        ({"image_size": 4}, "data.image_size=4"),
+        ({"batch_size": 0}, "data.batch_size=0"),
+        ({"val_split": 0.6, "test_split": 0.5}, "leaves no training data"),
+        ({"mean": [0.5, 0.5]}, "data.mean"),
+    ],
+)
+def test_bad_configuration_is_rejected_before_training_with_the_field_and_value(kwargs, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[")):
+        DMSDataModule(**kwargs)
+
+
+def test_manifest_row_pointing_at_a_missing_file_names_the_line(tmp_path):
+    (tmp_path / "m.csv").write_text("path,label\nmissing.png,alert\n")
+    with pytest.raises(FileNotFoundError, match="line 2"):
+        DMSDataModule(source="csv", manifest=str(tmp_path / "m.csv"))

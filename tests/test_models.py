@@ -1,0 +1,91 @@
+"""Backbones and DMSClassifier: shapes, channel adaptation, local weights, a real short fit."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchvision
+
+from dms_lightning import DMSClassifier
+from dms_lightning.models.backbones import SUPPORTED_BACKBONES, DMSHead, build_backbone
+
+
+@pytest.mark.parametrize("name", SUPPORTED_BACKBONES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_supported_backbone_maps_images_to_class_logits(name, channels):
+    model = build_backbone(name, num_classes=5, in_channels=channels).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, 64, 64))
+    assert out.shape == (2, 5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_b0"])
+def test_dms_head_is_linear_128_relu_dropout_linear(name):
+    model = build_backbone(name, num_classes=7, head="dms")
+    head = [m for m in model.modules() if isinstance(m, DMSHead)]
+    assert len(head) == 1
+    layers = list(head[0])
+    assert [type(m).__name__ for m in layers] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert layers[0].out_features == 128 and layers[-1].out_features == 7
+
+
+def test_torchvision_head_keeps_the_backbone_classifier_and_resizes_its_output():
+    model = build_backbone("mobilenet_v3_small", num_classes=3, head="torchvision")
+    assert model.classifier[0].out_features == 1024 and model.classifier[-1].out_features == 3
+
+
+def test_local_rgb_weights_load_and_the_first_conv_sums_them_for_grayscale(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18_imagenet.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_backbone("resnet18", num_classes=5, in_channels=1, weights=str(path))
+    assert torch.allclose(model.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    gray = torch.rand(1, 1, 64, 64)
+    reference.fc = torch.nn.Identity()
+    model.fc = torch.nn.Identity()
+    reference.eval(), model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(gray), reference(gray.repeat(1, 3, 1, 1)), atol=1e-4)
+
+
+def test_weights_from_a_lightning_checkpoint_are_accepted(tmp_path):
+    source = DMSClassifier("mobilenet_v3_small", num_classes=5, image_size=32)
+    path = tmp_path / "student.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    model = build_backbone("mobilenet_v3_small", num_classes=5, in_channels=1, weights=str(path))
+    assert torch.equal(model.features[3].block[0][0].weight, source.model.features[3].block[0][0].weight)
+
+
+def test_missing_weights_file_says_nothing_is_downloaded():
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        build_backbone("resnet18", weights="/no/such/weights.pth")
+
+
+def test_unknown_backbone_lists_the_supported_ones():
+    with pytest.raises(ValueError, match="backbone='resnet19'.*mobilenet_v3_small"):
+        build_backbone("resnet19")
+
+
+def test_class_names_must_match_num_classes():
+    with pytest.raises(ValueError, match="class_names has 2 names"):
+        DMSClassifier(num_classes=5, class_names=["a", "b"])
+
+
+def test_classifier_keeps_class_names_in_hparams_and_sets_example_input():
+    model = DMSClassifier("resnet18", num_classes=2, class_names=["alert", "phone"], in_channels=3, image_size=80)
+    assert model.hparams.class_names == ["alert", "phone"]
+    assert model.example_input_array.shape == (1, 3, 80, 80)
+
+
+@pytest.mark.slow
+def test_a_short_fit_beats_chance_clearly(tiny_datamodule, fast_trainer_kwargs):
+    pl.seed_everything(0)
+    dm = tiny_datamodule(image_size=48, train_size=400, val_size=150, batch_size=32)
+    model = DMSClassifier("resnet18", num_classes=5, image_size=48,
+                          optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    trainer = pl.Trainer(**{**fast_trainer_kwargs, "max_epochs": 4})
+    trainer.fit(model, dm)
+    accuracy = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
+    assert accuracy > 0.35, f"5 classes: chance is 0.2, got {accuracy:.3f}"
