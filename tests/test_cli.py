@@ -59,7 +59,7 @@ def test_predict_writes_class_and_probabilities_per_image(fitted, tmp_path):
     main(args=["predict", "--config", str(ROOT / "configs/student.yaml"), *TINY,
                f"--ckpt_path={run_dir / 'ckpt' / 'last.ckpt'}", "--trainer.logger=false",
                "--trainer.callbacks+=dms_lightning.callbacks.PredictionWriter",
-               f"--trainer.callbacks.output_path={out}"])
+               f"--trainer.callbacks.output_path={out}", f"--trainer.default_root_dir={tmp_path}"])
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 20
     probabilities = [float(rows[0][f"p_{name}"]) for name in ("alert", "eyes_closed", "yawning", "looking_away", "phone")]
@@ -71,7 +71,8 @@ def test_predict_writes_class_and_probabilities_per_image(fitted, tmp_path):
 def test_test_subcommand_reloads_a_checkpoint_and_reports_accuracy(fitted):
     run_dir, _ = fitted
     cli = main(args=["test", "--config", str(ROOT / "configs/student.yaml"), *TINY,
-                     f"--ckpt_path={run_dir / 'ckpt' / 'last.ckpt'}", "--trainer.logger=false"])
+                     f"--ckpt_path={run_dir / 'ckpt' / 'last.ckpt'}", "--trainer.logger=false",
+                     f"--trainer.default_root_dir={run_dir / 'test'}"])
     assert "test/acc" in cli.trainer.callback_metrics
 
 
