@@ -168,6 +168,7 @@ def strip_qdq(model: onnx.ModelProto) -> StrippedQDQ:
     new_nodes = []
     new_initializers: dict[str, np.ndarray] = {}
     pending_params: list[tuple[str, str, list[dict]]] = []  # (placeholder, preferred name, encodings)
+    activation_pairs: list[tuple[str, list[dict]]] = []
     for node in graph.node:
         if node.op_type != "DequantizeLinear":  # a QuantizeLinear left without readers is pruned below
             new_nodes.append(node)
@@ -190,17 +191,23 @@ def strip_qdq(model: onnx.ModelProto) -> StrippedQDQ:
         if source is None:
             raise ValueError(f"DequantizeLinear {node.name!r} reads {node.input[0]!r}, which is neither a "
                              "QuantizeLinear output nor a constant: not a QDQ graph this tool understands")
-        result.activation_encodings.setdefault(source, encoding_entries(scale, zero, elem_type))
+        activation_pairs.append((source, encoding_entries(scale, zero, elem_type)))
         if node.output[0] in graph_outputs:
             new_nodes.append(helper.make_node("Identity", [source], [node.output[0]], name=f"{node.name}_float"))
         else:
             renames[node.output[0]] = source
 
+    def resolve(name: str) -> str:
+        while name in renames:
+            name = renames[name]
+        return name
+
     for node in new_nodes:
         for i, name in enumerate(node.input):
-            while name in renames:
-                name = renames[name]
-            node.input[i] = name
+            node.input[i] = resolve(name)
+    # A tensor quantized twice in a row (Q→DQ→Q→DQ, e.g. around an eval-mode Dropout) keeps the outer grid.
+    for source, entries in activation_pairs:
+        result.activation_encodings[resolve(source)] = entries
     del graph.node[:]
     graph.node.extend(new_nodes)
     for name, array in new_initializers.items():
