@@ -1,0 +1,173 @@
+"""Physical channel removal: turn zeroed channels into a smaller, faster network.
+
+Masks alone make neither a smaller file nor a faster model (a zero filter costs as much as any other).
+:func:`remove_pruned_channels` rebuilds every coupled layer without the pruned channels, using
+Torch-Pruning's dependency graph so residual adds, concatenations, depthwise / grouped convolutions and
+squeeze-excitation gates stay consistent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from dms_lightning.pruning.graph import (
+    ChannelGroup,
+    build_dependency_graph,
+    modules_under,
+    prunable_groups,
+    resolve_module_names,
+)
+from dms_lightning.pruning.monitoring import count_macs, layer_output_positions
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class RemovalReport:
+    """What :func:`remove_pruned_channels` changed."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    removed_channels: dict[str, int] = field(default_factory=dict)  # group (root layer) name -> channels removed
+
+    @property
+    def param_ratio(self) -> float:
+        return self.params_after / max(1, self.params_before)
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs_after / max(1, self.macs_before)
+
+
+# ------------------------------------------------------------------------------------ finding zero channels
+def _zero_rows(tensor: Tensor | None, dim: int = 0) -> Tensor | None:
+    if tensor is None:
+        return None
+    return tensor.detach().movedim(dim, 0).reshape(tensor.shape[dim], -1).abs().sum(dim=1) == 0
+
+
+def _output_is_zero(dep, idxs: list[int]) -> Tensor | None:
+    """Per index: does this out-channel-side tensor slice vanish? ``None`` for input-side / parameter-free nodes."""
+    module, handler = dep.target.module, dep.handler
+    if isinstance(module, nn.Parameter):
+        return _zero_rows(module, dep.target.pruning_dim % module.dim())[idxs]
+    if handler in (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels):
+        dim = 1 if getattr(module, "transposed", False) else 0
+        zero = _zero_rows(module.weight, dim)
+        if module.bias is not None:
+            zero = zero & (module.bias.detach() == 0)
+        return zero[idxs]
+    if handler in (tp.prune_batchnorm_out_channels, tp.prune_groupnorm_out_channels,
+                   tp.prune_instancenorm_out_channels, tp.prune_layernorm_out_channels):
+        weight = getattr(module, "weight", None)
+        if weight is None:  # a norm without affine parameters re-creates non-zero outputs
+            return torch.zeros(len(idxs), dtype=torch.bool)
+        zero = _zero_rows(weight, weight.dim() - 1)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            zero = zero & _zero_rows(bias, bias.dim() - 1)
+        return zero[idxs]
+    return None
+
+
+def zero_channels(group: ChannelGroup) -> list[int]:
+    """Channels of ``group`` whose every output-side tensor slice (filters, biases, norm γ/β) is zero.
+
+    Such a channel computes a constant zero, so removing it leaves the network's function unchanged.
+    """
+    removable = torch.ones(group.channels, dtype=torch.bool)
+    for item in group.group:
+        dep, idxs = item.dep, list(item.idxs)
+        zero = _output_is_zero(dep, idxs)
+        if zero is None:
+            continue
+        pairs = [(root, flag) for root, flag in zip(item.root_idxs, zero.cpu().tolist()) if root is not None]
+        for root, flag in pairs:
+            removable[root] &= bool(flag)
+    channels = removable.nonzero().flatten().tolist()
+    return group.expand(group.positions_of(channels))
+
+
+# --------------------------------------------------------------------------------------------- removal
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def remove_pruned_channels(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    pruned_channels: Mapping[str, Sequence[int]] | None = None,
+    ignored_layers: Sequence[str] = (),
+) -> RemovalReport:
+    """Physically remove pruned channels from ``model`` (in place) and report the change.
+
+    Without ``pruned_channels``, a channel is removed when every output-side slice of its dependency
+    group is zero — exactly what :class:`~dms_lightning.callbacks.IterativePruning`'s channel masks leave
+    — so the smaller network computes the same outputs. With ``pruned_channels`` (group root layer
+    name → channel indices, as IterativePruning records them) those channels are removed as given.
+    Layers whose outputs are the network's outputs (the classifier) keep every channel; each group keeps
+    at least one channel.
+
+    Args:
+        model: the network (any ``nn.Module`` Torch-Pruning can trace).
+        example_input: one input batch for tracing (e.g. ``torch.zeros(1, 1, 96, 96)``).
+        pruned_channels: optional explicit channels to remove per group root layer.
+        ignored_layers: module names (or shell-style patterns) whose channels must not change.
+
+    Returns:
+        A :class:`RemovalReport` with parameters and MACs before and after.
+
+    Raises:
+        UntraceableModelError: if the model cannot be traced.
+        ValueError: for unknown layer names.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=5)
+        >>> with torch.no_grad():
+        ...     net.layer1[0].conv1.weight[:32] = 0; net.layer1[0].bn1.weight[:32] = 0
+        ...     net.layer1[0].bn1.bias[:32] = 0
+        >>> report = remove_pruned_channels(net, torch.zeros(1, 3, 64, 64))
+        >>> net.layer1[0].conv1.out_channels, report.params_after < report.params_before
+        (32, True)
+    """
+    positions = layer_output_positions(model, example_input)
+    params_before = _params(model)
+    macs_before, _ = count_macs(model, example_input, positions)
+    graph = build_dependency_graph(model, example_input)
+    ignored = modules_under(model, resolve_module_names(model, list(ignored_layers), "ignored_layers"))
+    groups = {g.name: g for g in prunable_groups(graph, ignored)}
+    if pruned_channels is None:
+        plan = {name: zero_channels(group) for name, group in groups.items()}
+    else:
+        unknown = sorted(set(pruned_channels) - set(groups))
+        if unknown:
+            raise ValueError(f"pruned_channels names {unknown}, which are not prunable channel groups of "
+                             f"{type(model).__name__}; groups: {sorted(groups)[:10]}...")
+        plan = {name: sorted(int(i) for i in idxs) for name, idxs in pruned_channels.items()}
+    removed: dict[str, int] = {}
+    with torch.no_grad():
+        for name, idxs in plan.items():
+            group = groups[name]
+            if len(idxs) >= group.channels:  # a layer with no channel left would cut the network in two
+                idxs = group.expand(range(1, group.positions))
+            if not idxs:
+                continue
+            graph.get_pruning_group(group.root, group.handler, list(idxs)).prune()
+            removed[name] = len(idxs)
+    for param in model.parameters():
+        param.grad = None  # Torch-Pruning slices stale gradients along; nobody needs them
+    macs_after, _ = count_macs(model, example_input, positions)
+    report = RemovalReport(params_before, _params(model), macs_before, macs_after, removed)
+    log.info("removed %d channels in %d groups: %d -> %d parameters, %.1f -> %.1f MMACs",
+             sum(removed.values()), len(removed), params_before, report.params_after, macs_before / 1e6,
+             macs_after / 1e6)
+    return report
