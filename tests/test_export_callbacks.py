@@ -354,3 +354,23 @@ def test_openvino_loads_the_export_and_agrees_with_onnxruntime(float_run):
     figures = manifest["artifacts"][0]["openvino"]
     assert figures["passed"] and figures["runtime"] == "openvino" and figures["max_abs_diff"] < 1e-3
 
+
+
+def test_network_quantized_by_the_qat_callback_exports_int8_and_a_fully_encoded_bundle(tmp_path):
+    qat = pytest.importorskip("dms_lightning.quant.qat")
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    callbacks = [qat.QuantizationAwareTraining(start_epoch=0, export=False),
+                 ONNXExport(checkpoint="last"), SNPEExport(checkpoint="last", calibration_images=4, runtime="dsp")]
+    trainer = _trainer(tmp_path, callbacks, epochs=1)
+    trainer.fit(module, _datamodule())
+    export_dir = Path(trainer.log_dir) / "export"
+    entries = {e["name"]: e for e in json.loads((export_dir / "manifest.json").read_text())["artifacts"]}
+    assert entries["model_int8"]["parity"]["passed"] and entries["model_fp32"]["parity"]["max_abs_diff"] < 1e-3
+    int8 = onnx.load(str(export_dir / "model_int8.onnx"))
+    weights = [i for i in int8.graph.initializer if len(i.dims) > 1]
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)  # integers, not float + Q
+    bundle = json.loads((export_dir / "snpe_bundle" / "manifest.json").read_text())
+    assert bundle["precision"] == "int8" and bundle["encodings_coverage"]["missing"] == []
+    assert bundle["encodings_coverage"]["not_overridden"] == []
+    assert "snpe-dlc-graph-prepare" not in (export_dir / "snpe_bundle" / "convert.sh").read_text()  # dsp, not htp

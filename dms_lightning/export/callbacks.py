@@ -28,6 +28,7 @@ from dms_lightning.export.source import (
     uses_fake_quant,
 )
 from dms_lightning.utils.artifacts import register_variant, variants
+from dms_lightning.utils.checkpoint import compression_target
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 from dms_lightning.utils.tensorboard import log_figure, log_text
 
@@ -163,7 +164,12 @@ class ONNXExport(Callback):
         # This eager forward also settles weight quantization ranges, which follow the weights on every
         # eager forward but are frozen while the exporter traces.
         quantized = uses_fake_quant(source.model, example)
-        if not quantized and self.export_int8 and not self.export_fp32:
+        if not quantized and self.export_int8 and source.origin["checkpoint"] == "best" \
+                and uses_fake_quant(compression_target(pl_module), example.to(pl_module.device)):
+            rank_zero_warn(f"[dms_lightning] ONNXExport: the best checkpoint ({source.origin['path']}) predates "
+                           "quantization-aware training, so no INT8 model is exported from it; use "
+                           "checkpoint='last' (or monitor a metric of the QAT epochs) for an INT8 export")
+        elif not quantized and self.export_int8 and not self.export_fp32:
             rank_zero_warn("[dms_lightning] ONNXExport: export_int8 only, but the exported network has no "
                            "fake-quant modules (QAT not active in the chosen checkpoint): nothing exported")
         entries, exported = [], {}
@@ -189,8 +195,8 @@ class ONNXExport(Callback):
         log_text(trainer, "export/summary", "\n".join(
             f"{e['name']}: {e['bytes'] / 1e6:.2f} MB, parity {e.get('parity', {}).get('max_abs_diff', 'n/a')}"
             for e in entries))
-        rank_zero_info_line = ", ".join(f"{k} → {v}" for k, v in exported.items())
-        log.info("[dms_lightning] ONNXExport wrote %s (manifest %s)", rank_zero_info_line, directory / "manifest.json")
+        written = ", ".join(f"{k} → {v}" for k, v in exported.items())
+        log.info("[dms_lightning] ONNXExport wrote %s (manifest %s)", written, directory / "manifest.json")
         self.exported = exported
         return exported
 
