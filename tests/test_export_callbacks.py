@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_export_units import FakeQuantCNN
 from torch import nn
 
@@ -209,6 +210,10 @@ def test_manifest_lists_every_artifact_with_hash_size_opset_shape_and_parity(qat
     assert "snpe_bundle/model.onnx" in bundle_files and "snpe_bundle/convert.sh" in bundle_files
     registered = {v.name: v.precision for v in variants(qat_run["trainer"])}
     assert registered == {"tiny_fp32": "fp32", "tiny_int8": "int8"}
+    events = EventAccumulator(qat_run["trainer"].log_dir)
+    events.Reload()
+    assert {"export/tiny_fp32/max_abs_diff", "export/tiny_int8/top1_agreement"} <= set(events.Tags()["scalars"])
+    assert "export/tiny_int8_parity" in events.Tags()["images"]
 
 
 def test_fake_sdk_receives_the_exact_commands_paths_and_flags(qat_run):
