@@ -121,8 +121,8 @@ def main() -> None:
         f"{args.qat_start}; parity on {rows[0]['samples']} validation images; test accuracy in ONNX Runtime on "
         f"{args.test_size} images. OpenVINO installed: {openvino_available()}.",
         "",
-        "| variant | size (MB) | max \\|diff\\| vs PyTorch | top-1 agreement | OpenVINO vs ORT agreement (max \\|diff\\|) "
-        "| test acc (ORT) |",
+        "| variant | size (MB) | max \\|diff\\| vs PyTorch | top-1 agreement "
+        "| OpenVINO vs ORT agreement (max \\|diff\\|) | test acc (ORT) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:

@@ -128,7 +128,8 @@ class ONNXExport(Callback):
         if not (export_fp32 or export_int8):
             raise ValueError("ONNXExport: export_fp32=False and export_int8=False leaves nothing to export")
         if openvino is True and not openvino_available():
-            raise ValueError("ONNXExport.openvino=True but openvino is not installed: pip install 'dms_lightning[openvino]'")
+            raise ValueError("ONNXExport.openvino=True but openvino is not installed: "
+                             "pip install 'dms_lightning[openvino]'")
         self.dirpath = dirpath
         self.name = name
         self.checkpoint = checkpoint

@@ -51,7 +51,8 @@ def export_onnx(
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter={exporter!r} must be 'torchscript' or 'dynamo'")
     if opset < 13:
-        raise ValueError(f"opset={opset} is too old: per-channel QuantizeLinear needs opset >= 13 (default {DEFAULT_OPSET})")
+        raise ValueError(f"opset={opset} is too old: per-channel QuantizeLinear needs opset >= 13 "
+                         f"(default {DEFAULT_OPSET})")
     path = Path(path)
     was_training = model.training
     model.eval()

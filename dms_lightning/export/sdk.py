@@ -74,7 +74,8 @@ def conversion_steps(*, runtime: str, toolchains: tuple[str, ...] = TOOLCHAINS, 
     if "snpe" in toolchains:
         steps.append(SDKStep("snpe", "snpe-onnx-to-dlc",
                              ["--input_network", model, "--output_path", "snpe/model.dlc", *overrides],
-                             ["snpe/model.dlc"], "ONNX → float DLC" + (" carrying the encodings" if has_encodings else "")))
+                             ["snpe/model.dlc"],
+                             "ONNX → float DLC" + (" carrying the encodings" if has_encodings else "")))
         steps.append(SDKStep("snpe", "snpe-dlc-quantize",
                              ["--input_dlc", "snpe/model.dlc", "--input_list", input_list,
                               "--output_dlc", "snpe/model_quantized.dlc",

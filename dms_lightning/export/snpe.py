@@ -94,7 +94,8 @@ class SNPEExport(Callback):
         atol / min_top1_agreement / int8_min_top1_agreement: parity tolerances of the bundle's model.
 
     Example:
-        >>> trainer = Trainer(callbacks=[ONNXExport(), SNPEExport(runtime="htp", calibration_images=64)])  # doctest: +SKIP
+        >>> callbacks = [ONNXExport(), SNPEExport(runtime="htp", calibration_images=64)]
+        >>> trainer = Trainer(callbacks=callbacks)  # doctest: +SKIP
     """
 
     def __init__(
@@ -123,7 +124,8 @@ class SNPEExport(Callback):
             raise ValueError(f"SNPEExport.runtime={runtime!r} must be one of {RUNTIMES}")
         toolchains = (toolchains,) if isinstance(toolchains, str) else tuple(toolchains)
         if not toolchains or any(t not in TOOLCHAINS for t in toolchains):
-            raise ValueError(f"SNPEExport.toolchains={list(toolchains)!r} must be a non-empty subset of {list(TOOLCHAINS)}")
+            raise ValueError(f"SNPEExport.toolchains={list(toolchains)!r} must be a non-empty subset of "
+                             f"{list(TOOLCHAINS)}")
         if checkpoint not in CHECKPOINT_CHOICES:
             raise ValueError(f"SNPEExport.checkpoint={checkpoint!r} must be one of {CHECKPOINT_CHOICES}")
         if not isinstance(calibration_images, int) or calibration_images < 1:
@@ -176,16 +178,16 @@ class SNPEExport(Callback):
                                      has_encodings=model_info["encodings"] is not None, htp_socs=self.htp_socs,
                                      qnn_lib_target=self.qnn_lib_target)
             script = staging / SCRIPT
-            script.write_text(render_convert_script(steps, runtime=self.runtime,
-                                                    header=f"Written by dms_lightning SNPEExport ({model_info['precision']})."))
+            header = f"Written by dms_lightning SNPEExport ({model_info['precision']})."
+            script.write_text(render_convert_script(steps, runtime=self.runtime, header=header))
             script.chmod(0o755)
             conversion = self._convert(steps, roots, staging, bundle)
             write_json_atomic(staging / "manifest.json", self._bundle_manifest(
                 staging, model_info, info, images, source.origin, conversion))
         update_manifest(export_dir, [directory_record(
-            bundle, export_dir, name=self.bundle_name, kind="snpe_qnn_bundle", runtime=self.runtime,
-            toolchains=list(self.toolchains), precision=model_info["precision"], conversion=conversion["status"],
-            parity=model_info["parity"], encodings_coverage=model_info["coverage"], source=source.origin)])
+            bundle, export_dir, name=self.bundle_name, kind="snpe_qnn_bundle", producer="SNPEExport",
+            runtime=self.runtime, toolchains=list(self.toolchains), precision=model_info["precision"],
+            conversion=conversion["status"], parity=model_info["parity"], encodings_coverage=model_info["coverage"], source=source.origin)])
         self.bundle = bundle
         return bundle
 
