@@ -187,7 +187,8 @@ class SNPEExport(Callback):
         update_manifest(export_dir, [directory_record(
             bundle, export_dir, name=self.bundle_name, kind="snpe_qnn_bundle", producer="SNPEExport",
             runtime=self.runtime, toolchains=list(self.toolchains), precision=model_info["precision"],
-            conversion=conversion["status"], parity=model_info["parity"], encodings_coverage=model_info["coverage"], source=source.origin)])
+            conversion=conversion["status"], parity=model_info["parity"], encodings_coverage=model_info["coverage"],
+            source=source.origin)])
         self.bundle = bundle
         return bundle
 
