@@ -213,7 +213,7 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
 
     # Eyes: socket shading, almond opening, iris/pupil with the IR corneal glint, lid line, brow.
     eye_y = -0.1 + pitch_shift
-    eye_half_w = 0.095
+    eye_half_w = 0.11
     for side in (-1, 1):
         ex = side * 0.2 * math.cos(scene.yaw) + yaw_shift
         if abs(ex) > face_w * 0.92:  # turned away: this eye is behind the nose/face edge
@@ -222,21 +222,21 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
         w = eye_half_w * squash
         cv.paint(cv.ellipse_alpha(x, y, ex, eye_y, w * 1.6, 0.085 * vert), skin * 0.78)
         cv.paint(cv.ellipse_alpha(x, y, ex, eye_y - 0.12 * vert, w * 1.25, 0.02), skin * 0.4)
-        h = 0.07 * scene.eye_openness * vert
+        h = 0.08 * scene.eye_openness * vert
         dx = (x - ex) / w
         profile = np.clip(1.0 - dx**2, 0.0, None)
         upper = eye_y - h * profile
         lower = eye_y + 0.6 * h * profile
         opening = cv._soft(np.minimum(y - upper, lower - y)) * cv._soft(1.0 - np.abs(dx))
         if h > 0.004:
-            cv.paint(opening, min(1.0, skin * 0.6 + 0.3))
+            cv.paint(opening, min(1.0, skin * 0.5 + 0.45))  # NIR sclera is bright
             px = ex + scene.gaze[0] * w * 0.5
             py = eye_y + scene.gaze[1] * h
-            iris = cv.ellipse_alpha(x, y, px, py, 0.034 * squash, 0.034) * opening
-            cv.paint(iris, 0.2)
-            pupil = cv.ellipse_alpha(x, y, px, py, 0.016 * squash, 0.016) * opening
+            iris = cv.ellipse_alpha(x, y, px, py, 0.045 * squash, 0.045) * opening
+            cv.paint(iris, 0.15)
+            pupil = cv.ellipse_alpha(x, y, px, py, 0.02 * squash, 0.02) * opening
             cv.paint(pupil, 0.9 if scene.bright_pupil else 0.04)
-            glint = cv.ellipse_alpha(x, y, px + 0.01, py - 0.01, 0.007, 0.007) * opening
+            glint = cv.ellipse_alpha(x, y, px + 0.012, py - 0.012, 0.01, 0.01) * opening
             cv.paint(glint, 1.0)
         droop = 0.012 * (1.0 - scene.eye_openness)  # a closed lid curves down
         lid = cv._soft(0.007 - np.abs(y - upper - droop * profile)) * cv._soft(1.05 - np.abs(dx))
