@@ -315,7 +315,7 @@ class IterativePruning(Callback):
                                  f"(ignored: {ignored}); check ignored_layers")
             known = {g.name for g in self._groups}
             self.pruned_channels = {k: v for k, v in self.pruned_channels.items() if k in known}
-            self.masks, _ = channel_masks(target, self._groups, self.pruned_channels, self._graph)
+            self.masks, _ = channel_masks(target, self._groups, self.pruned_channels)
         if self.masks:
             apply_masks(self._parameters, self.masks)
 
@@ -378,7 +378,7 @@ class IterativePruning(Callback):
                                      previous=self.pruned_channels)
             # Rank 0 decides, every rank applies: identical masks even if scores differ in the last bit.
             self.pruned_channels = trainer.strategy.broadcast(chosen, src=0)
-            self.masks, unsupported = channel_masks(target, self._groups, self.pruned_channels, self._graph)
+            self.masks, unsupported = channel_masks(target, self._groups, self.pruned_channels)
             if unsupported:
                 rank_zero_warn(f"IterativePruning: layer types {sorted(unsupported)} cannot be masked; their channels "
                                "are still removed at the end")

@@ -80,7 +80,7 @@ def prune_channels(
     graph = build_dependency_graph(model, example_input)
     groups = prunable_groups(graph, modules_under(model, ignored_names))
     chosen = select_channels(groups, channel_scores(groups, importance), sparsity, scope, min_channels, round_to)
-    masks, _ = channel_masks(model, groups, chosen, graph)
+    masks, _ = channel_masks(model, groups, chosen)
     apply_masks(dict(model.named_parameters()), masks)
     report = None
     if remove:

@@ -215,6 +215,20 @@ class ChannelGroup:
         size = self.positions
         return sorted(p + g * size for g in range(self.channel_groups) for p in positions)
 
+    def items_for(self, channels: Iterable[int]) -> list[tuple[object, list[int]]]:
+        """``(dependency, indices)`` of every coupled tensor for a subset of the root's channels.
+
+        Filtering the full group by root index equals asking Torch-Pruning for a new group with these
+        channels (its index mappings act channel by channel), without re-running its index mapping.
+        """
+        wanted = set(channels)
+        items = []
+        for item in self.group:
+            idxs = [i for i, root in zip(item.idxs, item.root_idxs) if root in wanted]
+            if idxs:
+                items.append((item.dep, idxs))
+        return items
+
     def positions_of(self, channels: Iterable[int]) -> list[int]:
         """Channel positions whose every copy is in ``channels``."""
         channels = set(channels)

@@ -168,15 +168,15 @@ _CHANNEL_HANDLERS: dict[Callable, Callable[[nn.Module, list[int]], Slices]] = {
 }
 
 
-def channel_slices(group: tp.Group, param_names: Mapping[int, str]) -> tuple[list[tuple[str, tuple]], set[str]]:
+def channel_slices(items: Iterable[tuple], param_names: Mapping[int, str]) -> tuple[list[tuple[str, tuple]], set[str]]:
     """``(parameter name, index)`` for every tensor slice of a pruning group, and unsupported layer types.
 
-    ``group`` is a Torch-Pruning group holding the channels to prune; ``param_names`` maps ``id(param)``
-    to its name in the network.
+    ``items`` are the ``(dependency, indices)`` pairs of a Torch-Pruning group holding the channels to
+    prune; ``param_names`` maps ``id(param)`` to its name in the network.
     """
     found: list[tuple[str, tuple]] = []
     unsupported: set[str] = set()
-    for dep, idxs in group:
+    for dep, idxs in items:
         target = dep.target.module
         idxs = list(idxs)
         if not idxs:
@@ -201,8 +201,8 @@ def channel_slices(group: tp.Group, param_names: Mapping[int, str]) -> tuple[lis
 
 
 @torch.no_grad()
-def channel_masks(model: nn.Module, groups: Iterable[ChannelGroup], pruned: Mapping[str, list[int]],
-                  graph: tp.DependencyGraph) -> tuple[Masks, set[str]]:
+def channel_masks(model: nn.Module, groups: Iterable[ChannelGroup],
+                  pruned: Mapping[str, list[int]]) -> tuple[Masks, set[str]]:
     """Keep-masks that zero the channels ``pruned[group name]`` in every tensor of each group.
 
     Returns the masks and the names of layer types whose slices could not be masked (they are still
@@ -216,8 +216,7 @@ def channel_masks(model: nn.Module, groups: Iterable[ChannelGroup], pruned: Mapp
         idxs = pruned.get(channel_group.name, [])
         if not idxs:
             continue
-        group = graph.get_pruning_group(channel_group.root, channel_group.handler, list(idxs))
-        slices, missing = channel_slices(group, param_names)
+        slices, missing = channel_slices(channel_group.items_for(idxs), param_names)
         unsupported |= missing
         for name, index in slices:
             mask = masks.get(name)

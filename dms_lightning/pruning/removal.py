@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from dms_lightning.pruning.graph import (
+    PRUNABLE_TYPES,
     ChannelGroup,
     build_dependency_graph,
     modules_under,
@@ -143,25 +144,29 @@ def remove_pruned_channels(
     params_before = _params(model)
     macs_before, _ = count_macs(model, example_input, positions)
     graph = build_dependency_graph(model, example_input)
-    ignored = modules_under(model, resolve_module_names(model, list(ignored_layers), "ignored_layers"))
-    groups = {g.name: g for g in prunable_groups(graph, ignored)}
     if pruned_channels is None:
-        plan = {name: zero_channels(group) for name, group in groups.items()}
+        ignored = modules_under(model, resolve_module_names(model, list(ignored_layers), "ignored_layers"))
+        groups = prunable_groups(graph, ignored)
+        plan = {g.name: (g.root, zero_channels(g), g.channels) for g in groups}
     else:
-        unknown = sorted(set(pruned_channels) - set(groups))
+        # The caller already chose within prunable groups: only the roots are needed, which spares
+        # Torch-Pruning a full group enumeration (slow on concatenation-heavy networks like DenseNet).
+        modules = dict(model.named_modules())
+        unknown = sorted(n for n in pruned_channels if not isinstance(modules.get(n), PRUNABLE_TYPES))
         if unknown:
-            raise ValueError(f"pruned_channels names {unknown}, which are not prunable channel groups of "
-                             f"{type(model).__name__}; groups: {sorted(groups)[:10]}...")
-        plan = {name: sorted(int(i) for i in idxs) for name, idxs in pruned_channels.items()}
+            raise ValueError(f"pruned_channels names {unknown}, which are not Conv/Linear layers of "
+                             f"{type(model).__name__}")
+        plan = {name: (modules[name], sorted(int(i) for i in idxs), graph.get_out_channels(modules[name]))
+                for name, idxs in pruned_channels.items()}
     removed: dict[str, int] = {}
     with torch.no_grad():
-        for name, idxs in plan.items():
-            group = groups[name]
-            if len(idxs) >= group.channels:  # a layer with no channel left would cut the network in two
-                idxs = group.expand(range(1, group.positions))
+        for name, (root, idxs, channels) in plan.items():
+            if len(idxs) >= channels:  # a layer with no channel left would cut the network in two
+                idxs = idxs[1:]
             if not idxs:
                 continue
-            graph.get_pruning_group(group.root, group.handler, list(idxs)).prune()
+            handler = graph.get_pruner_of_module(root).prune_out_channels
+            graph.get_pruning_group(root, handler, list(idxs)).prune()
             removed[name] = len(idxs)
     for param in model.parameters():
         param.grad = None  # Torch-Pruning slices stale gradients along; nobody needs them
