@@ -9,7 +9,8 @@ float graph a converter sees after it strips the Q/DQ pairs:
 * ``param_encodings[w]``: ``w`` is the weight behind a ``DequantizeLinear`` (``foo_quantized`` → ``foo``,
   the naming both our exporter and ONNX Runtime's quantizer use); one entry per output channel.
 
-Each entry is ``{bitwidth, min, max, scale, offset, is_symmetric, dtype}`` with AIMET's convention
+Each entry is ``{bitwidth, min, max, scale, offset, is_symmetric, dtype}`` (``is_symmetric`` as the strings
+``"True"``/``"False"``, as SNPE / QNN examples write it) with AIMET's convention
 ``real = (q_unsigned + offset) · scale``, i.e. ``offset = -zero_point`` for uint8 and ``-2^(b-1)`` for a
 symmetric signed grid, ``min = offset · scale`` and ``max = min + (2^b − 1) · scale``.
 """
@@ -38,7 +39,7 @@ def _entries(scale: np.ndarray, zero_point: np.ndarray, bits: int) -> list[dict]
     for s, z in zip(np.atleast_1d(scale).astype(np.float64), np.atleast_1d(zero_point).astype(np.int64)):
         offset = int(storage_min - z)
         low = offset * float(s)
-        entries.append({"bitwidth": bits, "dtype": "int", "is_symmetric": symmetric, "min": low,
+        entries.append({"bitwidth": bits, "dtype": "int", "is_symmetric": str(symmetric), "min": low,
                         "max": low + (2 ** bits - 1) * float(s), "offset": offset, "scale": float(s)})
     return entries
 

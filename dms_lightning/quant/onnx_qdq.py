@@ -19,6 +19,7 @@ from torch import nn
 
 from dms_lightning.export import export_onnx
 from dms_lightning.quant.fake_quant import FakeQuantizer
+from dms_lightning.quant.modules import QUANTIZED_LAYERS
 from dms_lightning.utils.io import atomic_path
 
 #: ONNX metadata key holding ``{initializer name: bits}`` for weights quantized below 8 bits.
@@ -45,6 +46,26 @@ def _bypass_constant_identities(model: onnx.ModelProto) -> None:
             model.graph.node.remove(node)
 
 
+def materialize_constant_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each ``Identity`` of an initializer by a copy of that initializer under the Identity's output name.
+
+    The TorchScript exporter deduplicates equal initializers (e.g. BatchNorm-folded conv biases) behind
+    ``Identity`` nodes. ONNX Runtime's quantizer then sees a conv bias that is not an initializer,
+    quantizes it like an activation (uint8) and the conv can no longer fuse into ``QLinearConv``.
+    """
+    constants = {init.name: init for init in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in list(model.graph.node):
+        if node.op_type == "Identity" and node.input[0] in constants and node.output[0] not in graph_outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(constants[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+            model.graph.node.remove(node)
+    _remove_unused_initializers(model)
+    return model
+
+
 def _remove_unused_initializers(model: onnx.ModelProto) -> None:
     used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     for init in list(model.graph.initializer):
@@ -55,8 +76,38 @@ def _remove_unused_initializers(model: onnx.ModelProto) -> None:
             model.graph.node.remove(node)
 
 
-def fold_weight_quantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+def module_path(node_name: str) -> str:
+    """The torch module path of a TorchScript-exported node name.
+
+    ``/features/features.1/block/block.1/fc1/Conv`` → ``features.1.block.1.fc1``: each scope component
+    is an attribute name, Sequential children appear as ``parent.index``.
+    """
+    path: list[str] = []
+    for component in node_name.strip("/").split("/")[:-1]:
+        if path and component.startswith(path[-1] + "."):
+            path[-1] = component
+        else:
+            path.append(component)
+    return ".".join(path)
+
+
+def _weight_name(model: onnx.ModelProto, quantized_output: str, fallback: str, taken: set[str]) -> str:
+    """``<module path>.weight`` for the layer consuming ``quantized_output`` through its DequantizeLinear."""
+    dequantized = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] == quantized_output]
+    layers = [n for n in model.graph.node for d in dequantized if d in n.input and n.op_type != "DequantizeLinear"]
+    path = module_path(layers[0].name) if len(layers) == 1 and layers[0].name.startswith("/") else ""
+    name = f"{path}.weight" if path else fallback
+    return fallback if name in taken else name
+
+
+def fold_weight_quantize(model: onnx.ModelProto, weight_names: dict[bytes, str] | None = None
+                         ) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Replace ``float initializer → QuantizeLinear`` by the integer initializer it computes.
+
+    The integer weight is named ``<torch module path>.weight_quantized`` (the exporter's folded constants
+    have names like ``onnx::QuantizeLinear_88``), so encodings read ``layer1.0.conv1.weight``. The path comes
+    from ``weight_names`` (float32 scale bytes → module path) when given, else from the node's scope.
 
     Returns the model (changed in place) and ``{integer initializer: quantized DequantizeLinear count}``.
     """
@@ -74,10 +125,14 @@ def fold_weight_quantize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
             shape = [1] * weight.ndim
             shape[axis] = -1
             scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        taken = {init.name for init in model.graph.initializer} - {node.input[0]}
+        known = (weight_names or {}).get(scale.astype(np.float32).tobytes())
+        base = f"{known}.weight" if known and f"{known}.weight" not in taken else \
+            _weight_name(model, node.output[0], node.input[0], taken)
         info = np.iinfo(zero_point.dtype)
         # np.rint rounds half to even, like QuantizeLinear and torch.fake_quantize_*.
         values = np.clip(np.rint(weight / scale) + zero_point.astype(np.int64), info.min, info.max)
-        name = f"{node.input[0]}_quantized"
+        name = f"{base}_quantized"
         model.graph.initializer.append(numpy_helper.from_array(values.astype(zero_point.dtype), name))
         for other in model.graph.node:
             for i, consumed in enumerate(other.input):
@@ -121,7 +176,9 @@ def export_qdq_onnx(model: nn.Module, example_input: torch.Tensor, path: str | P
         with atomic_path(path) as tmp:
             float_qdq = tmp.with_name(tmp.name + ".fq.onnx")
             export_onnx(model, example_input, float_qdq, opset=opset, metadata=metadata)
-            proto, _ = fold_weight_quantize(onnx.load(str(float_qdq)))
+            names = {layer.weight_quantizer.scale.detach().cpu().float().numpy().tobytes(): path
+                     for path, layer in model.named_modules() if isinstance(layer, QUANTIZED_LAYERS)}
+            proto, _ = fold_weight_quantize(onnx.load(str(float_qdq)), names)
             float_qdq.unlink()
             narrow = _narrow_weight_bits(model, proto)
             if narrow:

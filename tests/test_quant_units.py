@@ -1,0 +1,211 @@
+"""Quantization building blocks without a Trainer: quantizers, BN folding, FX preparation, QDQ export, encodings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from dms_lightning.quant import QuantizationConfig, QuantSpec, encodings_from_qdq_onnx, export_qdq_onnx, prepare_qat
+from dms_lightning.quant.evaluate import ort_session
+from dms_lightning.quant.fake_quant import FakeQuantizer
+from dms_lightning.quant.modules import QuantConvBn2d, fold_batch_norm
+from dms_lightning.quant.spec import activation_spec, weight_spec
+
+
+def _optimized_op_types(onnx_path, tmp_path) -> list[str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def _calibrated(model: nn.Module, shape=(4, 1, 32, 32), steps: int = 3) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(shape))
+    return model.eval()
+
+
+def test_activation_ranges_change_only_in_training_mode():
+    quantizer = FakeQuantizer(QuantSpec(8, symmetric=False, per_channel=False))
+    quantizer.train()(torch.rand(64))
+    before = (quantizer.min_val.clone(), quantizer.max_val.clone(), quantizer.scale.clone())
+    quantizer.eval()(torch.rand(64) * 100)
+    assert torch.equal(quantizer.min_val, before[0]) and torch.equal(quantizer.max_val, before[1])
+    assert torch.equal(quantizer.scale, before[2])
+
+
+def test_weights_get_int8_symmetric_per_channel_scales():
+    quantizer = FakeQuantizer(weight_spec(8, True, True), num_channels=3, is_weight=True)
+    weight = torch.tensor([[1.0, -2.0], [0.5, 0.25], [-4.0, 3.0]])
+    out = quantizer(weight)
+    assert torch.allclose(quantizer.scale, torch.tensor([2.0, 0.5, 4.0]) / 127)
+    assert torch.all(quantizer.zero_point == 0)
+    assert torch.allclose(out, weight, atol=4.0 / 254)
+
+
+def test_four_bit_weights_use_fifteen_levels():
+    quantizer = FakeQuantizer(weight_spec(4, True, True), num_channels=1, is_weight=True)
+    out = quantizer(torch.linspace(-1, 1, 101).reshape(1, -1))
+    assert len(torch.unique(out)) == 15  # -7..7
+
+
+@pytest.mark.parametrize("bits, make", [(16, lambda b: weight_spec(b, True, True)), (2, lambda b: weight_spec(b, True, True)),
+                                        (4, lambda b: activation_spec(b, False))])
+def test_unsupported_bit_width_is_rejected_with_field_name(bits, make):
+    with pytest.raises(ValueError, match=rf"bits={bits}"):
+        make(bits)
+
+
+def test_batch_norm_folding_matches_conv_then_batch_norm():
+    conv, bn = nn.Conv2d(3, 8, 3, bias=True), nn.BatchNorm2d(8)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.eval()
+    x = torch.randn(2, 3, 10, 10)
+    weight, bias = fold_batch_norm(conv.weight, conv.bias, bn)
+    assert torch.allclose(nn.functional.conv2d(x, weight, bias), bn(conv(x)), atol=1e-5)
+
+
+def test_prepare_qat_keeps_parameter_identity_and_order():
+    model = torchvision.models.resnet18(num_classes=5)
+    before = [id(p) for p in model.parameters()]
+    prepared = prepare_qat(model)
+    assert [id(p) for p in prepared.parameters()] == before  # optimizers and DDP buckets stay valid
+    assert sum(isinstance(m, QuantConvBn2d) for m in prepared.modules()) == 20  # every conv has its BN folded
+
+
+def test_prepare_qat_rejects_model_without_quantizable_layers():
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        prepare_qat(nn.Sequential(nn.ReLU(), nn.Flatten()))
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        prepare_qat(nn.Sequential(nn.Linear(4, 4)), QuantizationConfig(exclude=("*",)))
+
+
+class TwoStream(nn.Module):
+    """Image + auxiliary vector, with a keyword-only argument (Lightning #7926, #15862)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = nn.Linear(4, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, image, aux, *, temperature: float = 1.0):
+        pooled = self.conv(image).mean(dim=(2, 3))
+        return self.head(torch.cat([pooled, self.aux(aux)], dim=1)) / temperature
+
+
+def test_forward_with_several_inputs_and_keyword_arguments():
+    model = TwoStream()
+    prepared = prepare_qat(model)
+    prepared.train()
+    prepared(torch.randn(4, 1, 8, 8), torch.randn(4, 4), temperature=2.0).sum().backward()
+    assert model.conv[0].weight.grad is not None and model.aux.weight.grad is not None
+    prepared.eval()
+    image, aux = torch.randn(2, 1, 8, 8), torch.randn(2, 4)
+    out = prepared(image, aux, temperature=2.0)
+    assert torch.allclose(out * 2.0, prepared(image, aux))
+    quantized_inputs = {n.args[0].name for n in prepared.graph.nodes
+                        if n.op == "call_module" and str(n.target).startswith("activation_quantizers.")}
+    assert {"image", "aux"} <= quantized_inputs
+
+
+@pytest.fixture(scope="module")
+def resnet_qdq(tmp_path_factory):
+    torch.manual_seed(0)
+    prepared = _calibrated(prepare_qat(torchvision.models.resnet18(num_classes=5)), (4, 3, 32, 32))
+    path = export_qdq_onnx(prepared, torch.zeros(1, 3, 32, 32), tmp_path_factory.mktemp("qdq") / "resnet.onnx")
+    return prepared, path
+
+
+def test_qdq_export_runs_as_integer_kernels_in_onnx_runtime(resnet_qdq, tmp_path):
+    _, path = resnet_qdq
+    ops = _optimized_op_types(path, tmp_path)
+    assert ops.count("QLinearConv") == 20 and ops.count("QLinearAdd") == 8 and "QGemm" in ops
+    assert "Conv" not in ops  # no conv fell back to float
+
+
+def test_qdq_export_stores_int8_weights(resnet_qdq):
+    _, path = resnet_qdq
+    model = onnx.load(str(path))
+    weights = [i for i in model.graph.initializer if len(i.dims) == 4]
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0].endswith(".weight") for n in model.graph.node)
+
+
+def test_onnx_runtime_agrees_with_fake_quant_model(resnet_qdq):
+    prepared, path = resnet_qdq
+    x = torch.randn(16, 3, 32, 32)
+    reference = prepared.eval()(x).detach().numpy()
+    logits = ort_session(path).run(None, {"input": x.numpy()})[0]
+    # Integer kernels round intermediate sums differently: allow a few steps of the logits' int8 grid.
+    step = float(prepared.activation_quantizers.get_submodule(prepared.graph.output_node().args[0].target.split(".")[-1]).scale)
+    assert np.abs(reference - logits).max() <= 5 * step
+
+
+def test_encodings_are_keyed_by_onnx_tensor_names(resnet_qdq):
+    _, path = resnet_qdq
+    model = onnx.load(str(path))
+    encodings = encodings_from_qdq_onnx(path)
+    tensors = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    assert encodings["activation_encodings"] and set(encodings["activation_encodings"]) <= tensors
+    assert {"conv1.weight", "layer1.0.conv1.weight", "fc.weight"} <= set(encodings["param_encodings"])  # torch names
+    conv1 = encodings["param_encodings"]["conv1.weight"]
+    assert len(conv1) == 64  # one entry per output channel
+    assert all(e["bitwidth"] == 8 and e["offset"] == -128 and e["is_symmetric"] == "True" for e in conv1)
+    for entries in encodings["activation_encodings"].values():
+        (entry,) = entries
+        assert entry["is_symmetric"] == "False" and -255 <= entry["offset"] <= 0
+        assert entry["min"] == pytest.approx(entry["offset"] * entry["scale"])
+        assert entry["max"] == pytest.approx(entry["min"] + 255 * entry["scale"])
+
+
+def test_four_bit_weights_export_and_encode_as_four_bit(tmp_path):
+    torch.manual_seed(0)
+    config = QuantizationConfig(weight=weight_spec(4, True, True))
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 3))
+    prepared = _calibrated(prepare_qat(model, config))
+    path = export_qdq_onnx(prepared, torch.zeros(1, 1, 32, 32), tmp_path / "w4.onnx")
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1:
+            values = onnx.numpy_helper.to_array(init)
+            assert values.min() >= -8 and values.max() <= 7
+    encodings = encodings_from_qdq_onnx(path)
+    assert {e["bitwidth"] for v in encodings["param_encodings"].values() for e in v} == {4}
+    x = torch.randn(4, 1, 32, 32)
+    assert np.allclose(ort_session(path).run(None, {"input": x.numpy()})[0], prepared(x).detach().numpy(), atol=1e-3)
+
+
+def test_write_encodings_is_json_with_both_sections(resnet_qdq, tmp_path):
+    from dms_lightning.quant import write_encodings
+
+    _, path = resnet_qdq
+    out = write_encodings(encodings_from_qdq_onnx(path), tmp_path / "enc.json")
+    data = json.loads(out.read_text())
+    assert set(data) >= {"activation_encodings", "param_encodings"}
+    with pytest.raises(FileNotFoundError, match="onnx_path"):
+        encodings_from_qdq_onnx(tmp_path / "missing.onnx")
+
+
+def test_package_never_imports_torch_ao_quantization():
+    import pathlib
+
+    import dms_lightning
+
+    root = pathlib.Path(dms_lightning.__file__).parent
+    offenders = [str(p) for p in root.rglob("*.py") if "torch.ao.quantization" in p.read_text()
+                 or "from torch.ao import quantization" in p.read_text()]
+    assert offenders == []
