@@ -112,14 +112,19 @@ class FakeQuantizer(nn.Module):
             return x
         return self.fake_quantize(x)
 
+    def _snap(self, x: torch.Tensor, quant_min: int, quant_max: int) -> torch.Tensor:
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 0, quant_min, quant_max)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, quant_min, quant_max)
+
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         quant_min, quant_max = self.spec.quant_range
         if self.spec.bits < 8 and _tracing():
-            # ONNX QuantizeLinear stores at least 8 bits: snap to the narrow grid with plain ops (constant-
-            # folded for weights), then quantize into an int8 container whose values stay in that grid.
-            shape = (-1,) + (1,) * (x.dim() - 1) if self.per_channel else ()
-            scale, zero_point = self.scale.reshape(shape), self.zero_point.reshape(shape).float()
-            x = (torch.clamp(torch.round(x / scale) + zero_point, quant_min, quant_max) - zero_point) * scale
+            # ONNX QuantizeLinear stores at least 8 bits: export the weight already snapped to the narrow grid
+            # (as a constant, via numpy, so the tracer folds it) inside an int8 container of the same scale.
+            with torch.no_grad():
+                snapped = self._snap(x.detach(), quant_min, quant_max)
+            x = torch.from_numpy(snapped.cpu().numpy().copy()).to(x.device)
             quant_min, quant_max = (-128, 127) if self.spec.signed else (0, 255)
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 0, quant_min, quant_max)
