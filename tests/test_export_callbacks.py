@@ -379,3 +379,37 @@ def test_network_quantized_by_the_qat_callback_exports_int8_and_a_fully_encoded_
     assert bundle["precision"] == "int8" and bundle["encodings_coverage"]["missing"] == []
     assert bundle["encodings_coverage"]["not_overridden"] == []
     assert "snpe-dlc-graph-prepare" not in (export_dir / "snpe_bundle" / "convert.sh").read_text()  # dsp, not htp
+
+
+def test_bundle_takes_encodings_from_a_registered_onnxruntime_ptq_variant(float_run, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from dms_lightning.export import export_onnx
+    from dms_lightning.utils.artifacts import register_variant
+
+    trainer, module = float_run["trainer"], float_run["module"]
+    images = next(iter(trainer.datamodule.val_dataloader()))[0]
+    fp32 = export_onnx(module.model.eval(), images[:1], tmp_path / "fp32.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": images[i:i + 4].numpy()} for i in range(0, 16, 4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32), str(tmp_path / "ptq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    register_variant(trainer, "ptq_test_int8", tmp_path / "ptq.onnx", "int8", "PostTrainingQuantization")
+    try:
+        bundle = SNPEExport(dirpath=str(tmp_path / "out"), checkpoint="last", calibration_images=4,
+                            int8_variant="ptq_test_int8").export(trainer, module)
+    finally:
+        trainer.__dict__["_dms_lightning_variants"].pop("ptq_test_int8")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["precision"] == "int8" and "ptq_test_int8" in manifest["encodings_source"]
+    assert manifest["encodings_coverage"]["missing"] == [] and manifest["parity"]["top1_agreement"] == 1.0
+    encodings = json.loads((bundle / "encodings.json").read_text())
+    float_graph = onnx.load(str(bundle / "model.onnx"))
+    conv_weights = [n.input[1] for n in float_graph.graph.node if n.op_type == "Conv"]
+    assert conv_weights and all(w in encodings["param_encodings"] for w in conv_weights)
