@@ -265,11 +265,12 @@ def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
             if id(current) in seen:
                 continue
             seen.add(id(current))
+            if isinstance(current.module, PRUNABLE_TYPES):
+                continue  # another layer consumes these channels first
             if current.type == tp.ops.OPTYPE.OUTPUT or not current.outputs:
                 found.append(module)
                 break
-            if not isinstance(current.module, PRUNABLE_TYPES):
-                stack.extend(current.outputs)
+            stack.extend(current.outputs)
     return found
 
 
