@@ -214,7 +214,7 @@ class DistillationModule(ClassificationModule):
     def on_fit_start(self) -> None:
         # Lightning warns about modules in eval mode when training starts; the teacher's are so on purpose.
         # Only that exact count is silenced, so any other module left in eval mode is still reported.
-        count = sum(1 for _ in self.teacher.modules())
+        count = sum(1 for module in self.teacher.modules() if not module.training)
         warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode",
                                 category=PossibleUserWarning)
 

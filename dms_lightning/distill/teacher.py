@@ -33,7 +33,8 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
-        self.network = network.eval().requires_grad_(False)
+        self.network = network.requires_grad_(False)
+        self.train(False)
 
     @override
     def train(self, mode: bool = True) -> FrozenTeacher:
