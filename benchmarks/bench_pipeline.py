@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prune-start", type=int, default=2)
     parser.add_argument("--prune-end", type=int, default=7, help="channels are physically removed here")
     parser.add_argument("--qat-start", type=int, default=10)
+    parser.add_argument("--round-to", type=int, default=8, help="kept channels rounded to a multiple (NPUs)")
+    parser.add_argument("--quantize-depthwise", type=int, default=1, choices=(0, 1),
+                        help="QAT also quantizes depthwise convs (0: keep them float)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for latency")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch threads for training")
@@ -106,7 +109,9 @@ def train_teacher(args, path: Path) -> Path:
     """The configs/teacher.yaml recipe, for when no teacher checkpoint exists yet."""
     print(f"[bench_pipeline] training the ResNet-18 teacher for {args.teacher_epochs} epochs -> {path}", flush=True)
     seed_everything(args.seed, verbose=False)
-    model = DMSClassifier("resnet18", image_size=args.image_size, optimizer=partial(adamw, lr=2e-3))
+    model = DMSClassifier("resnet18", image_size=args.image_size)
+    # Set after construction so the checkpoint's hyper-parameters stay loadable with weights_only=True.
+    model.optimizer_factory = partial(adamw, lr=2e-3)
     checkpoint = ModelCheckpoint(dirpath=str(path.parent), filename=path.stem, monitor="val/acc", mode="max",
                                  enable_version_counter=False)
     trainer = Trainer(accelerator="cpu", max_epochs=args.teacher_epochs, logger=False, callbacks=[checkpoint],
@@ -158,11 +163,17 @@ def quantize_teacher(args, fp32: Path, int8: Path, calibration_batches: int = 8)
 def student_callbacks(args, extra_variants: dict[str, str], report_dir: Path) -> list:
     from dms_lightning.callbacks import CompressionReport, IterativePruning, ONNXExport, QuantizationAwareTraining
 
+    # Late-QAT recipe: fake quantization after the channels are removed, BN statistics then observer
+    # ranges frozen for the last epochs.
+    freeze_bn = min(args.epochs - 1, args.qat_start + max(1, (args.epochs - args.qat_start) // 2))
     return [
         IterativePruning(method="channel", target_sparsity=args.target_sparsity, schedule="agp",
-                         start_epoch=args.prune_start, end_epoch=args.prune_end),
-        QuantizationAwareTraining(start_epoch=args.qat_start),
-        ONNXExport(dirpath=str(report_dir.parent / "export"), name="student", checkpoint="last"),
+                         start_epoch=args.prune_start, end_epoch=args.prune_end, round_to=args.round_to),
+        QuantizationAwareTraining(start_epoch=args.qat_start, freeze_bn_epoch=freeze_bn,
+                                  freeze_observers_epoch=freeze_bn, quantize_depthwise=args.quantize_depthwise,
+                                  dirpath=str(report_dir.parent / "export"), filename="student_int8"),
+        # FP32 twin of the final (pruned, distilled) student; the INT8 file is the QAT callback's export.
+        ONNXExport(dirpath=str(report_dir.parent / "export"), name="student", checkpoint="last", export_int8=False),
         CompressionReport(output_dir=str(report_dir), baseline="teacher_fp32", extra_variants=extra_variants,
                           threads=args.threads, warmup_runs=args.warmup_runs, latency_runs=args.latency_runs,
                           progress_bar=False),
@@ -174,7 +185,8 @@ def run_student(args, teacher_ckpt: Path, extra_variants: dict[str, str], workdi
 
     seed_everything(args.seed, verbose=False)
     module = DistillationModule("mobilenet_v3_small", teacher_checkpoint=str(teacher_ckpt), temperature=4.0,
-                                alpha=0.7, image_size=args.image_size, optimizer=partial(adamw, lr=args.lr))
+                                alpha=0.7, image_size=args.image_size)
+    module.optimizer_factory = partial(adamw, lr=args.lr)  # kept out of the checkpoint's hyper-parameters
     callbacks = student_callbacks(args, extra_variants, workdir / "report")
     logger = TensorBoardLogger(save_dir=str(workdir), name="tb")
     trainer = Trainer(accelerator="cpu", max_epochs=args.epochs, logger=logger, callbacks=callbacks,
