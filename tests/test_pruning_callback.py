@@ -332,3 +332,35 @@ def test_untraceable_model_fails_before_training(tmp_path):
     with pytest.raises(UntraceableModelError, match="cannot trace NumpyForward"):
         trainer.fit(NumpyForward())
     assert trainer.global_step == 0
+
+
+# --------------------------------------------------------------------------------------- CLI config
+def test_prune_config_prunes_removes_and_reloads_through_the_cli(tmp_path):
+    import yaml
+
+    from dms_lightning.cli import main
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "prune.yaml").read_text())
+    pruning_args = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("IterativePruning"))
+    pruning_args["init_args"].update(start_epoch=0, end_epoch=1)  # the same run, two epochs long
+    config["trainer"]["max_epochs"] = 2
+    path = tmp_path / "prune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = main(args=["fit", "--config", str(path), "--data.image_size=32", "--data.train_size=32",
+                     "--data.val_size=16", "--data.test_size=16", "--data.batch_size=16",
+                     "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                     f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--checkpoint.dirpath={tmp_path / 'ckpt'}"])
+    pruning = next(cb for cb in cli.trainer.callbacks if isinstance(cb, IterativePruning))
+    assert pruning.removed and pruning.round_to == 8
+    reloaded = DMSClassifier.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", map_location="cpu")
+    assert _conv_widths(reloaded.model) == _conv_widths(cli.model.model)
+
+
+def test_channel_removal_under_a_spawn_launcher_is_refused_before_training():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    trainer = Trainer(strategy="ddp_spawn", devices=2, max_epochs=3,
+                      **{k: v for k, v in TRAINER.items() if k != "devices"})
+    with pytest.raises(MisconfigurationException, match="strategy='ddp'"):
+        IterativePruning("channel").setup(trainer, TinyNet(), "fit")
+    IterativePruning("unstructured").setup(trainer, TinyNet(), "fit")  # masks only: fine anywhere

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -246,6 +247,7 @@ class IterativePruning(Callback):
         install_checkpoint_restore(pl_module)
         if stage != "fit":
             return
+        self._check_launcher(trainer)
         self._schedule = self._resolve_schedule(trainer)
         target = compression_target(pl_module)
         self._ignored_names = resolve_module_names(target, self.ignored_layers, "IterativePruning.ignored_layers")
@@ -254,6 +256,19 @@ class IterativePruning(Callback):
         self._ignored_names += resolve_module_names(target, hinted, "model.feature_hints")
         if not any(isinstance(m, PRUNABLE_TYPES) for m in target.modules()):
             raise ValueError(f"IterativePruning found no Conv/Linear layer in {type(target).__name__} to prune")
+
+    def _check_launcher(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+        if self.method == "channel" and self.remove_channels and isinstance(
+                getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            # These launchers copy the final weights back into the main process's module, which still has
+            # the original shapes: Lightning's load_state_dict there would fail after a whole run.
+            raise MisconfigurationException(
+                "IterativePruning(method='channel', remove_channels=True) cannot run under a spawn/fork launcher "
+                "(strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): Lightning copies the final weights into the "
+                "main process's full-size module. Use strategy='ddp' (run the training as a script), or "
+                "remove_channels=False and remove_pruned_channels() after fit")
 
     def _resolve_schedule(self, trainer: pl.Trainer) -> SparsitySchedule:
         end = self.end
