@@ -31,6 +31,15 @@ from dms_lightning.quant.modules import QUANTIZED_LAYERS, QuantConv2d, QuantConv
 from dms_lightning.quant.spec import QuantSpec, activation_spec, weight_spec
 
 FLOAT_MODULE_ATTR = "_dms_float_module"
+# GraphModule.__deepcopy__ and pickling keep only attributes listed here (torch.fx's user-preserved attributes).
+_PRESERVED_KEY = "_user_preserved_attributes"
+
+
+class _FloatModuleRef:
+    """Holds the float network without registering it as a submodule (its parameters are the QAT model's)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 ACTIVATION_QUANTIZERS = "activation_quantizers"
 
 _FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -89,7 +98,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 def float_model(model: nn.Module) -> nn.Module | None:
     """The float network ``model`` was prepared from (sharing its parameters), or ``None``."""
-    return getattr(model, FLOAT_MODULE_ATTR, None)
+    ref = getattr(model, FLOAT_MODULE_ATTR, None)
+    return ref.module if isinstance(ref, _FloatModuleRef) else None
 
 
 def quantizable_layers(model: nn.Module, config: QuantizationConfig) -> list[str]:
@@ -138,7 +148,9 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> f
     if parameter is not None:
         graph_module.to(parameter.device)  # the new quantizer buffers follow the model (a GPU run stays on GPU)
     graph_module.train(model.training)
-    object.__setattr__(graph_module, FLOAT_MODULE_ATTR, model)
+    ref = _FloatModuleRef(model)
+    setattr(graph_module, FLOAT_MODULE_ATTR, ref)
+    graph_module.meta.setdefault(_PRESERVED_KEY, {})[FLOAT_MODULE_ATTR] = ref
     return graph_module
 
 
