@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -10,8 +9,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -20,6 +19,7 @@ from dms_lightning.pruning.architecture import (
     architecture_record,
     install_checkpoint_restore,
 )
+from dms_lightning.pruning.functional import default_ignored_layers
 from dms_lightning.pruning.graph import (
     PRUNABLE_TYPES,
     ChannelGroup,
@@ -28,7 +28,6 @@ from dms_lightning.pruning.graph import (
     prunable_groups,
     resolve_module_names,
 )
-from dms_lightning.pruning.functional import default_ignored_layers
 from dms_lightning.pruning.importance import CRITERIA, channel_scores
 from dms_lightning.pruning.masks import (
     Masks,
@@ -46,8 +45,6 @@ from dms_lightning.pruning.trainer_surgery import rebuild_optimizers, rewrap_dis
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
 from dms_lightning.utils.tensorboard import log_figure
 
-log = logging.getLogger(__name__)
-
 Method = Literal["unstructured", "channel", "n_m"]
 METHODS: tuple[str, ...] = ("unstructured", "channel", "n_m")
 
@@ -59,7 +56,7 @@ def _parse_pattern(pattern: str | Sequence[int]) -> tuple[int, int]:
         raise ValueError(f"pattern={pattern!r} must be 'N:M' such as '2:4' (or a pair (N, M))") from None
     if not 1 <= n < m:
         raise ValueError(f"pattern={pattern!r}: N={n} must be at least 1 and smaller than M={m} (e.g. '2:4')"
-                         + (f"; N > M keeps more weights than a group has" if n > m else ""))
+                         + ("; N > M would keep more weights than a group has" if n > m else ""))
     return n, m
 
 

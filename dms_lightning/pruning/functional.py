@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import torch  # noqa: F401 - the docstring example runs in this namespace
 from torch import Tensor, nn
 
 from dms_lightning.pruning.graph import (
