@@ -82,6 +82,10 @@ def _qat(steps: int) -> list[Callback]:
     return [QuantizationAwareTraining(start_epoch=0)]
 
 
+def _pruning_and_qat(steps: int) -> list[Callback]:
+    return _pruning(steps) + _qat(steps)
+
+
 #: name → (callbacks factory, target ratio or None, what the row shows)
 CONFIGS: dict[str, tuple[Callable[[int], list[Callback]] | None, float | None, str]] = {
     "plain": (None, None, "plain Lightning step (reference)"),
@@ -89,6 +93,7 @@ CONFIGS: dict[str, tuple[Callable[[int], list[Callback]] | None, float | None, s
     "pruning_unstructured": (_pruning_unstructured, 1.05,
                              "IterativePruning(method='unstructured'), between pruning events"),
     "qat": (_qat, 2.0, "QuantizationAwareTraining, fake-quant active"),
+    "pruning_channel+qat": (_pruning_and_qat, 2.0, "IterativePruning(channel) + QuantizationAwareTraining together"),
 }
 
 

@@ -61,8 +61,10 @@ GOALS = {"size_ratio": 25.0, "speedup": 10.0, "accuracy_drop_pt": 1.0}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher-ckpt", default=str(ROOT / "artifacts" / "teacher" / "best.ckpt"),
-                        help="trained ResNet-18 DMSClassifier checkpoint; trained here when the file is missing")
+    parser.add_argument("--teacher-ckpt", default=None,
+                        help="a trained ResNet-18 DMSClassifier checkpoint (e.g. artifacts/teacher/best.ckpt from "
+                             "configs/teacher.yaml); default: <workdir>/teacher/best.ckpt, trained here with the "
+                             "configs/teacher.yaml recipe when missing and reused by later runs")
     parser.add_argument("--teacher-epochs", type=int, default=6, help="only when the teacher is trained here")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--train-size", type=int, default=3000)
@@ -92,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.epochs, args.prune_start, args.prune_end, args.qat_start, args.teacher_epochs = 4, 0, 2, 3, 1
         args.latency_runs, args.warmup_runs = 30, 5
         args.output = str(Path(args.workdir) / "quick" / "pipeline")
-        args.teacher_ckpt = str(Path(args.workdir) / "quick" / "teacher.ckpt")
+    if args.teacher_ckpt is None:
+        args.teacher_ckpt = str(Path(args.workdir) / ("teacher_quick" if args.quick else "teacher") / "best.ckpt")
     return args
 
 
@@ -123,6 +126,10 @@ def train_teacher(args, path: Path) -> Path:
 def export_teacher(args, ckpt: Path, workdir: Path) -> dict[str, str]:
     """Teacher FP32 ONNX and its post-training INT8 QDQ twin (calibrated on training images)."""
     teacher = DMSClassifier.load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False).eval()
+    state = torch.load(str(ckpt), map_location="cpu", weights_only=False)
+    scores = [v.get("best_model_score") for k, v in state.get("callbacks", {}).items() if "ModelCheckpoint" in k]
+    args.teacher_info = {"checkpoint": str(ckpt), "epochs_trained": int(state.get("epoch", -1)) + 1,
+                         "val_acc": float(scores[0]) if scores and scores[0] is not None else None}
     example = torch.zeros(1, 1, args.image_size, args.image_size)
     fp32 = export_onnx(teacher.model, example, workdir / "teacher_fp32.onnx")
     int8 = workdir / "teacher_int8.onnx"
@@ -131,33 +138,15 @@ def export_teacher(args, ckpt: Path, workdir: Path) -> dict[str, str]:
 
 
 def quantize_teacher(args, fp32: Path, int8: Path, calibration_batches: int = 8) -> None:
-    """Static INT8 QDQ (per-channel weights, uint8 activations) with our PTQ when present, else ONNX Runtime's."""
-    # Validation images: the training loader augments, and calibration should see deployment-like inputs.
-    batches = []
-    for index, (images, _) in enumerate(datamodule(args).val_dataloader()):
-        if index >= calibration_batches:
-            break
-        batches.append(images)
-    try:
-        from dms_lightning.quant.ptq import quantize_onnx_static  # type: ignore[attr-defined]
-    except ImportError:
-        quantize_onnx_static = None
-    if quantize_onnx_static is not None:
-        quantize_onnx_static(fp32, int8, torch.cat(batches))
-        return
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    """Static INT8 QDQ (per-channel int8 weights, uint8 activations, min-max) with our PTQ function.
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"input": b.numpy()} for b in batches])
-
-        def get_next(self):
-            return next(self.items, None)
+    Calibrated on validation images: the training loader augments, calibration should see deployment inputs.
+    """
+    from dms_lightning.quant.ptq import quantize_onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        quantize_onnx(fp32, int8, datamodule(args).val_dataloader(), calibration_batches=calibration_batches)
 
 
 def student_callbacks(args, extra_variants: dict[str, str], report_dir: Path) -> list:
@@ -230,7 +219,11 @@ def results_markdown(report: Report, args, seconds: float) -> tuple[str, dict]:
         f"student: {args.epochs} epochs of distillation (T=4, α=0.7) with channel pruning to "
         f"{args.target_sparsity:.0%} (AGP, epochs {args.prune_start}-{args.prune_end}, channels removed) and QAT "
         f"from epoch {args.qat_start}. Latency: ONNX Runtime CPU, batch 1, p50 of {args.latency_runs} runs after "
-        f"{args.warmup_runs} warm-up runs. Accuracy: ONNX Runtime on the test split. Wall time {seconds / 60:.1f} min.\n",
+        f"{args.warmup_runs} warm-up runs. Accuracy: ONNX Runtime on the test split. Wall time {seconds / 60:.1f} min.  ",
+        f"Teacher: ResNet-18 checkpoint after {args.teacher_info['epochs_trained']} epochs"
+        + (f" (val acc {100 * args.teacher_info['val_acc']:.1f} %)" if args.teacher_info["val_acc"] else "")
+        + "; INT8 teacher: post-training static QDQ quantization (dms_lightning.quant.ptq.quantize_onnx, min-max, "
+          "8 validation batches).\n",
         "| stage | case study: size / latency / accuracy | case study vs FP32 | ours: size / latency p50 / accuracy "
         "| ours vs FP32 teacher |",
         "|---|---|---|---|---|",
