@@ -299,7 +299,7 @@ class IterativePruning(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Runs after a checkpoint restored the weights and this callback's state: masks can be rebuilt.
+        # Everything that can fail on the user's network (tracing, layer selection) fails here, before training.
         target = compression_target(pl_module)
         self._example_input = self._find_example_input(trainer, pl_module)
         if self._example_input is None and self.method == "channel":
@@ -313,20 +313,37 @@ class IterativePruning(Callback):
         else:
             ignored = self._ignored_names + self._default_ignored_by_order(target)
         ignored_modules = {id(m) for m in modules_under(target, ignored)}
-        self._parameters = dict(target.named_parameters())
         self._pruned_tensors = [f"{name}.weight" if name else "weight" for name, module in target.named_modules()
                                 if isinstance(module, PRUNABLE_TYPES) and id(module) not in ignored_modules
                                 and isinstance(getattr(module, "weight", None), nn.Parameter)]
         if self.method == "n_m":
-            self._pruned_tensors = [n for n in self._pruned_tensors if n_m_supported(self._parameters[n], self.m)]
+            weights = dict(target.named_parameters())
+            self._pruned_tensors = [n for n in self._pruned_tensors if n_m_supported(weights[n], self.m)]
         if self.method == "channel" and not self.removed:
             self._graph = build_dependency_graph(target, self._example_input)
             self._groups = prunable_groups(self._graph, [m for m in target.modules() if id(m) in ignored_modules])
             if not self._groups:
                 raise ValueError(f"IterativePruning found no prunable channel group in {type(target).__name__} "
                                  f"(ignored: {ignored}); check ignored_layers")
-            known = {g.name for g in self._groups}
-            self.pruned_channels = {k: v for k, v in self.pruned_channels.items() if k in known}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every strategy has restored the checkpoint by now (some only after on_fit_start): rebuild the
+        # masks from the restored state and hold on to the (possibly resized) parameters.
+        target = compression_target(pl_module)
+        self._parameters = dict(target.named_parameters())
+        if self.method != "channel":
+            unknown = sorted(set(self.masks) - set(self._parameters))
+            if unknown:
+                raise ValueError(f"the checkpoint's IterativePruning masks name parameters {unknown[:5]} that "
+                                 f"{type(target).__name__} does not have: was it saved from another network?")
+        elif self.removed:
+            self.masks, self._graph, self._groups = {}, None, []
+        else:
+            unknown = sorted(set(self.pruned_channels) - {g.name for g in self._groups})
+            if unknown:
+                raise ValueError(f"the checkpoint's IterativePruning state prunes channel groups {unknown[:5]} that "
+                                 f"are not prunable here: another network, or other ignored_layers?")
             self.masks, _ = channel_masks(target, self._groups, self.pruned_channels)
         if self.masks:
             apply_masks(self._parameters, self.masks)
