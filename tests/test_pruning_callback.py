@@ -195,6 +195,18 @@ def test_n_m_pruning_leaves_at_most_n_nonzeros_in_every_group_of_m(tmp_path):
     assert checked == 3  # two convs with 16 / 32 input channels and the classifier
 
 
+@pytest.mark.parametrize("importance", ["l2", "bn_gamma", "taylor"])
+def test_every_channel_criterion_prunes_and_training_goes_on(importance, tmp_path):
+    pruning = IterativePruning("channel", target_sparsity=0.5, schedule="one_shot", start_epoch=1,
+                               importance=importance, min_channels=4)
+    module = _fit_tiny(pruning, tmp_path, max_epochs=3)
+    assert pruning.removed and _conv_widths(module)["net.3"] == 16
+    if importance == "taylor":  # ranked on gradients averaged over epoch 0, then the running sums reset
+        assert pruning._gradient_steps == 0 and not pruning._gradient_sums
+    loss = F.cross_entropy(module(module.images), module.labels)
+    assert torch.isfinite(loss)
+
+
 def test_sparsity_counts_each_shared_tensor_once():
     from dms_lightning.pruning import sparsity_report
 

@@ -232,6 +232,8 @@ class IterativePruning(Callback):
         self._graph = None
         self._positions: dict[str, int] | None = None
         self._parameters: dict[str, Tensor] = {}
+        self._gradient_sums: dict[str, Tensor] = {}
+        self._gradient_steps = 0
 
     @property
     @override
@@ -377,6 +379,35 @@ class IterativePruning(Callback):
             apply_masks(self._parameters, self.masks)
 
     @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        # Taylor scores need gradients, but Lightning clears them before every validation run: keep a
+        # running sum over the steps since the last pruning point (Molchanov et al. also average batches).
+        if self.importance != "taylor" or self.removed or not self._groups:
+            return
+        with torch.no_grad():
+            for name, param in self._parameters.items():
+                if param.grad is not None:
+                    if name in self._gradient_sums:
+                        self._gradient_sums[name].add_(param.grad)
+                    else:
+                        self._gradient_sums[name] = param.grad.detach().clone()
+        self._gradient_steps += 1
+
+    def _channel_scores(self) -> dict[str, Tensor]:
+        if self.importance != "taylor" or not self._gradient_steps:
+            return channel_scores(self._groups, self.importance)  # Taylor without gradients falls back to L1
+        saved = {name: param.grad for name, param in self._parameters.items()}
+        try:
+            for name, param in self._parameters.items():
+                total = self._gradient_sums.get(name)
+                param.grad = total / self._gradient_steps if total is not None else None
+            return channel_scores(self._groups, self.importance)
+        finally:
+            for name, param in self._parameters.items():
+                param.grad = saved[name]
+            self._gradient_sums, self._gradient_steps = {}, 0
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.method == "channel" and self.remove_channels and not self.removed and self.pruned_channels:
             rank_zero_warn("IterativePruning: fit ended before the last pruning point; removing the channels pruned "
@@ -402,7 +433,7 @@ class IterativePruning(Callback):
         target = compression_target(pl_module)
         weights = {name: self._parameters[name] for name in self._pruned_tensors}
         if self.method == "channel":
-            scores = channel_scores(self._groups, self.importance)
+            scores = self._channel_scores()
             chosen = select_channels(self._groups, scores, sparsity, self.scope, self.min_channels, self.round_to,
                                      previous=self.pruned_channels)
             # Rank 0 decides, every rank applies: identical masks even if scores differ in the last bit.
@@ -450,6 +481,7 @@ class IterativePruning(Callback):
                                         ignored_layers=[])
         self.removed = True
         self.masks, self._graph, self._groups = {}, None, []
+        self._gradient_sums, self._gradient_steps = {}, 0
         self._parameters = dict(target.named_parameters())
         if rebuild:
             rewrap_distributed(trainer)

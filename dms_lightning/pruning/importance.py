@@ -5,7 +5,8 @@
 * ``bn_gamma`` — |γ| of the group's BatchNorm layers (network slimming, Liu et al. 2017); groups
   without BatchNorm (a Linear head, VGG, ConvNeXt) fall back to ``l1``.
 * ``taylor`` — first-order Taylor estimate |w · ∂L/∂w| of the loss change when the channel is removed
-  (Molchanov et al. 2019), from the gradients of the latest optimizer step; ``l1`` where none exist.
+  (Molchanov et al. 2019), from the gradients found in ``.grad`` (IterativePruning puts there the
+  average over the steps since the previous pruning point); ``l1`` where none exist.
 
 Scores are normalised by their mean within each group, so ``scope="global"`` compares layers fairly.
 """
