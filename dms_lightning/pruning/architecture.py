@@ -10,7 +10,6 @@ to them before Lightning loads the weights — for ``Trainer.fit(ckpt_path=...)`
 
 from __future__ import annotations
 
-import types
 from collections.abc import Mapping
 
 import torch
@@ -85,10 +84,20 @@ def restore_pruned_architecture(module: nn.Module, state: Mapping) -> None:
     setattr(module, _RESTORED_FLAG, True)
 
 
-def _on_load_checkpoint_restoring(self, checkpoint: dict) -> None:
-    if CHECKPOINT_KEY in checkpoint.get("dms_lightning", {}) and not getattr(self, _RESTORED_FLAG, False):
-        restore_pruned_architecture(self, checkpoint["dms_lightning"][CHECKPOINT_KEY])
-    type(self).on_load_checkpoint(self, checkpoint)
+class _RestoringOnLoadCheckpoint:
+    """An instance's ``on_load_checkpoint``: restore the pruned shapes, then run the class's own hook.
+
+    A small object rather than a bound function, so the module still pickles and deep-copies.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, checkpoint: dict) -> None:
+        module = self.module
+        if CHECKPOINT_KEY in checkpoint.get("dms_lightning", {}) and not getattr(module, _RESTORED_FLAG, False):
+            restore_pruned_architecture(module, checkpoint["dms_lightning"][CHECKPOINT_KEY])
+        type(module).on_load_checkpoint(module, checkpoint)
 
 
 def install_checkpoint_restore(pl_module: nn.Module) -> None:
@@ -101,4 +110,4 @@ def install_checkpoint_restore(pl_module: nn.Module) -> None:
     ``restore_architecture(self, checkpoint)`` in its ``on_load_checkpoint``.)
     """
     setattr(pl_module, _RESTORED_FLAG, False)  # one restore per run, even when the module is reused
-    pl_module.on_load_checkpoint = types.MethodType(_on_load_checkpoint_restoring, pl_module)
+    pl_module.on_load_checkpoint = _RestoringOnLoadCheckpoint(pl_module)
