@@ -277,14 +277,15 @@ class IterativePruning(Callback):
             elif self.unit == "epoch" and trainer.max_epochs is not None and trainer.max_epochs > 0:
                 end = max(self.start, trainer.max_epochs - 1)
             else:
-                raise ValueError(f"IterativePruning(schedule={self.schedule!r}) needs end_{self.unit}: the trainer "
-                                 f"has no max_epochs to end the schedule at")
+                raise ValueError(f"IterativePruning(schedule={self.schedule!r}) needs end_{self.unit}"
+                                 + (": the trainer has no max_epochs to end the schedule at" if self.unit == "epoch"
+                                    else " (step schedules have no default end)"))
         if self.start > end:
             raise ValueError(f"start_{self.unit}={self.start} is after end_{self.unit}={end}")
         limit = trainer.max_epochs if self.unit == "epoch" else trainer.max_steps
         if limit is not None and limit > 0 and self.start >= limit:
             rank_zero_warn(f"IterativePruning: start_{self.unit}={self.start} is beyond the run's max_{self.unit}s="
-                           f"{limit}; pruning will happen only at the end of fit")
+                           f"{limit}: nothing will be pruned in this run")
         return SparsitySchedule(self.schedule, self.target_sparsity, self.start, end, self.frequency,
                                 self.initial_sparsity)
 
