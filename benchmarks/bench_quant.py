@@ -1,0 +1,222 @@
+"""Quantization acceptance benchmark: ResNet-18 PTQ and MobileNetV3-small QAT / PTQ vs FP32 in ONNX Runtime.
+
+    flock /tmp/cpu.lock python benchmarks/bench_quant.py            # ~10 min on 2 shared cores
+    flock /tmp/cpu.lock python benchmarks/bench_quant.py --quick    # smaller data, for a smoke run
+
+Both networks are trained briefly on the synthetic DMS set (96 px, 1 channel). Every ratio is measured
+within this one run: file size on disk, CPU latency at batch 1 (ONNX Runtime, fixed intra-op threads,
+warm-up, sessions measured in interleaved rounds so background load hits all of them alike, median of
+all runs) and test accuracy in ONNX Runtime on the whole test split.
+
+MobileNetV3-small: quantizing everything makes ONNX Runtime on an AVX2 CPU *slower* than FP32 (its FP32
+kernels fuse conv + hardswish; the int8 graph needs Q/DQ around every hardswish, hardsigmoid and SE
+multiply). The script measures each candidate placement with PTQ, picks the most-quantized one that is
+not slower than FP32 and trains QAT with it. Table: ``benchmarks/results/quantization.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+
+from dms_lightning import DMSClassifier, DMSDataModule  # noqa: E402
+from dms_lightning.callbacks import QuantizationAwareTraining  # noqa: E402
+from dms_lightning.export import export_onnx  # noqa: E402
+from dms_lightning.quant.evaluate import accuracy, ort_predictions, ort_session  # noqa: E402
+from dms_lightning.quant.ptq import quantize_onnx  # noqa: E402
+from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 1
+
+# Candidate placements for MobileNetV3-small, most quantized first: (PTQ options, QAT options).
+# SE = the squeeze-excitation branch (avgpool → fc1 → ReLU → fc2 → hardsigmoid → multiply).
+_SE_PTQ = dict(exclude_nodes=["*/fc1/*", "*/fc2/*", "*/block/*/avgpool/*"], exclude_op_types=["Mul"])
+_SE_QAT = dict(exclude=["*.fc1", "*.fc2"])
+_HARDSWISH_STAGES = ["0", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
+POLICIES = {
+    "full": (dict(), dict()),
+    "no_depthwise": (dict(quantize_depthwise=False), dict(quantize_depthwise=False)),
+    "no_se": (_SE_PTQ, _SE_QAT),
+    "no_se_no_depthwise": ({**_SE_PTQ, "quantize_depthwise": False}, {**_SE_QAT, "quantize_depthwise": False}),
+    "relu_stages": (  # only features.1-3 (ReLU inverted residuals): int8 where it is one unbroken region
+        dict(exclude_nodes=[f"/features/features.{s}/*" for s in _HARDSWISH_STAGES]
+             + ["/classifier/*", "/avgpool/*", "/Flatten*", "*/fc1/*", "*/fc2/*", "*/block/*/avgpool/*"],
+             exclude_op_types=["Mul"]),
+        dict(exclude=[f"features.{s}.*" for s in _HARDSWISH_STAGES] + ["classifier.*", "*.fc1", "*.fc2"])),
+}
+
+
+def log(message: str) -> None:
+    print(f"[bench_quant {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def trainer(root: Path, epochs: int, callbacks=(), limit_train_batches=None) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root),
+                     num_sanity_val_steps=0, callbacks=list(callbacks), limit_train_batches=limit_train_batches)
+
+
+def latencies(paths: dict[str, Path], rounds: int, runs: int, image_size: int) -> dict[str, float]:
+    """Median batch-1 latency (ms) of each model, sessions interleaved round by round."""
+    sessions = {name: ort_session(path, threads=THREADS) for name, path in paths.items()}
+    x = np.random.default_rng(0).standard_normal((1, 1, image_size, image_size)).astype(np.float32)
+    for session in sessions.values():
+        for _ in range(20):
+            session.run(None, {"input": x})
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run(None, {"input": x})
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def ort_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
+    logits, labels = ort_predictions(ort_session(path, threads=2), loader)
+    return accuracy(logits, labels), logits
+
+
+def train_float(backbone: str, datamodule: DMSDataModule, epochs: int, lr: float, root: Path, limit) -> DMSClassifier:
+    L.seed_everything(0)
+    model = DMSClassifier(backbone, image_size=datamodule.image_size,
+                          optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
+    start = time.time()
+    trainer(root, epochs, limit_train_batches=limit).fit(model, datamodule)
+    log(f"{backbone}: {epochs} float epochs in {time.time() - start:.0f} s")
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small data and few epochs (smoke run)")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--resnet-epochs", type=int, default=2)
+    parser.add_argument("--mobilenet-epochs", type=int, default=6)
+    parser.add_argument("--qat-epochs", type=int, default=2)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    sizes = dict(train_size=2000, val_size=200, test_size=1000) if not args.quick else \
+        dict(train_size=256, val_size=64, test_size=256)
+    limit = 4 if args.quick else None
+    datamodule = DMSDataModule(image_size=args.image_size, channels=1, batch_size=64, **sizes)
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    test_loader = datamodule.test_dataloader()
+    calibration = datamodule._loader("train")  # training images, no augmentation
+    work = Path(tempfile.mkdtemp(prefix="bench_quant_"))
+    rows, checks, notes = [], [], {}
+    rounds, runs = (5, 10) if args.quick else (15, 20)
+
+    # ---------------------------------------------------------------- ResNet-18: PTQ
+    resnet = train_float("resnet18", datamodule, args.resnet_epochs, 2e-3, work / "r18", limit)
+    example = datamodule.example_input(1)
+    r_fp32 = export_onnx(resnet.model, example, work / "resnet18_fp32.onnx")
+    r_ptq = quantize_onnx(r_fp32, work / "resnet18_ptq.onnx", calibration,
+                          calibration_batches=args.calibration_batches, calibration_method="minmax")
+    r_pct = quantize_onnx(r_fp32, work / "resnet18_ptq_pct.onnx", calibration,
+                          calibration_batches=args.calibration_batches, calibration_method="percentile")
+    acc_fp32, _ = ort_accuracy(r_fp32, test_loader)
+    lat = latencies({"fp32": r_fp32, "ptq": r_ptq, "pct": r_pct}, rounds, runs // 2 or 1, args.image_size)
+    size_fp32 = r_fp32.stat().st_size
+    rows.append(("ResNet-18", "FP32", "", size_fp32, 1.0, lat["fp32"], 1.0, acc_fp32, 0.0))
+    for key, path, label in (("ptq", r_ptq, "PTQ INT8 (minmax)"), ("pct", r_pct, "PTQ INT8 (percentile)")):
+        acc, _ = ort_accuracy(path, test_loader)
+        rows.append(("ResNet-18", label, "all Conv/Gemm/Add", path.stat().st_size, path.stat().st_size / size_fp32,
+                     lat[key], lat[key] / lat["fp32"], acc, (acc - acc_fp32) * 100))
+    main_row = rows[1]
+    checks.append(("ResNet-18 PTQ file ≤ 0.27× FP32", f"{main_row[4]:.3f}×", main_row[4] <= 0.27))
+    checks.append(("ResNet-18 PTQ latency ≤ 0.6× FP32", f"{main_row[6]:.3f}×", main_row[6] <= 0.6))
+    checks.append(("ResNet-18 PTQ accuracy within 0.5 pt", f"{main_row[8]:+.2f} pt", abs(main_row[8]) <= 0.5))
+    del resnet
+
+    # ---------------------------------------------------------------- MobileNetV3-small: placement, PTQ, QAT
+    mobilenet = train_float("mobilenet_v3_small", datamodule, args.mobilenet_epochs, 3e-3, work / "mnv3", limit)
+    m_fp32 = export_onnx(mobilenet.model, example, work / "mobilenet_fp32.onnx")
+    m_acc_fp32, _ = ort_accuracy(m_fp32, test_loader)
+    m_size = m_fp32.stat().st_size
+    candidates = {name: quantize_onnx(m_fp32, work / f"mobilenet_ptq_{name}.onnx", calibration,
+                                      calibration_batches=args.calibration_batches, **ptq)
+                  for name, (ptq, _) in POLICIES.items()}
+    lat = latencies({"fp32": m_fp32, **candidates}, rounds * 2, runs, args.image_size)
+    rows.append(("MobileNetV3-small", "FP32", "", m_size, 1.0, lat["fp32"], 1.0, m_acc_fp32, 0.0))
+    chosen = None
+    for name, path in candidates.items():
+        acc, _ = ort_accuracy(path, test_loader)
+        ratio = lat[name] / lat["fp32"]
+        rows.append(("MobileNetV3-small", "PTQ INT8", name, path.stat().st_size, path.stat().st_size / m_size,
+                     lat[name], ratio, acc, (acc - m_acc_fp32) * 100))
+        if chosen is None and ratio <= 1.0:
+            chosen = name
+    fastest = min(candidates, key=lambda n: lat[n])
+    chosen = chosen or fastest
+    notes["mobilenet_policy"] = chosen
+    log(f"MobileNetV3-small placement for QAT: {chosen} (latency ratios "
+        f"{ {n: round(lat[n] / lat['fp32'], 3) for n in candidates} })")
+
+    qat_model = DMSClassifier("mobilenet_v3_small", image_size=args.image_size,
+                              optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01))
+    qat_model.load_state_dict(mobilenet.state_dict())
+    qat = QuantizationAwareTraining(start_epoch=0, freeze_bn_epoch=args.qat_epochs - 1,
+                                    freeze_observers_epoch=args.qat_epochs - 1, dirpath=str(work / "qat"),
+                                    filename="mobilenet_qat", **POLICIES[chosen][1])
+    start = time.time()
+    trainer(work / "qat_run", args.qat_epochs, [qat], limit_train_batches=limit).fit(qat_model, datamodule)
+    log(f"QAT: {args.qat_epochs} epochs in {time.time() - start:.0f} s; parity {qat.exported.get('agreement')}")
+    m_qat = Path(qat.exported["onnx_path"])
+    qat_lat = latencies({"fp32": m_fp32, "qat": m_qat, "ptq": candidates[chosen]}, rounds * 2, runs, args.image_size)
+    qat_acc, _ = ort_accuracy(m_qat, test_loader)
+    rows.append(("MobileNetV3-small", "QAT INT8", chosen, m_qat.stat().st_size, m_qat.stat().st_size / m_size,
+                 qat_lat["qat"], qat_lat["qat"] / qat_lat["fp32"], qat_acc, (qat_acc - m_acc_fp32) * 100))
+    qat_ratio = qat_lat["qat"] / qat_lat["fp32"]
+    checks.append(("MobileNetV3-small QAT accuracy within 0.5 pt of FP32", f"{(qat_acc - m_acc_fp32) * 100:+.2f} pt",
+                   abs(qat_acc - m_acc_fp32) * 100 <= 0.5))
+    checks.append(("MobileNetV3-small QAT INT8 not slower than FP32", f"{qat_ratio:.3f}×", qat_ratio <= 1.0))
+    checks.append(("QAT ONNX Runtime vs fake-quant top-1 agreement ≥ 99 %", f"{qat.exported['agreement']:.4f}",
+                   qat.exported["agreement"] >= 0.99))
+    notes.update(qat_agreement=qat.exported["agreement"], qat_latency_ms=qat_lat, qat_torch_accuracy=qat.exported.get(
+        "torch_accuracy"))
+    write_table(rows, checks, notes, args)
+
+
+def write_table(rows, checks, notes, args) -> None:
+    info = machine_info(threads=THREADS)
+    lines = ["# Quantization benchmark (`benchmarks/bench_quant.py`)", "",
+             f"Machine: {machine_summary(info)}", "",
+             f"Data: synthetic DMS, {args.image_size} px, 1 channel; test accuracy in ONNX Runtime on the whole "
+             f"test split. Latency: batch 1, {THREADS} intra-op thread, median over interleaved rounds.", "",
+             "| model | variant | quantized | file (MB) | size × FP32 | latency (ms) | latency × FP32 | test acc | Δ acc (pt) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for model, variant, policy, size, size_ratio, latency, latency_ratio, acc, delta in rows:
+        lines.append(f"| {model} | {variant} | {policy} | {size / 1e6:.2f} | {size_ratio:.3f} | {latency:.3f} | "
+                     f"{latency_ratio:.3f} | {acc * 100:.2f} % | {delta:+.2f} |")
+    lines += ["", "| acceptance check | measured | pass |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in checks]
+    lines += ["", f"MobileNetV3-small placement chosen for QAT: `{notes['mobilenet_policy']}` (the most quantized "
+              "candidate whose PTQ model is not slower than FP32; see docs/quantization.md).", "",
+              "```json", json.dumps({"machine": info, "args": vars(args), "notes": notes}, indent=2, default=str), "```"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "quantization_quick.md" if args.quick else "quantization.md"
+    (RESULTS / name).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
