@@ -88,4 +88,5 @@ def test_a_short_fit_beats_chance_clearly(tiny_datamodule, fast_trainer_kwargs):
     trainer = pl.Trainer(**{**fast_trainer_kwargs, "max_epochs": 4})
     trainer.fit(model, dm)
     accuracy = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
+    print(f"short fit: val/acc={accuracy:.3f}")
     assert accuracy > 0.35, f"5 classes: chance is 0.2, got {accuracy:.3f}"
