@@ -6,7 +6,7 @@ every machine and every DDP rank, and can be made as large as wanted. A scene is
 primitives in a normalised coordinate frame, so the same scene renders at any ``image_size``.
 
 Why it is not trivially separable: the label lives in a few continuous latent factors whose class
-ranges nearly touch (eye openness 0.18 vs 0.45, mouth opening 0.35 vs 0.6, head yaw 20° vs 35°,
+ranges nearly touch (eye openness 0.15 vs 0.5, mouth opening 0.35 vs 0.6, head yaw 20° vs 35°,
 texting pitch vs looking-at-lap pitch), and nuisance factors a real NIR cabin camera shows are laid over
 them: head pose, scale and position jitter, active-illumination fall-off, gain and gamma, sensor and shot
 noise, defocus and motion blur, glasses with lens glare, hands on the face, a steering-wheel rim, a seat
@@ -28,8 +28,8 @@ SYNTHETIC_CLASSES: tuple[str, ...] = ("alert", "eyes_closed", "yawning", "lookin
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "predict": 3}
 
 # Class-defining latent ranges. The gaps between them are the "hard margin" of the task.
-EYES_OPEN_RANGE = (0.45, 1.0)
-EYES_CLOSED_RANGE = (0.0, 0.18)
+EYES_OPEN_RANGE = (0.5, 1.0)
+EYES_CLOSED_RANGE = (0.0, 0.15)
 MOUTH_NEUTRAL_RANGE = (0.0, 0.35)
 MOUTH_YAWN_RANGE = (0.6, 1.0)
 YAW_FORWARD_MAX_DEG = 20.0
@@ -222,7 +222,7 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
         w = eye_half_w * squash
         cv.paint(cv.ellipse_alpha(x, y, ex, eye_y, w * 1.6, 0.085 * vert), skin * 0.78)
         cv.paint(cv.ellipse_alpha(x, y, ex, eye_y - 0.12 * vert, w * 1.25, 0.02), skin * 0.4)
-        h = 0.08 * scene.eye_openness * vert
+        h = 0.1 * scene.eye_openness * vert
         dx = (x - ex) / w
         profile = np.clip(1.0 - dx**2, 0.0, None)
         upper = eye_y - h * profile
