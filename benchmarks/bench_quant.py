@@ -42,22 +42,32 @@ from dms_lightning.report.machine import machine_info, machine_summary  # noqa: 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 1
 
-# Candidate placements for MobileNetV3-small, most quantized first: (PTQ options, QAT options).
-# SE = the squeeze-excitation branch (avgpool → fc1 → ReLU → fc2 → hardsigmoid → multiply).
-_SE_PTQ = dict(exclude_nodes=["*/fc1/*", "*/fc2/*", "*/block/*/avgpool/*"], exclude_op_types=["Mul"])
-_SE_QAT = dict(exclude=["*.fc1", "*.fc2"])
-_HARDSWISH_STAGES = ["0", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
+# Candidate placements for MobileNetV3-small, most quantized first: (PTQ options, QAT options). PTQ options
+# name ONNX nodes (``/features/features.9/block/block.0/...``), QAT options torch modules (``features.9.block.0.0``).
+# Partial placements quantize only Conv / Gemm nodes: every other int8 op would add Q/DQ pairs to a float region.
+_STEM_SE_PTQ = ["/features/features.0/*", "*/fc1/*", "*/fc2/*"]
+_STEM_SE_QAT = ["features.0.*", "*.fc1", "*.fc2"]
+_LATE_PTQ = ["/features/features.9/block/block.[03]/*", "/features/features.1[01]/block/block.[03]/*",
+             "/features/features.12/*", "/classifier/*"]
+_LATE_QAT = ["features.9.block.[03].0", "features.1[01].block.[03].0", "features.12.0", "classifier.*"]
 POLICIES = {
     "full": (dict(), dict()),
     "no_depthwise": (dict(quantize_depthwise=False), dict(quantize_depthwise=False)),
-    "no_se": (_SE_PTQ, _SE_QAT),
-    "no_se_no_depthwise": ({**_SE_PTQ, "quantize_depthwise": False}, {**_SE_QAT, "quantize_depthwise": False}),
-    "relu_stages": (  # only features.1-3 (ReLU inverted residuals): int8 where it is one unbroken region
-        dict(exclude_nodes=[f"/features/features.{s}/*" for s in _HARDSWISH_STAGES]
-             + ["/classifier/*", "/avgpool/*", "/Flatten*", "*/fc1/*", "*/fc2/*", "*/block/*/avgpool/*"],
-             exclude_op_types=["Mul"]),
-        dict(exclude=[f"features.{s}.*" for s in _HARDSWISH_STAGES] + ["classifier.*", "*.fc1", "*.fc2"])),
+    "pointwise_head": (dict(quantize_depthwise=False, exclude_nodes=_STEM_SE_PTQ, only_conv_gemm=True),
+                       dict(quantize_depthwise=False, exclude=_STEM_SE_QAT)),
+    "late_pointwise_head": (dict(include_nodes=_LATE_PTQ, only_conv_gemm=True), dict(include=_LATE_QAT)),
+    "head_only": (dict(include_nodes=["/classifier/*"], only_conv_gemm=True), dict(include=["classifier.*"])),
 }
+
+
+def ptq_options(options: dict, fp32_path: Path) -> dict:
+    import onnx
+
+    options = dict(options)
+    if options.pop("only_conv_gemm", False):
+        op_types = {n.op_type for n in onnx.load(str(fp32_path)).graph.node}
+        options["exclude_op_types"] = sorted(op_types - {"Conv", "Gemm"})
+    return options
 
 
 def log(message: str) -> None:
@@ -120,6 +130,7 @@ def main() -> None:
     datamodule.setup("test")
     test_loader = datamodule.test_dataloader()
     calibration = datamodule._loader("train")  # training images, no augmentation
+    args.calibration_batches = min(args.calibration_batches, len(calibration))
     work = Path(tempfile.mkdtemp(prefix="bench_quant_"))
     rows, checks, notes = [], [], {}
     rounds, runs = (5, 10) if args.quick else (15, 20)
@@ -152,7 +163,7 @@ def main() -> None:
     m_acc_fp32, _ = ort_accuracy(m_fp32, test_loader)
     m_size = m_fp32.stat().st_size
     candidates = {name: quantize_onnx(m_fp32, work / f"mobilenet_ptq_{name}.onnx", calibration,
-                                      calibration_batches=args.calibration_batches, **ptq)
+                                      calibration_batches=args.calibration_batches, **ptq_options(ptq, m_fp32))
                   for name, (ptq, _) in POLICIES.items()}
     lat = latencies({"fp32": m_fp32, **candidates}, rounds * 2, runs, args.image_size)
     rows.append(("MobileNetV3-small", "FP32", "", m_size, 1.0, lat["fp32"], 1.0, m_acc_fp32, 0.0))

@@ -60,6 +60,8 @@ class QuantizationConfig:
         quantize_depthwise: quantize depthwise convolutions (``groups == in_channels``).
         quantize_linear: quantize ``Linear`` layers.
         exclude: ``fnmatch`` patterns of module names kept in float, e.g. ``"features.*.block.2.*"``.
+        include: if given, only layers matching one of these ``fnmatch`` patterns are quantized (then
+            ``exclude`` and ``quantize_depthwise`` still apply), e.g. ``["classifier.*"]``.
     """
 
     weight: QuantSpec = QuantSpec(8, symmetric=True, per_channel=True)
@@ -67,10 +69,11 @@ class QuantizationConfig:
     quantize_depthwise: bool = True
     quantize_linear: bool = True
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    include: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["exclude"] = list(self.exclude)
+        out["exclude"], out["include"] = list(self.exclude), list(self.include)
         return out
 
     @classmethod
@@ -79,11 +82,14 @@ class QuantizationConfig:
         return cls(weight=weight_spec(w["bits"], w["symmetric"], w["per_channel"]),
                    activation=activation_spec(a["bits"], a["symmetric"]),
                    quantize_depthwise=data.get("quantize_depthwise", True),
-                   quantize_linear=data.get("quantize_linear", True), exclude=tuple(data.get("exclude", ())))
+                   quantize_linear=data.get("quantize_linear", True), exclude=tuple(data.get("exclude", ())),
+                   include=tuple(data.get("include", ())))
 
     def selects(self, name: str, module: nn.Module) -> bool:
         """Whether layer ``name`` is quantized under this config."""
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return False
+        if self.include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.include):
             return False
         if isinstance(module, nn.Conv2d):
             depthwise = module.groups > 1 and module.groups == module.in_channels
@@ -129,7 +135,7 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> f
     layers = quantizable_layers(model, config)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layer (Conv2d / Linear) under "
-                         f"exclude={list(config.exclude)}, quantize_depthwise={config.quantize_depthwise}, "
+                         f"include={list(config.include)}, exclude={list(config.exclude)}, quantize_depthwise={config.quantize_depthwise}, "
                          f"quantize_linear={config.quantize_linear}; nothing to quantize")
     try:
         graph = fx.Tracer().trace(model)

@@ -117,6 +117,7 @@ def quantize_onnx(
     quantize_depthwise: bool = True,
     exclude_op_types: Iterable[str] = (),
     exclude_nodes: Iterable[str] = (),
+    include_nodes: Iterable[str] = (),
 ) -> Path:
     """Quantize an FP32 ONNX classifier to INT8 with ONNX Runtime, without a Trainer.
 
@@ -134,6 +135,7 @@ def quantize_onnx(
         quantize_depthwise: quantize depthwise convs too.
         exclude_op_types: ONNX op types kept in float, e.g. ``["Gemm", "Mul"]``.
         exclude_nodes: ``fnmatch`` patterns of ONNX node names kept in float.
+        include_nodes: if given, only nodes matching these ``fnmatch`` patterns are quantized.
 
     Example:
         >>> quantize_onnx("model.onnx", "model_int8.onnx", datamodule.val_dataloader(),  # doctest: +SKIP
@@ -150,13 +152,18 @@ def quantize_onnx(
     if unknown:
         rank_zero_warn(f"exclude_op_types {sorted(unknown)} do not occur in {fp32_onnx.name} (ops: {sorted(op_types)})")
     nodes = excluded_nodes(model, exclude_nodes, quantize_depthwise)
+    include = list(include_nodes)
+    selected = [n.name for n in model.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in include)] or None
+    if include and not selected:
+        raise ValueError(f"include_nodes={include} match no node of {fp32_onnx.name}")
     quantizable = sorted(op_types - excluded_types)
     with atomic_path(output_path) as tmp:
         source = tmp.with_name(tmp.name + ".fp32.onnx")
         onnx.save(materialize_constant_identities(model), str(source))
         try:
             _quantize(source, tmp, mode, calibration_data, calibration_method, calibration_batches, percentile,
-                      per_channel, symmetric_activations, reduce_range, quantizable, nodes, model.graph.input[0].name)
+                      per_channel, symmetric_activations, reduce_range, quantizable, nodes, model.graph.input[0].name,
+                      selected)
         finally:
             source.unlink(missing_ok=True)
     return output_path
@@ -164,13 +171,15 @@ def quantize_onnx(
 
 def _quantize(source: Path, target: Path, mode: str, calibration_data, calibration_method: str,
               calibration_batches: int | None, percentile: float, per_channel: bool, symmetric_activations: bool,
-              reduce_range: bool, quantizable: list[str], nodes: list[str], input_name: str) -> None:
+              reduce_range: bool, quantizable: list[str], nodes: list[str], input_name: str,
+              selected: list[str] | None) -> None:
     from onnxruntime.quantization import CalibrationMethod as OrtCalibration
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     if mode == "dynamic":
         quantize_dynamic(source, target, op_types_to_quantize=quantizable, per_channel=per_channel,
-                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=nodes)
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=nodes,
+                         nodes_to_quantize=selected)
         return
     if calibration_data is None:
         raise ValueError("calibration_data is required for mode='static' (batches of model inputs)")
@@ -181,7 +190,8 @@ def _quantize(source: Path, target: Path, mode: str, calibration_data, calibrati
     quantize_static(source, target, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=quantizable,
                     per_channel=per_channel, reduce_range=reduce_range,
                     activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=nodes, calibrate_method=method,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=nodes, nodes_to_quantize=selected,
+                    calibrate_method=method,
                     extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
                                    "CalibPercentile": percentile})
     if reader.seen == 0:
@@ -207,6 +217,7 @@ class PostTrainingQuantization(Callback):
         quantize_depthwise: also quantize depthwise convs.
         exclude_op_types: ONNX op types kept in float.
         exclude_nodes: ``fnmatch`` patterns of ONNX node names kept in float.
+        include_nodes: if given, only ONNX nodes matching these ``fnmatch`` patterns are quantized.
         dirpath: output folder (default ``<trainer.log_dir>/quantization``).
         filename: file stem of the INT8 model.
         evaluate_batches: test batches for the accuracy report (``None``: all; 0: skip).
@@ -230,6 +241,7 @@ class PostTrainingQuantization(Callback):
         quantize_depthwise: bool = True,
         exclude_op_types: list[str] | None = None,
         exclude_nodes: list[str] | None = None,
+        include_nodes: list[str] | None = None,
         dirpath: str | None = None,
         filename: str = "ptq_int8",
         evaluate_batches: int | None = None,
@@ -246,7 +258,8 @@ class PostTrainingQuantization(Callback):
         self.options = dict(mode=mode, calibration_method=calibration_method, percentile=percentile,
                             per_channel=per_channel, symmetric_activations=symmetric_activations,
                             reduce_range=reduce_range, quantize_depthwise=quantize_depthwise,
-                            exclude_op_types=list(exclude_op_types or []), exclude_nodes=list(exclude_nodes or []))
+                            exclude_op_types=list(exclude_op_types or []), exclude_nodes=list(exclude_nodes or []),
+                            include_nodes=list(include_nodes or []))
         self.dirpath, self.filename, self.evaluate_batches = dirpath, filename, evaluate_batches
         self.result: dict[str, Any] = {}
 

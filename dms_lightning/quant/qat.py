@@ -55,6 +55,8 @@ class QuantizationAwareTraining(Callback):
         quantize_depthwise: also quantize depthwise convs (some CPUs run them faster in float).
         quantize_linear: also quantize ``Linear`` layers.
         exclude: ``fnmatch`` patterns of layer names (within the network) kept in float.
+        include: if given, only layers matching these patterns are quantized (e.g. the heavy 1x1 convs
+            and the head of MobileNetV3 on CPUs where its depthwise / hardswish layers run faster in float).
         export: write the ONNX model and encodings at fit end.
         dirpath: output folder (default ``<trainer.log_dir>/quantization``).
         filename: file stem of the ONNX model and encodings.
@@ -81,6 +83,7 @@ class QuantizationAwareTraining(Callback):
         quantize_depthwise: bool = True,
         quantize_linear: bool = True,
         exclude: list[str] | None = None,
+        include: list[str] | None = None,
         export: bool = True,
         dirpath: str | None = None,
         filename: str = "qat_int8",
@@ -94,9 +97,10 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"start_epoch={start_epoch!r} must be an integer >= 0")
         _optional_epoch("freeze_observers_epoch", freeze_observers_epoch, start_epoch)
         _optional_epoch("freeze_bn_epoch", freeze_bn_epoch, start_epoch)
-        exclude = list(exclude or [])
-        if not all(isinstance(p, str) and p for p in exclude):
-            raise ValueError(f"exclude={exclude!r} must be a list of non-empty layer-name patterns")
+        exclude, include = list(exclude or []), list(include or [])
+        for name, patterns in (("exclude", exclude), ("include", include)):
+            if not all(isinstance(p, str) and p for p in patterns):
+                raise ValueError(f"{name}={patterns!r} must be a list of non-empty layer-name patterns")
         if parity_split not in ("test", "val"):
             raise ValueError(f"parity_split={parity_split!r} must be 'test' or 'val'")
         if parity_batches is not None and (not isinstance(parity_batches, int) or parity_batches < 1):
@@ -110,7 +114,8 @@ class QuantizationAwareTraining(Callback):
         self.config = QuantizationConfig(
             weight=weight_spec(weight_bits, symmetric=True, per_channel=per_channel_weights),
             activation=activation_spec(activation_bits, symmetric_activations),
-            quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear, exclude=tuple(exclude))
+            quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear, exclude=tuple(exclude),
+            include=tuple(include))
         self.start_epoch = start_epoch
         self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
         self.export, self.dirpath, self.filename, self.opset = export, dirpath, filename, opset
@@ -132,7 +137,8 @@ class QuantizationAwareTraining(Callback):
         if not target_is_quantized(pl_module) and not target_quantizable_layers(pl_module, self.config):
             raise MisconfigurationException(
                 f"QuantizationAwareTraining found no quantizable layer (Conv2d / Linear) in "
-                f"{type(compression_target(pl_module)).__name__} with exclude={list(self.config.exclude)}, "
+                f"{type(compression_target(pl_module)).__name__} with include={list(self.config.include)}, "
+                f"exclude={list(self.config.exclude)}, "
                 f"quantize_depthwise={self.config.quantize_depthwise}, quantize_linear={self.config.quantize_linear}")
 
     @override
