@@ -169,3 +169,37 @@ def test_model_without_quantizable_layers_fails_before_training(tmp_path):
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         QuantizationAwareTraining(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def pruned_qat_run(tmp_path_factory):
+    """IterativePruning removes channels at its end_epoch (1); QAT wraps the smaller network from epoch 2."""
+    from dms_lightning.pruning.callback import IterativePruning
+
+    L.seed_everything(0)
+    root = tmp_path_factory.mktemp("pruned_qat")
+    model = _model()
+    widths = sum(m.out_channels for m in model.model.modules() if isinstance(m, torch.nn.Conv2d))
+    pruning = IterativePruning("channel", target_sparsity=0.3, schedule="linear", start_epoch=0, end_epoch=1,
+                               min_channels=4)
+    qat = QuantizationAwareTraining(start_epoch=2, dirpath=str(root / "quant"))
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    _trainer(root, 3, [pruning, qat, checkpoint], limit_val_batches=1).fit(model, _datamodule())
+    return dict(root=root, model=model, widths=widths, pruning=pruning, qat=qat)
+
+
+def test_pruning_then_qat_in_one_run(pruned_qat_run):
+    # Lightning #11047: pruning and QAT callbacks in one Trainer broke each other.
+    model, qat = pruned_qat_run["model"], pruned_qat_run["qat"]
+    convs = [m.conv for m in model.modules() if isinstance(m, QuantConvBn2d)]
+    assert pruned_qat_run["pruning"].removed and is_quantized(model.model)
+    assert sum(c.out_channels for c in convs) < pruned_qat_run["widths"]  # QAT wrapped the pruned network
+    assert qat.exported["agreement"] >= 0.99
+
+
+@pytest.mark.xfail(reason="IterativePruning records the QAT-wrapped module names (features.0.0.conv) in its "
+                          "architecture record; it should record dms_lightning.quant.float_model(target)", strict=False)
+def test_pruned_qat_checkpoint_reloads(pruned_qat_run):
+    reloaded = DMSClassifier.load_from_checkpoint(pruned_qat_run["root"] / "ckpt" / "last.ckpt", map_location="cpu")
+    x = torch.randn(4, 1, IMAGE, IMAGE)
+    torch.testing.assert_close(reloaded.eval()(x), pruned_qat_run["model"].eval()(x))
