@@ -411,9 +411,9 @@ class IterativePruning(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.method == "channel" and self.remove_channels and not self.removed and self.pruned_channels:
+            reached = self.history[-1]["target"] if self.history else 0.0
             rank_zero_warn("IterativePruning: fit ended before the last pruning point; removing the channels pruned "
-                           f"so far ({self.history[-1]['sparsity'] if self.history else 0:.2f} of the target "
-                           f"{self.target_sparsity})")
+                           f"so far (sparsity {reached:.2f} of the target {self.target_sparsity})")
             self._remove(trainer, pl_module, rebuild=False)
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position: int) -> None:
