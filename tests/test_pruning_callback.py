@@ -207,6 +207,15 @@ def test_every_channel_criterion_prunes_and_training_goes_on(importance, tmp_pat
     assert torch.isfinite(loss)
 
 
+def test_channels_pruned_so_far_are_removed_when_fit_ends_before_the_schedule(tmp_path):
+    pruning = IterativePruning("channel", target_sparsity=0.5, schedule="linear", start_epoch=0, end_epoch=4,
+                               min_channels=4)
+    with pytest.warns(UserWarning, match="fit ended before the last pruning point"):
+        module = _fit_tiny(pruning, tmp_path, max_epochs=3)  # points 0..2 of 0..4 reached: 25 % at the end
+    assert pruning.removed and pruning.next_point == 3
+    assert _conv_widths(module)["net.3"] == 24
+
+
 def test_sparsity_counts_each_shared_tensor_once():
     from dms_lightning.pruning import sparsity_report
 
