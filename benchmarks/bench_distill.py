@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -32,7 +33,7 @@ import lightning  # noqa: E402
 from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 
 from dms_lightning import DMSClassifier, DMSDataModule, DistillationModule  # noqa: E402
-from dms_lightning.utils.io import write_text_atomic  # noqa: E402
+from dms_lightning.utils.io import sha256_file, write_text_atomic  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -88,6 +89,15 @@ def ensure_teacher(args) -> Path:
     return path
 
 
+def describe_teacher(path: Path) -> str:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    data = ckpt.get("datamodule_hyper_parameters", {})
+    trained = f"{data.get('train_size', '?')} images, {data.get('image_size', '?')} px, " if data else ""
+    return (f"{hp.get('backbone', '?')} trained {trained}best epoch {ckpt.get('epoch', '?')}, "
+            f"sha256 {sha256_file(path)[:12]}")
+
+
 def run_arm(arm: str, seed: int, args, teacher: Path) -> tuple[float, float, float | None]:
     """``(test accuracy, fit seconds, teacher test accuracy)`` of one arm and seed."""
     seed_everything(seed, workers=True)
@@ -131,7 +141,12 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
-    teacher = ensure_teacher(args)
+    source = ensure_teacher(args)
+    # Work on a copy: the teacher checkpoint may be re-trained by someone else while this runs.
+    teacher = REPO / "runs/bench_distill/teacher.ckpt"
+    teacher.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, teacher)
+    teacher_text = f"`{os.path.relpath(source, REPO)}` ({describe_teacher(teacher)})"
     results: dict[str, list[tuple[float, float]]] = {"alone": [], "distilled": []}
     teacher_acc = None
     for seed in args.seeds:
@@ -156,8 +171,7 @@ def main() -> None:
         f"test {args.test_size} images, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr} "
         "wd 0.01 with the default warm-up + cosine schedule, augmentation on, final weights evaluated (no "
         "best-epoch selection), training seeds " + ", ".join(map(str, args.seeds)) + ". "
-        f"Distillation: T = {args.temperature}, alpha = {args.alpha}, logit KD only, teacher "
-        f"`{os.path.relpath(teacher, REPO)}` (configs/teacher.yaml: ResNet-18, 3000 images, 96 px, 6 epochs). "
+        f"Distillation: T = {args.temperature}, alpha = {args.alpha}, logit KD only, teacher {teacher_text}. "
         "Smaller than configs/student.yaml / configs/distill.yaml (3000 images, 8 epochs) to keep the "
         "benchmark affordable on 2 shared cores.",
         "",

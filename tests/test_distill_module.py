@@ -212,6 +212,7 @@ def test_cli_fit_then_validate_test_and_predict_from_the_student_checkpoint(teac
     monkeypatch.setattr(sys, "argv", ["dms_lightning"])  # main(args=...) is `python -m dms_lightning ...`
     args = ["--config", str(REPO / "configs" / "distill.yaml"),
             "--model.init_args.teacher_checkpoint", teacher_ckpt,
+            "--model.init_args.feature_hints", "[{student: features.8, teacher: layer3}]",
             "--data.image_size", "64", "--data.train_size", "96", "--data.val_size", "16", "--data.test_size", "16",
             "--data.batch_size", "16", "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--checkpoint.dirpath", str(tmp_path / "ckpt")]

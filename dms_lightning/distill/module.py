@@ -78,8 +78,8 @@ class DistillationModule(ClassificationModule):
         teacher_checkpoint: str = TEACHER_DEFAULT_CHECKPOINT,
         temperature: float = 4.0,
         alpha: float = 0.7,
-        feature_hints: list[dict[str, Any]] | None = None,
-        attention_transfer: list[dict[str, Any]] | None = None,
+        feature_hints: list[dict[str, Any] | list[Any]] | None = None,
+        attention_transfer: list[dict[str, Any] | list[Any]] | None = None,
         teacher_backbone: str | None = None,
         teacher_head: Head | None = None,
         teacher_head_hidden: int | None = None,
@@ -230,7 +230,7 @@ class DistillationModule(ClassificationModule):
 
     def _log_teacher_acc(self, stage: str) -> None:
         if self._teacher_acc_pending[stage] and not self.trainer.sanity_checking and self.teacher_acc.update_called:
-            self.log(f"{stage}/teacher_acc", self.teacher_acc.compute())
+            self.log(f"{stage}/teacher_acc", self.teacher_acc.compute(), sync_dist=True)
             self.teacher_acc.reset()
             self._teacher_acc_pending[stage] = False
 
