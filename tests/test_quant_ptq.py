@@ -23,6 +23,15 @@ from dms_lightning.utils.artifacts import variants
 IMAGE = 32
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread: on the shared 2-core machine two OpenMP threads per test spin against other jobs.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _datamodule() -> DMSDataModule:
     return DMSDataModule(image_size=IMAGE, train_size=64, val_size=32, test_size=64, batch_size=16, augment=False)
 

@@ -22,6 +22,15 @@ from dms_lightning.utils.artifacts import variants
 IMAGE = 32
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One intra-op thread: on the shared 2-core machine two OpenMP threads per test spin against other jobs.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _datamodule() -> DMSDataModule:
     return DMSDataModule(image_size=IMAGE, train_size=64, val_size=32, test_size=64, batch_size=16, augment=False)
 
@@ -33,7 +42,7 @@ def _model() -> DMSClassifier:
 def _trainer(root: Path, max_epochs: int, callbacks: list, **kwargs) -> L.Trainer:
     options = dict(accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
                    enable_model_summary=False, default_root_dir=str(root), num_sanity_val_steps=0,
-                   callbacks=callbacks)
+                   callbacks=callbacks, limit_train_batches=2)
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -136,15 +145,16 @@ def test_frozen_observers_keep_ranges_while_weights_train(tmp_path):
     datamodule = _datamodule()
     model = _model()
     qat = QuantizationAwareTraining(start_epoch=0, freeze_observers_epoch=1, freeze_bn_epoch=1, export=False)
-    _trainer(tmp_path, 1, [qat], limit_val_batches=0).fit(model, datamodule)
+    _trainer(tmp_path, 1, [qat], limit_val_batches=0, enable_checkpointing=False).fit(model, datamodule)
     after_first = {k: v for k, v in _quant_state(model).items() if "activation_quantizers" in k}
-    _trainer(tmp_path, 2, [qat], limit_val_batches=0).fit(model, datamodule)  # epochs 0 (again) and 1 (frozen)
+    # Epoch 0 (again) still observes, epoch 1 has frozen ranges.
+    _trainer(tmp_path, 2, [qat], limit_val_batches=0, enable_checkpointing=False).fit(model, datamodule)
     assert all(bool(m.bn_frozen) for m in model.modules() if isinstance(m, QuantConvBn2d))
     frozen = {k: v for k, v in _quant_state(model).items() if "activation_quantizers" in k}
     assert any(not torch.equal(after_first[k], frozen[k]) for k in frozen)  # epoch 0 still observed
     before_epoch = frozen
-    _trainer(tmp_path, 2, [QuantizationAwareTraining(start_epoch=0, freeze_observers_epoch=0, export=False)],
-             limit_val_batches=0).fit(model, datamodule)
+    _trainer(tmp_path, 1, [QuantizationAwareTraining(start_epoch=0, freeze_observers_epoch=0, export=False)],
+             limit_val_batches=0, enable_checkpointing=False).fit(model, datamodule)
     assert all(torch.equal(before_epoch[k], v) for k, v in _quant_state(model).items() if k in before_epoch)
 
 
