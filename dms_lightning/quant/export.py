@@ -31,6 +31,15 @@ def model_metadata(trainer) -> dict[str, str]:
     return {"dms_lightning.preprocessing": json.dumps(preprocessing)} if preprocessing else {}
 
 
+def log_scalars(trainer, name: str, values: dict[str, float]) -> None:
+    """``quant/<name>/<key>`` scalars to every logger (TensorBoard), at the current global step."""
+    if not values or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics({f"quant/{name}/{key}": float(value) for key, value in values.items()},
+                           step=trainer.global_step)
+
+
 def export_quantized_variant(trainer, model: nn.Module, example: torch.Tensor, dirpath: Path, filename: str,
                              producer: str, parity_split: str = "test", parity_batches: int | None = None,
                              min_agreement: float = 0.99, opset: int = 18, info: dict | None = None
@@ -53,6 +62,8 @@ def export_quantized_variant(trainer, model: nn.Module, example: torch.Tensor, d
         if result["agreement"] < min_agreement:
             rank_zero_warn(f"{producer}: ONNX Runtime agrees with the fake-quant model on only "
                            f"{result['agreement']:.2%} of the {parity_split} split (< min_agreement={min_agreement})")
+    log_scalars(trainer, filename, {k: result[k] for k in ("agreement", "onnx_accuracy", "torch_accuracy")
+                                    if k in result})
     register_variant(trainer, filename, onnx_path, precision="int8", producer=producer,
                      **{k: v for k, v in result.items() if k != "onnx_path"},
                      **(info or {}))

@@ -26,8 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dms_lightning.quant.fake_quant import FakeQuantizer
-from dms_lightning.quant.modules import QUANTIZED_LAYERS, QuantConv2d, QuantConvBn2d, QuantLinear
+from dms_lightning.quant.fake_quant import FakeQuantizer, set_observers_enabled
+from dms_lightning.quant.modules import (
+    QUANTIZED_LAYERS,
+    QuantConv2d,
+    QuantConvBn2d,
+    QuantLinear,
+    set_batch_norm_frozen,
+)
 from dms_lightning.quant.spec import QuantSpec, activation_spec, weight_spec
 
 FLOAT_MODULE_ATTR = "_dms_float_module"
@@ -270,9 +276,6 @@ def _order_like(new: nn.Module, old: nn.Module) -> None:
 
 def set_quantizers_state(model: nn.Module, *, observers: bool | None = None, bn_frozen: bool | None = None) -> None:
     """Freeze / unfreeze activation observers and folded BatchNorms of a prepared model."""
-    from dms_lightning.quant.fake_quant import set_observers_enabled
-    from dms_lightning.quant.modules import set_batch_norm_frozen
-
     if observers is not None:
         set_observers_enabled(model, observers)
     if bn_frozen is not None:

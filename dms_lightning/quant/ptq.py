@@ -305,7 +305,7 @@ def quantize_network(trainer: Trainer, network: torch.nn.Module, example: torch.
     """Export ``network`` to FP32 ONNX, quantize it, write encodings, measure accuracy, register the variant."""
     from dms_lightning.quant.encodings import write_encodings_for_onnx
     from dms_lightning.quant.evaluate import accuracy, ort_predictions, ort_session, top1_agreement
-    from dms_lightning.quant.export import model_metadata, split_loader
+    from dms_lightning.quant.export import log_scalars, model_metadata, split_loader
     from dms_lightning.utils.artifacts import register_variant
 
     out = ensure_writable_dir(Path(dirpath) if dirpath else Path(trainer.log_dir or trainer.default_root_dir)
@@ -323,6 +323,7 @@ def quantize_network(trainer: Trainer, network: torch.nn.Module, example: torch.
         int8_logits, _ = ort_predictions(ort_session(int8), loader, evaluate_batches)
         result.update({"fp32_accuracy": accuracy(fp32_logits, labels), "onnx_accuracy": accuracy(int8_logits, labels),
                        "agreement_with_fp32": top1_agreement(fp32_logits, int8_logits)})
+        log_scalars(trainer, filename, {k: result[k] for k in ("fp32_accuracy", "onnx_accuracy", "agreement_with_fp32")})
         rank_zero_info(f"[PostTrainingQuantization] {int8.name}: test accuracy FP32 {result['fp32_accuracy']:.4f} -> "
                        f"INT8 {result['onnx_accuracy']:.4f} (ONNX Runtime)")
     precision = "int8" if options["mode"] == "static" else "int8_dynamic"
