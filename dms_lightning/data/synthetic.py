@@ -213,16 +213,16 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
 
     # Eyes: socket shading, almond opening, iris/pupil with the IR corneal glint, lid line, brow.
     eye_y = -0.1 + pitch_shift
-    eye_half_w = 0.11
+    eye_half_w = 0.13
     for side in (-1, 1):
         ex = side * 0.2 * math.cos(scene.yaw) + yaw_shift
         if abs(ex) > face_w * 0.92:  # turned away: this eye is behind the nose/face edge
             continue
         squash = 1.0 - 0.6 * max(0.0, side * math.sin(scene.yaw))  # far eye foreshortened
         w = eye_half_w * squash
-        cv.paint(cv.ellipse_alpha(x, y, ex, eye_y, w * 1.6, 0.085 * vert), skin * 0.78)
-        cv.paint(cv.ellipse_alpha(x, y, ex, eye_y - 0.12 * vert, w * 1.25, 0.02), skin * 0.4)
-        h = 0.1 * scene.eye_openness * vert
+        cv.paint(cv.ellipse_alpha(x, y, ex, eye_y, w * 1.5, 0.1 * vert), skin * 0.78)
+        cv.paint(cv.ellipse_alpha(x, y, ex, eye_y - 0.14 * vert, w * 1.2, 0.02), skin * 0.4)
+        h = 0.12 * scene.eye_openness * vert
         dx = (x - ex) / w
         profile = np.clip(1.0 - dx**2, 0.0, None)
         upper = eye_y - h * profile
@@ -232,9 +232,9 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
             cv.paint(opening, min(1.0, skin * 0.5 + 0.45))  # NIR sclera is bright
             px = ex + scene.gaze[0] * w * 0.5
             py = eye_y + scene.gaze[1] * h
-            iris = cv.ellipse_alpha(x, y, px, py, 0.045 * squash, 0.045) * opening
+            iris = cv.ellipse_alpha(x, y, px, py, 0.055 * squash, 0.055) * opening
             cv.paint(iris, 0.15)
-            pupil = cv.ellipse_alpha(x, y, px, py, 0.02 * squash, 0.02) * opening
+            pupil = cv.ellipse_alpha(x, y, px, py, 0.025 * squash, 0.025) * opening
             cv.paint(pupil, 0.9 if scene.bright_pupil else 0.04)
             glint = cv.ellipse_alpha(x, y, px + 0.012, py - 0.012, 0.01, 0.01) * opening
             cv.paint(glint, 1.0)
