@@ -10,7 +10,7 @@ to them before Lightning loads the weights — for ``Trainer.fit(ckpt_path=...)`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -25,13 +25,44 @@ _SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "ou
                      "normalized_shape", "num_channels", "num_groups", "num_parameters", "embedding_dim")
 
 
+def float_network(module: nn.Module) -> nn.Module:
+    """The float network a fake-quantized ``module`` was prepared from (it shares the parameters), else ``module``.
+
+    Quantization-aware training swaps the network for a wrapped twin with other module names; pruning
+    records and masks always speak in the float network's names, which a fresh model also has.
+    """
+    from dms_lightning.quant.prepare import float_model
+
+    return float_model(module) or module
+
+
+def named_float_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` in float-network names, looking through fake-quantized sub-networks."""
+    model = float_network(model)
+    yield prefix, model
+    for name, child in model.named_children():
+        yield from named_float_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def named_float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by float-network name, each tensor once."""
+    found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for module_name, module in named_float_modules(model):
+        for key, param in module._parameters.items():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                found[f"{module_name}.{key}" if module_name else key] = param
+    return found
+
+
 def architecture_record(model: nn.Module) -> dict:
     """The shapes of ``model``: channel attributes and tensor shapes of every module that has tensors.
 
     Plain Python data (ints, lists), so it goes into a checkpoint as is.
     """
     modules = {}
-    for name, module in model.named_modules():
+    for name, module in named_float_modules(model):
         tensors = {key: list(t.shape) for key, t in [*module._parameters.items(), *module._buffers.items()]
                    if t is not None}
         if not tensors:
@@ -57,7 +88,7 @@ def apply_architecture_record(model: nn.Module, record: Mapping) -> int:
         ValueError: if the record names a module ``model`` does not have (another architecture).
     """
     changed = 0
-    own = dict(model.named_modules())
+    own = dict(named_float_modules(model))
     for name, entry in record["modules"].items():
         module = own.get(name)
         if module is None:

@@ -17,7 +17,9 @@ from typing_extensions import override
 from dms_lightning.pruning.architecture import (
     CHECKPOINT_KEY,
     architecture_record,
+    float_network,
     install_checkpoint_restore,
+    named_float_parameters,
 )
 from dms_lightning.pruning.functional import default_ignored_layers
 from dms_lightning.pruning.graph import (
@@ -58,6 +60,11 @@ def _parse_pattern(pattern: str | Sequence[int]) -> tuple[int, int]:
         raise ValueError(f"pattern={pattern!r}: N={n} must be at least 1 and smaller than M={m} (e.g. '2:4')"
                          + ("; N > M would keep more weights than a group has" if n > m else ""))
     return n, m
+
+
+def _network(pl_module: pl.LightningModule) -> nn.Module:
+    """The network being pruned, named as its float version even while QAT has it wrapped."""
+    return float_network(compression_target(pl_module))
 
 
 def _check_epoch_or_step(name: str, value: int | None) -> None:
@@ -248,7 +255,7 @@ class IterativePruning(Callback):
             return
         self._check_launcher(trainer)
         self._schedule = self._resolve_schedule(trainer)
-        target = compression_target(pl_module)
+        target = _network(pl_module)
         self._ignored_names = resolve_module_names(target, self.ignored_layers, "IterativePruning.ignored_layers")
         # FitNets adapters read the hinted student layers' channels: those keep their width.
         hinted = [pair.student for pair in getattr(pl_module, "hint_pairs", ()) if hasattr(pair, "student")]
@@ -303,7 +310,7 @@ class IterativePruning(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Everything that can fail on the user's network (tracing, layer selection) fails here, before training.
-        target = compression_target(pl_module)
+        target = _network(pl_module)
         self._example_input = self._find_example_input(trainer, pl_module)
         if self._example_input is None and self.method == "channel":
             raise ValueError("IterativePruning(method='channel') needs an example input to trace the network: set "
@@ -320,7 +327,7 @@ class IterativePruning(Callback):
                                 if isinstance(module, PRUNABLE_TYPES) and id(module) not in ignored_modules
                                 and isinstance(getattr(module, "weight", None), nn.Parameter)]
         if self.method == "n_m":
-            weights = dict(target.named_parameters())
+            weights = named_float_parameters(target)
             self._pruned_tensors = [n for n in self._pruned_tensors if n_m_supported(weights[n], self.m)]
         if self.method == "channel" and not self.removed:
             self._graph = build_dependency_graph(target, self._example_input)
@@ -333,8 +340,8 @@ class IterativePruning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every strategy has restored the checkpoint by now (some only after on_fit_start): rebuild the
         # masks from the restored state and hold on to the (possibly resized) parameters.
-        target = compression_target(pl_module)
-        self._parameters = dict(target.named_parameters())
+        target = _network(pl_module)
+        self._parameters = named_float_parameters(target)
         if self.method != "channel":
             unknown = sorted(set(self.masks) - set(self._parameters))
             if unknown:
@@ -431,7 +438,7 @@ class IterativePruning(Callback):
     # ----------------------------------------------------------------------------------------- pruning
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
         sparsity = self._schedule.sparsity_at_point(point)
-        target = compression_target(pl_module)
+        target = _network(pl_module)
         weights = {name: self._parameters[name] for name in self._pruned_tensors}
         if self.method == "channel":
             scores = self._channel_scores()
@@ -453,7 +460,7 @@ class IterativePruning(Callback):
         self._report(trainer, pl_module, point, sparsity)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int, sparsity: float) -> None:
-        target = compression_target(pl_module)
+        target = _network(pl_module)
         report = sparsity_report(target, self._pruned_tensors, self._example_input, self._positions)
         entry = {"point": float(self._schedule.points[point]) if self._schedule else -1.0, "target": sparsity,
                  "sparsity": report.sparsity, "params": float(report.nonzero_params),
@@ -477,13 +484,13 @@ class IterativePruning(Callback):
 
     # ----------------------------------------------------------------------------------------- removal
     def _remove(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
-        target = compression_target(pl_module)
+        target = _network(pl_module)
         report = remove_pruned_channels(target, self._example_input, pruned_channels=self.pruned_channels,
                                         ignored_layers=[])
         self.removed = True
         self.masks, self._graph, self._groups = {}, None, []
         self._gradient_sums, self._gradient_steps = {}, 0
-        self._parameters = dict(target.named_parameters())
+        self._parameters = named_float_parameters(target)
         if rebuild:
             rewrap_distributed(trainer)
             rebuild_optimizers(trainer)
@@ -520,4 +527,4 @@ class IterativePruning(Callback):
         if self.method == "channel":
             # Always recorded: a pre-removal checkpoint then also reloads into an already pruned module.
             checkpoint_records(checkpoint)[CHECKPOINT_KEY] = {"architecture": architecture_record(
-                compression_target(pl_module))}
+                compression_target(pl_module))}  # in float-network names, also once QAT has wrapped it
