@@ -189,10 +189,13 @@ class ONNXExport(Callback):
                 continue
             entries.append(onnx_record(path, directory, name=variant, precision=precision, producer="ONNXExport",
                                        source=source.origin, parameters=_parameters(source.model), **figures))
+            # Recorded as soon as written: should a later precision fail, the manifest still matches the files.
+            update_manifest(directory, entries[-1:])
             register_variant(trainer, variant, path, precision, "ONNXExport", **figures, source=source.origin)
             exported[variant] = path
-        entries += self._other_producers(trainer, directory, exported)
-        update_manifest(directory, entries)
+        others = self._other_producers(trainer, directory, exported)
+        update_manifest(directory, others)
+        entries += others
         log_text(trainer, "export/summary", "\n".join(
             f"{e['name']}: {e['bytes'] / 1e6:.2f} MB, parity {e.get('parity', {}).get('max_abs_diff', 'n/a')}"
             for e in entries))
