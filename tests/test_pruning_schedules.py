@@ -65,8 +65,10 @@ def test_selection_rounds_kept_channels_and_respects_minimum_and_conv_groups():
     scores = {name: torch.rand(g.positions) for name, g in groups.items()}
     chosen = select_channels(list(groups.values()), scores, 0.3, round_to=8, min_channels=16)
     kept = {name: g.channels - len(chosen.get(name, [])) for name, g in groups.items()}
-    assert kept["0"] == 48 and kept["3"] == 48  # 64 * 0.7 = 44.8 -> nearest multiple of 8
-    assert kept["6"] == 16  # 24 * 0.7 = 16.8 -> 16, also the minimum
+    assert kept["0"] == 48 and kept["3"] == 48  # 64 * 0.7 = 44.8 -> up to a multiple of 8
+    assert kept["6"] == 24  # 24 * 0.7 = 16.8 -> up to 24: never more pruning than the target asks
+    chosen = select_channels(list(groups.values()), scores, 0.6, round_to=8, min_channels=16)
+    assert groups["6"].channels - len(chosen["6"]) == 16  # 24 * 0.4 = 9.6 -> 16, the minimum
     # The grouped conv (4 groups of 16) loses the same positions in every group.
     positions = {i % 16 for i in chosen["3"]}
     assert len(chosen["3"]) == 4 * len(positions)

@@ -3,8 +3,9 @@
 Given a score per channel position, a sparsity and a scope, choose the positions to prune so that
 
 * each group keeps at least ``min_channels`` channels (and always one),
-* each group keeps a multiple of ``round_to`` channels when it can, because NPUs and vector units run
-  aligned channel counts fastest (a 61-channel conv is no faster than a 64-channel one),
+* each group keeps a multiple of ``round_to`` channels when it can (rounded up, so no group loses more
+  than the target), because NPUs and vector units run aligned channel counts fastest (a 61-channel conv
+  is no faster than a 64-channel one),
 * grouped convolutions lose the same positions in every group,
 * channels pruned earlier stay pruned (the masks only grow along the schedule).
 """
@@ -33,7 +34,9 @@ def _min_keep(group: ChannelGroup, min_channels: int, step: int) -> int:
 
 def _aligned(keep: float, group: ChannelGroup, step: int, min_keep: int, already_pruned: int) -> int:
     positions = group.positions
-    rounded = max(step, int(math.floor(keep / step + 0.5)) * step)
+    # Round the kept count *up*: no layer loses more than the target asks for (an NPU pads a 44-channel
+    # layer to 48 anyway, so keeping 48 costs nothing there, while cutting to 40 would cost accuracy).
+    rounded = max(step, math.ceil(keep / step - 1e-9) * step)
     rounded = min(max(rounded, min_keep), positions)
     # Monotone masks win over alignment: never revive a pruned channel.
     return min(rounded, positions - already_pruned)
