@@ -105,12 +105,37 @@ def ort_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
     return accuracy(logits, labels), logits
 
 
+@torch.no_grad()
+def recalibrate_batch_norm(model: torch.nn.Module, loader, batches: int = 16) -> None:
+    """Re-estimate BatchNorm running statistics as exact averages over ``batches`` training batches.
+
+    torchvision's MobileNetV3 uses BatchNorm momentum 0.01: after a few hundred steps its running
+    statistics still lag the weights and the eval-mode model scores at chance (20 %) while the same
+    weights with batch statistics score > 50 %. A brief run needs this standard post-training step;
+    it changes no weight and both the FP32 and the INT8 models start from it.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        model(batch[0])
+    for bn, momentum in zip(norms, momenta):
+        bn.momentum = momentum
+    model.eval()
+
+
 def train_float(backbone: str, datamodule: DMSDataModule, epochs: int, lr: float, root: Path, limit) -> DMSClassifier:
     L.seed_everything(0)
     model = DMSClassifier(backbone, image_size=datamodule.image_size,
                           optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
     start = time.time()
     trainer(root, epochs, limit_train_batches=limit).fit(model, datamodule)
+    recalibrate_batch_norm(model.model, datamodule._loader("train"))
     log(f"{backbone}: {epochs} float epochs in {time.time() - start:.0f} s")
     return model
 
@@ -119,13 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data and few epochs (smoke run)")
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--resnet-epochs", type=int, default=2)
-    parser.add_argument("--mobilenet-epochs", type=int, default=6)
+    parser.add_argument("--resnet-epochs", type=int, default=3)
+    parser.add_argument("--mobilenet-epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--calibration-batches", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    sizes = dict(train_size=2000, val_size=200, test_size=1000) if not args.quick else \
+    sizes = dict(train_size=2000, val_size=500, test_size=1000) if not args.quick else \
         dict(train_size=256, val_size=64, test_size=256)
     limit = 4 if args.quick else None
     datamodule = DMSDataModule(image_size=args.image_size, channels=1, batch_size=64, **sizes)
@@ -142,22 +167,32 @@ def main() -> None:
     resnet = train_float("resnet18", datamodule, args.resnet_epochs, 2e-3, work / "r18", limit)
     example = datamodule.example_input(1)
     r_fp32 = export_onnx(resnet.model, example, work / "resnet18_fp32.onnx")
-    r_ptq = quantize_onnx(r_fp32, work / "resnet18_ptq.onnx", calibration,
-                          calibration_batches=args.calibration_batches, calibration_method="minmax")
-    r_pct = quantize_onnx(r_fp32, work / "resnet18_ptq_pct.onnx", calibration,
-                          calibration_batches=args.calibration_batches, calibration_method="percentile")
+    # Calibration choices are tuned like any hyper-parameter: on the validation split, then reported on test.
+    ptq_configs = {"minmax": dict(calibration_method="minmax"),
+                   "percentile": dict(calibration_method="percentile"),
+                   "minmax, reduce_range": dict(calibration_method="minmax", reduce_range=True),
+                   "percentile, reduce_range": dict(calibration_method="percentile", reduce_range=True)}
+    r_ptq = {name: quantize_onnx(r_fp32, work / f"resnet18_ptq_{i}.onnx", calibration,
+                                 calibration_batches=args.calibration_batches, **options)
+             for i, (name, options) in enumerate(ptq_configs.items())}
+    val_loader = datamodule.val_dataloader()
+    val_acc = {name: ort_accuracy(path, val_loader)[0] for name, path in r_ptq.items()}
+    best = max(val_acc, key=val_acc.get)
     acc_fp32, _ = ort_accuracy(r_fp32, test_loader)
-    lat = latencies({"fp32": r_fp32, "ptq": r_ptq, "pct": r_pct}, rounds, runs // 2 or 1, args.image_size)
+    lat = latencies({"fp32": r_fp32, **r_ptq}, rounds, runs // 2 or 1, args.image_size)
     size_fp32 = r_fp32.stat().st_size
     rows.append(("ResNet-18", "FP32", "", size_fp32, 1.0, lat["fp32"], 1.0, acc_fp32, 0.0))
-    for key, path, label in (("ptq", r_ptq, "PTQ INT8 (minmax)"), ("pct", r_pct, "PTQ INT8 (percentile)")):
+    for name, path in r_ptq.items():
         acc, _ = ort_accuracy(path, test_loader)
-        rows.append(("ResNet-18", label, "all Conv/Gemm/Add", path.stat().st_size, path.stat().st_size / size_fp32,
-                     lat[key], lat[key] / lat["fp32"], acc, (acc - acc_fp32) * 100))
-    main_row = rows[1]
-    checks.append(("ResNet-18 PTQ file ≤ 0.27× FP32", f"{main_row[4]:.3f}×", main_row[4] <= 0.27))
-    checks.append(("ResNet-18 PTQ latency ≤ 0.6× FP32", f"{main_row[6]:.3f}×", main_row[6] <= 0.6))
-    checks.append(("ResNet-18 PTQ accuracy within 0.5 pt", f"{main_row[8]:+.2f} pt", abs(main_row[8]) <= 0.5))
+        marker = " ← best on val" if name == best else ""
+        rows.append(("ResNet-18", f"PTQ INT8 ({name}){marker}", "all Conv/Gemm/Add", path.stat().st_size,
+                     path.stat().st_size / size_fp32, lat[name], lat[name] / lat["fp32"], acc, (acc - acc_fp32) * 100))
+    notes["resnet_ptq_val_accuracy"] = val_acc
+    main_row = next(r for r in rows if r[1].startswith(f"PTQ INT8 ({best})"))
+    checks.append((f"ResNet-18 PTQ ({best}) file ≤ 0.27× FP32", f"{main_row[4]:.3f}×", main_row[4] <= 0.27))
+    checks.append((f"ResNet-18 PTQ ({best}) latency ≤ 0.6× FP32", f"{main_row[6]:.3f}×", main_row[6] <= 0.6))
+    checks.append((f"ResNet-18 PTQ ({best}) accuracy within 0.5 pt", f"{main_row[8]:+.2f} pt",
+                   abs(main_row[8]) <= 0.5))
     del resnet
 
     # ---------------------------------------------------------------- MobileNetV3-small: placement, PTQ, QAT
