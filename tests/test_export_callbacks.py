@@ -206,6 +206,8 @@ def test_manifest_lists_every_artifact_with_hash_size_opset_shape_and_parity(qat
         assert entry["source"]["checkpoint"] == "best" and "epoch=0" in entry["source"]["path"]
         assert (qat_run["dir"] / f"{name}_parity.png").stat().st_size > 0
     assert entries["tiny_fp32"]["parity"]["max_abs_diff"] < 1e-3
+    assert entries["tiny_int8"]["parity"]["runtime"] == "onnxruntime (QDQ unfused)"  # the graph's semantics
+    assert entries["tiny_int8"]["onnxruntime_int8_kernels"]["samples"] == 16  # ORT's fused kernels, reported
     bundle_files = {f["path"] for f in entries["snpe_bundle"]["files"]}
     assert "snpe_bundle/model.onnx" in bundle_files and "snpe_bundle/convert.sh" in bundle_files
     registered = {v.name: v.precision for v in variants(qat_run["trainer"])}

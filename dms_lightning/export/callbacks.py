@@ -18,7 +18,7 @@ from dms_lightning.export.manifest import onnx_record, update_manifest
 from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, export_qdq
 from dms_lightning.export.parity import ParityError, ParityResult, check_parity, compare_outputs, parity_figure
 from dms_lightning.export.qdq import fake_quant_disabled, has_qdq
-from dms_lightning.export.runtimes import openvino_available, openvino_outputs
+from dms_lightning.export.runtimes import onnxruntime_outputs, openvino_available, openvino_outputs
 from dms_lightning.export.source import (
     CHECKPOINT_CHOICES,
     export_source,
@@ -224,17 +224,32 @@ class ONNXExport(Callback):
                                f"{'has no' if int8 else 'still has'} QuantizeLinear/DequantizeLinear nodes (the "
                                "network quantizes with ops other than torch's fake_quantize_*): skipped")
                 return None
+            # INT8: the graph's own semantics are judged (Q/DQ computed exactly); ORT's fused integer kernels
+            # are a property of the runtime and CPU, reported below.
             result, reference, candidate = check_parity(
                 model, tmp, images, atol=self.int8_atol if int8 else self.atol,
                 min_top1_agreement=self.int8_min_top1_agreement if int8 else self.min_top1_agreement,
-                raise_on_failure=False)
+                raise_on_failure=False, fuse_qdq=not int8)
             self._record_parity(trainer, path, variant, result, reference, candidate)
             if not result.passed:
                 raise ParityError(f"ONNXExport: {variant} failed the parity check, not written: {result.describe()}")
             figures = {"parity": result.to_dict()}
+            if int8:
+                figures["onnxruntime_int8_kernels"] = self._runtime_kernels_check(tmp, images, reference, variant)
             if self.openvino:
                 figures["openvino"] = self._openvino_check(tmp, images, candidate, variant, int8).to_dict()
         return figures
+
+    def _runtime_kernels_check(self, path: Path, images: torch.Tensor, reference: np.ndarray, variant: str) -> dict:
+        result = compare_outputs(reference, onnxruntime_outputs(path, images.numpy()), atol=None,
+                                 min_top1_agreement=self.int8_min_top1_agreement,
+                                 runtime="onnxruntime (fused INT8 kernels)")
+        if not result.passed:
+            rank_zero_warn(f"[dms_lightning] ONNXExport: {variant}: the graph matches PyTorch, but ONNX Runtime's "
+                           f"fused INT8 kernels on this CPU do not: {result.describe()}. On x86 CPUs without VNNI the u8s8 "
+                           "kernels can saturate (ONNX Runtime recommends reduce_range or symmetric activations); "
+                           "an NPU runs the graph's semantics")
+        return result.to_dict()
 
     def _record_parity(self, trainer: Trainer, path: Path, variant: str, result: ParityResult,
                        reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -255,7 +270,11 @@ class ONNXExport(Callback):
                                  min_top1_agreement=self.int8_min_top1_agreement if int8 else self.min_top1_agreement,
                                  reference_name="onnxruntime", runtime="openvino")
         if not result.passed:
-            raise ParityError(f"ONNXExport: {variant} disagrees between OpenVINO and ONNX Runtime: {result.describe()}")
+            message = f"ONNXExport: {variant} disagrees between OpenVINO and ONNX Runtime: {result.describe()}"
+            if not int8:
+                raise ParityError(message)
+            # OpenVINO runs INT8 with its own low-precision kernels: a difference is reported, not fatal.
+            rank_zero_warn(f"[dms_lightning] {message}")
         return result
 
     @staticmethod

@@ -81,11 +81,13 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, *, atol: float
 
 def check_parity(model: nn.Module, onnx_model: str | Path | onnx.ModelProto, inputs: torch.Tensor | np.ndarray, *,
                  atol: float | None = 1e-3, min_top1_agreement: float = 0.99, label: str = "model",
-                 raise_on_failure: bool = True) -> tuple[ParityResult, np.ndarray, np.ndarray]:
+                 raise_on_failure: bool = True, fuse_qdq: bool = True
+                 ) -> tuple[ParityResult, np.ndarray, np.ndarray]:
     """Run ``model`` (PyTorch) and ``onnx_model`` (ONNX Runtime) on ``inputs`` and compare.
 
     Returns ``(result, pytorch_logits, onnxruntime_logits)``. Raises :class:`ParityError` with the figures
-    when the result is over tolerance and ``raise_on_failure``.
+    when the result is over tolerance and ``raise_on_failure``. ``fuse_qdq=False`` checks an INT8 QDQ
+    graph's own semantics rather than ORT's fused integer kernels (see ``onnxruntime_outputs``).
 
     Example:
         >>> import tempfile, os
@@ -97,8 +99,9 @@ def check_parity(model: nn.Module, onnx_model: str | Path | onnx.ModelProto, inp
     """
     inputs = np.asarray(inputs.detach().cpu() if isinstance(inputs, torch.Tensor) else inputs, dtype=np.float32)
     reference = torch_outputs(model, inputs)
-    candidate = onnxruntime_outputs(onnx_model, inputs)
-    result = compare_outputs(reference, candidate, atol=atol, min_top1_agreement=min_top1_agreement)
+    candidate = onnxruntime_outputs(onnx_model, inputs, fuse_qdq=fuse_qdq)
+    result = compare_outputs(reference, candidate, atol=atol, min_top1_agreement=min_top1_agreement,
+                             runtime="onnxruntime" if fuse_qdq else "onnxruntime (QDQ unfused)")
     if raise_on_failure and not result.passed:
         raise ParityError(f"{label}: parity check failed: {result.describe()}")
     return result, reference, candidate

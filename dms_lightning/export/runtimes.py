@@ -19,12 +19,20 @@ def _static_batch(model: str | Path | onnx.ModelProto) -> int | None:
     return dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
 
 
-def onnxruntime_outputs(model: str | Path | onnx.ModelProto, inputs: np.ndarray, threads: int = 0) -> np.ndarray:
-    """First output of ``model`` in ONNX Runtime (CPU) for ``inputs``; a static-batch model runs in chunks."""
+def onnxruntime_outputs(model: str | Path | onnx.ModelProto, inputs: np.ndarray, threads: int = 0,
+                        fuse_qdq: bool = True) -> np.ndarray:
+    """First output of ``model`` in ONNX Runtime (CPU) for ``inputs``; a static-batch model runs in chunks.
+
+    ``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear as separate ops computed in float (the
+    graph's exact ONNX semantics) instead of ORT's fused integer kernels (QLinearConv ...), whose u8s8
+    arithmetic can differ, notably on x86 CPUs without VNNI.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(_as_bytes(model), options, providers=["CPUExecutionProvider"])

@@ -210,7 +210,7 @@ class SNPEExport(Callback):
             onnx.save(qdq_proto, str(staging / QDQ_MODEL))
             parity, _, _ = check_parity(source.model, staging / QDQ_MODEL, images, atol=None,
                                         min_top1_agreement=self.int8_min_top1_agreement,
-                                        label=f"{self.bundle_name}/{QDQ_MODEL}")
+                                        label=f"{self.bundle_name}/{QDQ_MODEL}", fuse_qdq=False)
             origin = "network fake-quant (QAT)"
         else:
             variant = self._registered_int8(trainer)
