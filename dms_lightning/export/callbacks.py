@@ -246,8 +246,9 @@ class ONNXExport(Callback):
                                  runtime="onnxruntime (fused INT8 kernels)")
         if not result.passed:
             rank_zero_warn(f"[dms_lightning] ONNXExport: {variant}: the graph matches PyTorch, but ONNX Runtime's "
-                           f"fused INT8 kernels on this CPU do not: {result.describe()}. On x86 CPUs without VNNI the u8s8 "
-                           "kernels can saturate (ONNX Runtime recommends reduce_range or symmetric activations); "
+                           f"fused INT8 kernels on this CPU do not: {result.describe()}. On x86 CPUs without VNNI "
+                           "the u8s8 kernels can saturate (ONNX Runtime recommends reduce_range or symmetric "
+                           "activations); "
                            "an NPU runs the graph's semantics")
         return result.to_dict()
 
