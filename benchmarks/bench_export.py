@@ -107,6 +107,8 @@ def main() -> None:
         parity, ov = entry["parity"], entry.get("openvino")
         rows.append({"variant": name, "MB": entry["bytes"] / 1e6, "max_abs_diff": parity["max_abs_diff"],
                      "top1_agreement": parity["top1_agreement"], "samples": parity["samples"],
+                     "ort_kernels_agreement": (entry.get("onnxruntime_int8_kernels") or {}).get("top1_agreement"),
+                     "ort_kernels_max_abs_diff": (entry.get("onnxruntime_int8_kernels") or {}).get("max_abs_diff"),
                      "openvino_agreement": ov["top1_agreement"] if ov else None,
                      "openvino_max_abs_diff": ov["max_abs_diff"] if ov else None,
                      "test_accuracy_ort": test_accuracy(path, datamodule)})
@@ -128,18 +130,21 @@ def main() -> None:
         "# Export of a QAT MobileNetV3-small student",
         "",
         f"{args.image_size} px, {args.train_size} training images, {args.epochs} epochs, QAT from epoch "
-        f"{args.qat_start}, AdamW lr {args.lr}, BatchNorm momentum {args.bn_momentum}; parity on {rows[0]['samples']} validation images; test accuracy in ONNX Runtime on "
+        f"{args.qat_start}, AdamW lr {args.lr}, BatchNorm momentum {args.bn_momentum}; parity (INT8: the QDQ graph's "
+        f"semantics, ORT with Q/DQ unfused) on {rows[0]['samples']} validation images; test accuracy in ONNX Runtime on "
         f"{args.test_size} images. OpenVINO installed: {openvino_available()}.",
         "",
         "| variant | size (MB) | max \\|diff\\| vs PyTorch | top-1 agreement "
-        "| OpenVINO vs ORT agreement (max \\|diff\\|) | test acc (ORT) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| ORT fused INT8 kernels vs PyTorch | OpenVINO vs ORT agreement (max \\|diff\\|) | test acc (ORT) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         ov = ("n/a" if row["openvino_agreement"] is None
               else f"{row['openvino_agreement']:.2%} ({row['openvino_max_abs_diff']:.2g})")
+        kernels = ("same as parity" if row["ort_kernels_agreement"] is None
+                   else f"{row['ort_kernels_agreement']:.2%} ({row['ort_kernels_max_abs_diff']:.2g})")
         lines.append(f"| {row['variant']} | {row['MB']:.2f} | {row['max_abs_diff']:.2g} | {row['top1_agreement']:.2%} "
-                     f"| {ov} | {row['test_accuracy_ort']:.2%} |")
+                     f"| {kernels} | {ov} | {row['test_accuracy_ort']:.2%} |")
     b = result["bundle"]
     lines += [
         "",
