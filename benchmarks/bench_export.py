@@ -131,7 +131,8 @@ def main() -> None:
         "",
         f"{args.image_size} px, {args.train_size} training images, {args.epochs} epochs, QAT from epoch "
         f"{args.qat_start}, AdamW lr {args.lr}, BatchNorm momentum {args.bn_momentum}; parity (INT8: the QDQ graph's "
-        f"semantics, ORT with Q/DQ unfused) on {rows[0]['samples']} validation images; test accuracy in ONNX Runtime on "
+        f"semantics, ORT with Q/DQ unfused) on {rows[0]['samples']} validation images; "
+        f"test accuracy in ONNX Runtime on "
         f"{args.test_size} images. OpenVINO installed: {openvino_available()}.",
         "",
         "| variant | size (MB) | max \\|diff\\| vs PyTorch | top-1 agreement "
