@@ -65,13 +65,17 @@ class TinyNet(LightningModule):
 
 
 class LearningRates(Callback):
-    """Records (global step, learning rate) before every optimizer step."""
+    """Records (global step, learning rate, parameters with optimizer state) before every optimizer step."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, float]] = []
+        self.with_state: dict[int, tuple[int, int]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen.append((trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"]))
+        optimizer = trainer.optimizers[0]
+        self.seen.append((trainer.global_step, optimizer.param_groups[0]["lr"]))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.with_state[trainer.global_step] = (sum(1 for p in params if optimizer.state.get(p)), len(params))
 
 
 def _conv_widths(module: nn.Module) -> dict[str, int]:
@@ -112,6 +116,17 @@ def test_channel_pruning_removes_channels_mid_fit_in_multiples_of_round_to(prune
 def test_optimizer_is_rebuilt_for_the_smaller_network(pruned_run):
     optimizer_params = {id(p) for group in pruned_run.trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimizer_params == {id(p) for p in pruned_run.model.parameters()}
+
+
+def test_optimizer_state_of_kept_channels_survives_removal(pruned_run):
+    # Channels are removed at the start of epoch 1 (step 2): the first step on the smaller network already
+    # finds Adam moments for every parameter, sliced from the old ones, instead of starting from zero.
+    with_state, total = pruned_run.rates.with_state[2]
+    assert with_state == total
+    optimizer = pruned_run.trainer.optimizers[0]
+    for param in pruned_run.model.parameters():
+        state = optimizer.state[param]
+        assert state["exp_avg"].shape == param.shape and float(state["step"]) == 6
 
 
 def test_learning_rate_schedule_continues_across_removal(pruned_run):
@@ -214,6 +229,30 @@ def test_channels_pruned_so_far_are_removed_when_fit_ends_before_the_schedule(tm
         module = _fit_tiny(pruning, tmp_path, max_epochs=3)  # points 0..2 of 0..4 reached: 25 % at the end
     assert pruning.removed and pruning.next_point == 3
     assert _conv_widths(module)["net.3"] == 24
+
+
+class MomentumSnapshot(Callback):
+    """The SGD momentum buffer of one layer's weight at the start of epoch 1."""
+
+    def __init__(self, layer: str) -> None:
+        self.layer, self.buffer = layer, None
+
+    def on_train_epoch_start(self, trainer, pl_module, *args):
+        if trainer.current_epoch == 1:
+            weight = pl_module.get_submodule(self.layer).weight
+            self.buffer = trainer.optimizers[0].state[weight]["momentum_buffer"].clone()
+
+
+def test_momentum_of_kept_channels_is_carried_over_exactly(tmp_path):
+    before, after = MomentumSnapshot("net.3"), MomentumSnapshot("net.3")
+    pruning = IterativePruning("channel", target_sparsity=0.5, schedule="one_shot", start_epoch=1, min_channels=4)
+    torch.manual_seed(0)
+    module = TinyNet()
+    Trainer(max_epochs=2, limit_train_batches=2, logger=False, enable_checkpointing=False,
+            callbacks=[before, pruning, after], default_root_dir=tmp_path, **TRAINER).fit(module)
+    kept = [c for c in range(32) if c not in pruning.pruned_channels["net.3"]]
+    assert len(kept) == 16
+    torch.testing.assert_close(after.buffer, before.buffer[kept])
 
 
 def test_sparsity_counts_each_shared_tensor_once():

@@ -43,7 +43,12 @@ from dms_lightning.pruning.monitoring import layer_output_positions, layer_spars
 from dms_lightning.pruning.removal import remove_pruned_channels
 from dms_lightning.pruning.schedules import SCHEDULES, SparsitySchedule
 from dms_lightning.pruning.selection import select_channels
-from dms_lightning.pruning.trainer_surgery import rebuild_optimizers, rewrap_distributed
+from dms_lightning.pruning.trainer_surgery import (
+    carry_optimizer_states,
+    optimizer_states,
+    rebuild_optimizers,
+    rewrap_distributed,
+)
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
 from dms_lightning.utils.tensorboard import log_figure
 
@@ -485,6 +490,8 @@ class IterativePruning(Callback):
     # ----------------------------------------------------------------------------------------- removal
     def _remove(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
         target = _network(pl_module)
+        states = optimizer_states(trainer, self._parameters) if rebuild else {}
+        masks = {name: mask.cpu() for name, mask in self.masks.items()}
         report = remove_pruned_channels(target, self._example_input, pruned_channels=self.pruned_channels,
                                         ignored_layers=[])
         self.removed = True
@@ -494,6 +501,7 @@ class IterativePruning(Callback):
         if rebuild:
             rewrap_distributed(trainer)
             rebuild_optimizers(trainer)
+            carry_optimizer_states(trainer, states, masks, self._parameters)
         rank_zero_info(f"IterativePruning: removed {sum(report.removed_channels.values())} channels: parameters "
                        f"{report.params_before:,} -> {report.params_after:,}, MACs {report.macs_before / 1e6:.1f} -> "
                        f"{report.macs_after / 1e6:.1f} M")

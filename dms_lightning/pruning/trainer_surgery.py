@@ -4,7 +4,8 @@ Physical channel removal swaps every pruned layer's tensors for smaller ones. Th
 Trainer still point at the old tensors and are rebuilt here:
 
 * the DDP wrapper (its gradient buckets are registered on the old parameters),
-* the optimizers (their parameter lists and state),
+* the optimizers (their parameter lists and state): each kept weight keeps its optimizer state (Adam
+  moments, momentum), sliced like the weight itself, so training continues rather than restarts,
 * the LR schedulers, which are re-created and then moved to where the old ones were, so the learning
   rate continues on its curve instead of restarting warm-up.
 """
@@ -14,8 +15,11 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Mapping
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 log = logging.getLogger(__name__)
@@ -31,12 +35,65 @@ def rewrap_distributed(trainer: pl.Trainer) -> None:
             strategy._register_ddp_hooks()
 
 
+def kept_indices(mask: Tensor) -> list[Tensor | None]:
+    """Per dimension of a channel mask, the indices that survive removal (``None``: all of them)."""
+    kept: list[Tensor | None] = []
+    for dim in range(mask.dim()):
+        alive = mask.movedim(dim, 0).reshape(mask.shape[dim], -1).any(dim=1)
+        kept.append(None if bool(alive.all()) else alive.nonzero().flatten())
+    return kept
+
+
+def _slice(tensor: Tensor, kept: list[Tensor | None]) -> Tensor:
+    for dim, index in enumerate(kept):
+        if index is not None:
+            tensor = tensor.index_select(dim, index.to(tensor.device))
+    return tensor
+
+
+def optimizer_states(trainer: pl.Trainer, parameters: Mapping[str, Tensor]) -> dict[str, dict]:
+    """The optimizer state of every named parameter (before the parameters are replaced)."""
+    by_id = {id(p): name for name, p in parameters.items()}
+    states: dict[str, dict] = {}
+    for optimizer in trainer.strategy.optimizers:
+        for param, state in optimizer.state.items():
+            if id(param) in by_id and state:
+                states[by_id[id(param)]] = {"shape": tuple(param.shape), "state": state}
+    return states
+
+
+def carry_optimizer_states(trainer: pl.Trainer, states: Mapping[str, dict], masks: Mapping[str, Tensor],
+                           parameters: Mapping[str, Tensor]) -> int:
+    """Give each new parameter its old optimizer state, sliced along the channels that were kept.
+
+    Returns how many parameters got their state back; a parameter whose slice does not fit keeps a fresh one.
+    """
+    carried = 0
+    owner = {id(p): opt for opt in trainer.strategy.optimizers for g in opt.param_groups for p in g["params"]}
+    for name, param in parameters.items():
+        old, optimizer = states.get(name), owner.get(id(param))
+        if old is None or optimizer is None:
+            continue
+        kept = kept_indices(masks[name]) if name in masks else [None] * param.dim()
+        new_state = {}
+        for key, value in old["state"].items():
+            if isinstance(value, Tensor) and tuple(value.shape) == old["shape"]:
+                value = _slice(value, kept)
+                if value.shape != param.shape:
+                    break
+            new_state[key] = value.clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+        else:
+            optimizer.state[param] = new_state
+            carried += 1
+    return carried
+
+
 def rebuild_optimizers(trainer: pl.Trainer) -> None:
     """Call ``configure_optimizers`` again and continue every LR schedule where it was.
 
-    The optimizers' state (momentum, Adam moments) belonged to the removed tensors and starts afresh;
-    learning rates and scheduler positions carry over. A step-based scheduler whose state cannot be
+    Learning rates and scheduler positions carry over. A step-based scheduler whose state cannot be
     transferred is fast-forwarded to ``trainer.global_step`` (epoch-based: ``trainer.current_epoch``).
+    Optimizer state is restored separately (:func:`carry_optimizer_states`).
     """
     strategy = trainer.strategy
     old_lrs = [[group["lr"] for group in opt.param_groups] for opt in strategy.optimizers]
