@@ -89,7 +89,7 @@ class IterativePruning(Callback):
       ``importance`` (``"l1"``, ``"l2"``, ``"bn_gamma"``, ``"taylor"``). At the last pruning point (or at
       the end of ``fit`` if the schedule is cut short) the masked channels are **removed**: the layers
       are rebuilt smaller, the optimizers and LR schedulers are rebuilt for them (learning rate and
-      schedule position carry over, optimizer moments restart) and training continues.
+      schedule position carry over, so do the kept channels' optimizer moments) and training continues.
     * ``"n_m"`` — semi-structured N:M sparsity (``pattern="2:4"``: at most 2 non-zeros in every 4
       consecutive input channels), the pattern sparse tensor cores and several NPUs execute faster.
 
