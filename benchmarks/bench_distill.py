@@ -4,7 +4,7 @@ Both arms use the same data, epochs, optimizer and seeds; the only difference is
 (``DistillationModule``: (1 − α)·CE + α·T²·KL against the ResNet-18 teacher, vs ``DMSClassifier``: CE).
 Each arm is evaluated with its final weights on the same test split (no best-epoch selection).
 
-    flock /tmp/cpu.lock python benchmarks/bench_distill.py                   # defaults below, ~10-15 min on 2 cores
+    flock /tmp/cpu.lock python benchmarks/bench_distill.py                   # defaults below, ~15 min on 2 shared cores
     flock /tmp/cpu.lock python benchmarks/bench_distill.py --quick           # smoke run, ~1 min
 
 The teacher is ``artifacts/teacher/best.ckpt`` (``python -m dms_lightning fit --config configs/teacher.yaml``);
@@ -51,7 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.7)
-    parser.add_argument("--threads", type=int, default=2)
+    # One intra-op thread: on 2 shared cores, 2 OpenMP threads spin-wait for each other (10x slower here).
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (numbers meaningless)")
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/distillation.md"))
     args = parser.parse_args()
