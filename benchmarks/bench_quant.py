@@ -144,7 +144,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data and few epochs (smoke run)")
     parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--resnet-epochs", type=int, default=3)
+    parser.add_argument("--resnet-checkpoint", default=str(Path(__file__).resolve().parents[1] /
+                                                           "artifacts/teacher/best.ckpt"),
+                        help="the trained ResNet-18 teacher (configs/teacher.yaml); trained here if missing")
+    parser.add_argument("--resnet-epochs", type=int, default=3, help="epochs when the teacher must be trained here")
     parser.add_argument("--mobilenet-epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--calibration-batches", type=int, default=8)
@@ -164,7 +167,15 @@ def main() -> None:
     rounds, runs = (5, 10) if args.quick else (15, 20)
 
     # ---------------------------------------------------------------- ResNet-18: PTQ
-    resnet = train_float("resnet18", datamodule, args.resnet_epochs, 2e-3, work / "r18", limit)
+    if Path(args.resnet_checkpoint).is_file() and not args.quick:
+        resnet = DMSClassifier.load_from_checkpoint(args.resnet_checkpoint, map_location="cpu").eval()
+        notes["resnet"] = f"teacher checkpoint {args.resnet_checkpoint}"
+        if resnet.image_size != args.image_size:
+            raise SystemExit(f"--resnet-checkpoint was trained at {resnet.image_size} px, not --image-size "
+                             f"{args.image_size}")
+    else:
+        resnet = train_float("resnet18", datamodule, args.resnet_epochs, 2e-3, work / "r18", limit)
+        notes["resnet"] = f"trained here for {args.resnet_epochs} epochs"
     example = datamodule.example_input(1)
     r_fp32 = export_onnx(resnet.model, example, work / "resnet18_fp32.onnx")
     # Calibration choices are tuned like any hyper-parameter: on the validation split, then reported on test.
@@ -258,6 +269,8 @@ def write_table(rows, checks, notes, args) -> None:
              f"Machine: {machine_summary(info)}", "",
              f"Data: synthetic DMS, {args.image_size} px, 1 channel; test accuracy in ONNX Runtime on the whole "
              f"test split. Latency: batch 1, {THREADS} intra-op thread, median over interleaved rounds.", "",
+             f"ResNet-18: {notes.get('resnet')}. MobileNetV3-small: {args.mobilenet_epochs} float epochs, then "
+             f"{args.qat_epochs} QAT epochs from those weights.", "",
              "| model | variant | quantized | file (MB) | size × FP32 | latency (ms) | latency × FP32 | test acc | Δ acc (pt) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for model, variant, policy, size, size_ratio, latency, latency_ratio, acc, delta in rows:

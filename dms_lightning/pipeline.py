@@ -2,7 +2,7 @@
 
 1. ``fit --config configs/teacher.yaml`` — the ResNet-18 teacher (skipped when its checkpoint exists,
    unless ``--retrain-teacher``), exported to ONNX as the report's baseline;
-2. ``fit --config configs/pipeline.yaml`` — the MobileNetV3-small student distilled from it, with
+2. ``fit --config configs/distill.yaml`` — the MobileNetV3-small student distilled from it, with
    iterative channel pruning, then quantization-aware training in the same ``fit``; at the end FP32 and
    INT8 ONNX (parity-checked), the SNPE/QNN bundle and the compression report;
 3. prints where everything is and the TensorBoard command.
@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from dms_lightning.cli import DMSLightningCLI
 
 DEFAULT_TEACHER_CONFIG = "configs/teacher.yaml"
-DEFAULT_STUDENT_CONFIG = "configs/pipeline.yaml"
+DEFAULT_STUDENT_CONFIG = "configs/distill.yaml"
 DEFAULT_TEACHER_CHECKPOINT = "artifacts/teacher/best.ckpt"
 
 

@@ -42,7 +42,7 @@ def test_teacher_then_distill_config_produces_the_deploy_artifacts(tmp_path, mon
                "--model.init_args.backbone=resnet18"])
     assert (tmp_path / "artifacts/teacher/best.ckpt").is_file()
     assert (tmp_path / "artifacts/teacher/teacher_fp32.onnx").is_file()
-    config = yaml.safe_load((ROOT / "configs/pipeline.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs/distill.yaml").read_text())
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in config["trainer"]["callbacks"]}
     callbacks["IterativePruning"].update(start_epoch=0, end_epoch=1)
     callbacks["QuantizationAwareTraining"].update(start_epoch=2, freeze_bn_epoch=2, freeze_observers_epoch=3)
@@ -50,10 +50,11 @@ def test_teacher_then_distill_config_produces_the_deploy_artifacts(tmp_path, mon
     fast = tmp_path / "distill_fast.yaml"
     fast.write_text(yaml.safe_dump(config))
     cli = main(args=["fit", "--config", str(fast), *_tiny(tmp_path, 3)])
-    artifacts = tmp_path / "artifacts/pipeline"
-    assert (artifacts / "onnx/student_fp32.onnx").is_file() and (artifacts / "onnx/student_int8.onnx").is_file()
-    manifest = json.loads((artifacts / "onnx/manifest.json").read_text())
-    assert manifest
+    artifacts = tmp_path / "artifacts/distill"
+    assert (artifacts / "student_fp32.onnx").is_file() and (artifacts / "student_int8.onnx").is_file()
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    listed = json.dumps(manifest)
+    assert "student_fp32.onnx" in listed and "student_int8.onnx" in listed and "snpe_bundle" in listed
     assert (artifacts / "snpe_bundle/convert.sh").is_file()
     assert any((artifacts / "report").glob("*.md"))
     assert cli.trainer.current_epoch == 3

@@ -215,7 +215,8 @@ def test_cli_fit_then_validate_test_and_predict_from_the_student_checkpoint(teac
             "--model.init_args.feature_hints", "[{student: features.8, teacher: layer3}]",
             "--data.image_size", "64", "--data.train_size", "96", "--data.val_size", "16", "--data.test_size", "16",
             "--data.batch_size", "16", "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--checkpoint.dirpath", str(tmp_path / "ckpt")]
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+            "--trainer.callbacks=[]"]  # distillation alone; the compression callbacks are tested in test_configs
     fit = main(["fit", *args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
     fit_val_acc = fit.trainer.callback_metrics["val/acc"].item()
     ckpt = str(tmp_path / "ckpt" / "best.ckpt")

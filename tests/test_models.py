@@ -90,3 +90,15 @@ def test_a_short_fit_beats_chance_clearly(tiny_datamodule, fast_trainer_kwargs):
     accuracy = trainer.validate(model, dm, verbose=False)[0]["val/acc"]
     print(f"short fit: val/acc={accuracy:.3f}")
     assert accuracy > 0.35, f"5 classes: chance is 0.2, got {accuracy:.3f}"
+
+
+def test_bn_momentum_defaults_to_short_run_value_and_can_keep_torchvision():
+    from torch import nn
+
+    def momenta(module):
+        return {m.momentum for m in module.modules() if isinstance(m, nn.BatchNorm2d)}
+
+    assert momenta(DMSClassifier("mobilenet_v3_small", image_size=32)) == {0.1}
+    assert momenta(DMSClassifier("mobilenet_v3_small", image_size=32, bn_momentum=None)) == {0.01}
+    with pytest.raises(ValueError, match="bn_momentum=0.0"):
+        build_backbone("mobilenet_v3_small", bn_momentum=0.0)

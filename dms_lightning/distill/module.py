@@ -64,7 +64,8 @@ class DistillationModule(ClassificationModule):
         save_teacher: keep the teacher's weights in saved checkpoints too (they are dropped by default).
         num_classes, class_names, in_channels, image_size: linked from the data module by the CLI; the
             teacher must agree on classes and input channels.
-        optimizer, lr_scheduler, label_smoothing: as for :class:`~dms_lightning.DMSClassifier`.
+        optimizer, lr_scheduler, label_smoothing, bn_momentum: as for :class:`~dms_lightning.DMSClassifier`
+            (``bn_momentum`` applies to a student built by name).
 
     Example:
         >>> module = DistillationModule("mobilenet_v3_small", teacher_checkpoint="artifacts/teacher/best.ckpt",
@@ -95,6 +96,7 @@ class DistillationModule(ClassificationModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
+        bn_momentum: float | None = 0.1,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
@@ -112,7 +114,7 @@ class DistillationModule(ClassificationModule):
 
         if isinstance(student, str):
             self.model = build_backbone(student, num_classes, in_channels, student_head, student_head_hidden,
-                                        dropout, student_weights)
+                                        dropout, student_weights, bn_momentum)
         else:
             self.model = student
         self._check_classifier(self.model, "model.student")

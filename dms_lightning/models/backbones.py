@@ -131,6 +131,7 @@ def build_backbone(
     head_hidden: int = 128,
     dropout: float = 0.2,
     weights: str | None = None,
+    bn_momentum: float | None = None,
 ) -> nn.Module:
     """A torchvision classifier for ``in_channels``-channel images and ``num_classes`` classes.
 
@@ -142,6 +143,10 @@ def build_backbone(
             model's own classifier with its last layer resized.
         weights: optional local file with weights for the torchvision architecture (ImageNet 3-channel
             weights are fine: the first conv is adapted after loading and the classifier is skipped).
+        bn_momentum: if given, the momentum of every BatchNorm's running statistics. torchvision's
+            MobileNet/EfficientNet/MnasNet use 0.01 (tuned for 600-epoch ImageNet runs): in a run of a few
+            hundred steps the running statistics lag the weights and evaluation collapses to chance;
+            0.1 (PyTorch's default, and ResNet's) suits short runs.
 
     Example:
         >>> model = build_backbone("resnet18", num_classes=5, in_channels=1)
@@ -158,12 +163,18 @@ def build_backbone(
         raise ValueError(f"num_classes={num_classes!r} must be at least 2")
     if head not in ("dms", "torchvision"):
         raise ValueError(f"head={head!r} must be 'dms' or 'torchvision'")
+    if bn_momentum is not None and not 0.0 < bn_momentum <= 1.0:
+        raise ValueError(f"bn_momentum={bn_momentum!r} must be in (0, 1], or None to keep torchvision's value")
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights is not None:
         _load_matching(model, load_state_dict_file(weights), weights)
     _adapt_first_conv(model, in_channels)
     _replace_head(model, name, num_classes, head, head_hidden, dropout)
+    if bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = bn_momentum
     return model
 
 

@@ -10,12 +10,19 @@ import torch
 from torch import nn
 
 
-def ort_session(onnx_path: str | Path, threads: int | None = None):
-    """A CPU ONNX Runtime session with all graph optimisations (QDQ → QLinear* fusion) enabled."""
+def ort_session(onnx_path: str | Path, threads: int | None = None, fuse_qdq: bool = True):
+    """A CPU ONNX Runtime session with all graph optimisations enabled.
+
+    ``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear pairs as float ops (the QDQ graph's exact
+    semantics, what an NPU converter reads) instead of ORT's fused integer kernels (QLinearConv ...),
+    whose u8s8 arithmetic on x86 CPUs without VNNI can flip near-tied predictions.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
