@@ -1,8 +1,10 @@
 """Distilled MobileNetV3-small vs the same student trained alone: test accuracy over several seeds.
 
-Both arms use the same data, epochs, optimizer and seeds; the only difference is the loss
-(``DistillationModule``: (1 − α)·CE + α·T²·KL against the ResNet-18 teacher, vs ``DMSClassifier``: CE).
-Each arm is evaluated with its final weights on the same test split (no best-epoch selection).
+All arms use the same data, epochs, optimizer and seeds; the only difference is the loss:
+``alone`` (``DMSClassifier``: CE), ``kd`` (``DistillationModule``: (1 − α)·CE + α·T²·KL against the
+ResNet-18 teacher) and ``kd+at`` (the same plus attention transfer at three resolutions, the recipe of
+``configs/distill.yaml``). Each arm is evaluated with its final weights on the same test split (no
+best-epoch selection).
 
     flock /tmp/cpu.lock python benchmarks/bench_distill.py                   # defaults below, ~15 min on 2 shared cores
     flock /tmp/cpu.lock python benchmarks/bench_distill.py --quick           # smoke run, ~1 min
@@ -25,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -99,6 +102,11 @@ def describe_teacher(path: Path) -> str:
             f"sha256 {sha256_file(path)[:12]}")
 
 
+#: Attention-transfer pairs of configs/distill.yaml (MobileNetV3-small stage → ResNet-18 stage of the same size).
+ATTENTION_PAIRS = yaml.safe_load((REPO / "configs/distill.yaml").read_text())["model"]["init_args"]["attention_transfer"]
+ARMS = ("alone", "kd", "kd+at")
+
+
 def run_arm(arm: str, seed: int, args, teacher: Path) -> tuple[float, float, float | None]:
     """``(test accuracy, fit seconds, teacher test accuracy)`` of one arm and seed."""
     seed_everything(seed, workers=True)
@@ -109,7 +117,8 @@ def run_arm(arm: str, seed: int, args, teacher: Path) -> tuple[float, float, flo
         module = DMSClassifier("mobilenet_v3_small", head="dms", **common)
     else:
         module = DistillationModule("mobilenet_v3_small", teacher_checkpoint=str(teacher), temperature=args.temperature,
-                                    alpha=args.alpha, **common)
+                                    alpha=args.alpha, attention_transfer=ATTENTION_PAIRS if arm == "kd+at" else None,
+                                    **common)
     fit = trainer(args)
     start = time.perf_counter()
     fit.fit(module, datamodule=data)
@@ -148,19 +157,18 @@ def main() -> None:
     teacher.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, teacher)
     teacher_text = f"`{os.path.relpath(source, REPO)}` ({describe_teacher(teacher)})"
-    results: dict[str, list[tuple[float, float]]] = {"alone": [], "distilled": []}
+    results: dict[str, list[tuple[float, float]]] = {arm: [] for arm in ARMS}
     teacher_acc = None
     for seed in args.seeds:
-        for arm in ("alone", "distilled"):
+        for arm in ARMS:
             acc, seconds, t_acc = run_arm(arm, seed, args, teacher)
             teacher_acc = t_acc if t_acc is not None else teacher_acc
             results[arm].append((acc, seconds))
             print(f"[bench_distill] seed {seed} {arm:9s} test/acc {acc:.4f}  fit {seconds:.0f} s", flush=True)
 
-    alone = [a for a, _ in results["alone"]]
-    distilled = [a for a, _ in results["distilled"]]
-    gain = statistics.mean(distilled) - statistics.mean(alone)
-    verdict = "distilled is not worse than alone" if gain >= 0 else "DISTILLED IS WORSE THAN ALONE"
+    accs = {arm: [a for a, _ in results[arm]] for arm in ARMS}
+    gains = {arm: statistics.mean(accs[arm]) - statistics.mean(accs["alone"]) for arm in ARMS[1:]}
+    verdict = {arm: "not worse than alone" if gain >= 0 else "WORSE THAN ALONE" for arm, gain in gains.items()}
     lines = [
         "# Distillation: MobileNetV3-small distilled from ResNet-18 vs trained alone",
         "",
@@ -172,25 +180,28 @@ def main() -> None:
         f"test {args.test_size} images, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr} "
         "wd 0.01 with the default warm-up + cosine schedule, augmentation on, final weights evaluated (no "
         "best-epoch selection), training seeds " + ", ".join(map(str, args.seeds)) + ". "
-        f"Distillation: T = {args.temperature}, alpha = {args.alpha}, logit KD only, teacher {teacher_text}. "
-        "Smaller than configs/student.yaml / configs/distill.yaml (3000 images, 8 epochs) to keep the "
-        "benchmark affordable on 2 shared cores.",
+        f"kd: logit distillation, T = {args.temperature}, alpha = {args.alpha}. kd+at: the same plus attention "
+        "transfer (weight 500) on " + ", ".join(f"{p['student']}→{p['teacher']}" for p in ATTENTION_PAIRS)
+        + f", as in configs/distill.yaml. Teacher {teacher_text}.",
         "",
-        "| seed | alone test acc (%) | distilled test acc (%) | alone fit (s) | distilled fit (s) |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| seed | " + " | ".join(f"{arm} test acc (%)" for arm in ARMS) + " | "
+        + " | ".join(f"{arm} fit (s)" for arm in ARMS) + " |",
+        "| ---: |" + " ---: |" * (2 * len(ARMS)),
     ]
-    for seed, (a, a_s), (d, d_s) in zip(args.seeds, results["alone"], results["distilled"]):
-        lines.append(f"| {seed} | {100 * a:.2f} | {100 * d:.2f} | {a_s:.0f} | {d_s:.0f} |")
+    for i, seed in enumerate(args.seeds):
+        lines.append(f"| {seed} | " + " | ".join(f"{100 * results[arm][i][0]:.2f}" for arm in ARMS) + " | "
+                     + " | ".join(f"{results[arm][i][1]:.0f}" for arm in ARMS) + " |")
     lines += [
-        f"| **mean ± std** | **{mean_std(alone)}** | **{mean_std(distilled)}** | "
-        f"{statistics.mean(s for _, s in results['alone']):.0f} | "
-        f"{statistics.mean(s for _, s in results['distilled']):.0f} |",
+        "| **mean ± std** | " + " | ".join(f"**{mean_std(accs[arm])}**" for arm in ARMS) + " | "
+        + " | ".join(f"{statistics.mean(s for _, s in results[arm]):.0f}" for arm in ARMS) + " |",
         "",
         f"Teacher (ResNet-18) test accuracy on the same test split: {100 * teacher_acc:.2f} %." if teacher_acc
         is not None else "",
-        f"Distilled − alone: {100 * gain:+.2f} points (mean over {len(args.seeds)} seeds): **{verdict}**.",
         "",
     ]
+    lines += [f"- {arm} − alone: {100 * gain:+.2f} points (mean over {len(args.seeds)} seeds): **{verdict[arm]}**."
+              for arm, gain in gains.items()]
+    lines.append("")
     table = "\n".join(lines)
     print(table)
     write_text_atomic(args.output, table)

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -49,6 +50,8 @@ from dms_lightning.report.machine import machine_summary  # noqa: E402
 from dms_lightning.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+#: The distillation recipe of configs/distill.yaml: logit KD plus attention transfer at three resolutions.
+ATTENTION_PAIRS = yaml.safe_load((ROOT / "configs/distill.yaml").read_text())["model"]["init_args"]["attention_transfer"]
 
 #: The reference case study: (stage, size MB, latency ms, accuracy %).
 CASE_STUDY = (
@@ -146,7 +149,8 @@ def quantize_teacher(args, fp32: Path, int8: Path, calibration_batches: int = 8)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_onnx(fp32, int8, datamodule(args).val_dataloader(), calibration_batches=calibration_batches)
+        loader = datamodule(args).val_dataloader()
+        quantize_onnx(fp32, int8, loader, calibration_batches=min(calibration_batches, len(loader)))
 
 
 def student_callbacks(args, extra_variants: dict[str, str], report_dir: Path) -> list:
@@ -174,7 +178,7 @@ def run_student(args, teacher_ckpt: Path, extra_variants: dict[str, str], workdi
 
     seed_everything(args.seed, verbose=False)
     module = DistillationModule("mobilenet_v3_small", teacher_checkpoint=str(teacher_ckpt), temperature=4.0,
-                                alpha=0.7, image_size=args.image_size)
+                                alpha=0.7, attention_transfer=ATTENTION_PAIRS, image_size=args.image_size)
     module.optimizer_factory = partial(adamw, lr=args.lr)  # kept out of the checkpoint's hyper-parameters
     callbacks = student_callbacks(args, extra_variants, workdir / "report")
     logger = TensorBoardLogger(save_dir=str(workdir), name="tb")
@@ -216,7 +220,8 @@ def results_markdown(report: Report, args, seconds: float) -> tuple[str, dict]:
         "# Full pipeline vs the reference case study\n",
         f"Machine: {machine_summary(report.machine)}.  ",
         f"Synthetic DMS set, {args.image_size} px grayscale, {args.train_size} train / {args.test_size} test images; "
-        f"student: {args.epochs} epochs of distillation (T=4, α=0.7) with channel pruning to "
+        f"student: {args.epochs} epochs of distillation (T=4, α=0.7, attention transfer as in configs/distill.yaml) "
+        f"with channel pruning to "
         f"{args.target_sparsity:.0%} (AGP, epochs {args.prune_start}-{args.prune_end}, channels removed) and QAT "
         f"from epoch {args.qat_start}. Latency: ONNX Runtime CPU, batch 1, p50 of {args.latency_runs} runs after "
         f"{args.warmup_runs} warm-up runs. Accuracy: ONNX Runtime on the test split. Wall time {seconds / 60:.1f} min.  ",

@@ -194,18 +194,41 @@ class DistillationModule(ClassificationModule):
                                          self.label_smoothing)
         self.log("train/loss_ce", ce)
         self.log("train/loss_kd", kd)
-        if self.hint_pairs:
+        hints = [(pair, adapter) for pair, adapter in zip(self.hint_pairs, self.hint_adapters)
+                 if self._captured(pair, student_features, teacher_features)]
+        if hints:
             hint = sum(pair.weight * adapter.loss(student_features[pair.student], teacher_features[pair.teacher])
-                       for pair, adapter in zip(self.hint_pairs, self.hint_adapters))
+                       for pair, adapter in hints)
             self.log("train/loss_hint", hint)
             loss = loss + hint
-        if self.attention_pairs:
+        attention_pairs = [p for p in self.attention_pairs if self._captured(p, student_features, teacher_features)]
+        if attention_pairs:
             attention = sum(pair.weight * attention_transfer_loss(student_features[pair.student],
                                                                   teacher_features[pair.teacher])
-                            for pair in self.attention_pairs)
+                            for pair in attention_pairs)
             self.log("train/loss_at", attention)
             loss = loss + attention
         return loss, logits
+
+    def _captured(self, pair: FeaturePair, student: Mapping[str, torch.Tensor],
+                  teacher: Mapping[str, torch.Tensor]) -> bool:
+        """Whether both ends of ``pair`` ran in this step.
+
+        A callback may rewrite the student into a flat graph (QuantizationAwareTraining traces it with
+        torch.fx): a block such as ``features.3`` then still exists as a container but is never called, so
+        its output cannot be captured. The pair is skipped from then on (logit distillation goes on), with
+        one warning.
+        """
+        if pair.student in student and pair.teacher in teacher:
+            return True
+        skipped = self.__dict__.setdefault("_skipped_pairs", set())
+        if pair not in skipped:
+            skipped.add(pair)
+            warnings.warn(f"feature pair {pair.student} -> {pair.teacher}: the student module {pair.student!r} is no "
+                          "longer called (the network was rewritten, e.g. by QuantizationAwareTraining); its hint / "
+                          "attention-transfer term is skipped from here on and logit distillation continues",
+                          stacklevel=2)
+        return False
 
     @override
     def trainable_parameters(self) -> list[nn.Parameter]:
