@@ -262,6 +262,12 @@ def results_markdown(report: Report, args, seconds: float) -> tuple[str, dict]:
                       f"{student_fp32.latency_ms_p50:.2f} ms, {100 * student_fp32.accuracy:.2f} % "
                       f"({student_fp32.size_ratio:.1f}× smaller, {student_fp32.speedup:.1f}× faster, "
                       f"{student_fp32.accuracy_delta_pt:+.2f} pt vs the teacher)."]
+    graph_acc = student_int8.info.get("accuracy_qdq_graph") if student_int8 is not None else None
+    if graph_acc is not None and teacher is not None and teacher.accuracy is not None:
+        lines += ["", f"The INT8 student's accuracy above is ONNX Runtime's fused x86 integer kernels (u8s8 with int16 "
+                      f"intermediate sums on this AVX2 CPU). The same QDQ graph run with its own arithmetic (Q/DQ "
+                      f"unfused, what an NPU converter reads): {100 * graph_acc:.2f} % "
+                      f"({100 * (graph_acc - teacher.accuracy):+.2f} pt vs the teacher)."]
     lines += ["", "All variants (CompressionReport):", "", _table_only(report)]
     summary = {"case_study": [dict(zip(("stage", "size_mb", "latency_ms", "accuracy_pct"), c)) for c in CASE_STUDY],
                "goals": {k: {"target": GOALS[k], "measured": goals.get(k), "result": _vs_goal(k, goals.get(k))}

@@ -154,6 +154,13 @@ def test_int8_qdq_model_counts_float_equivalent_parameters_and_macs(onnx_files, 
     assert row.parameters == count_parameters(fp32)
     assert row.macs == count_macs(fp32)
     assert row.quantized_weight_fraction > 0.9
+    # INT8 accuracy is also given for the QDQ graph's own arithmetic, recomputed here independently.
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
+    hits = [(session.run(None, {"input": x.numpy()})[0].argmax(1) == y.numpy()) for x, y in test_loader]
+    assert row.info["accuracy_qdq_graph"] == pytest.approx(float(np.concatenate(hits).mean()))
+    assert any("QDQ graph" in note for note in row.notes)
 
 
 def test_latency_percentiles_are_ordered_and_machine_recorded(two_variant_report):

@@ -19,17 +19,11 @@ from pathlib import Path
 
 import onnx
 
-from dms_lightning.export.qdq import strip_qdq
+from dms_lightning.quant.encodings import encodings_from_qdq_onnx  # noqa: F401 - re-exported
 
 _REQUIRED_FIELDS = ("bitwidth", "min", "max", "scale", "offset")
 # Layers that run as integer matmuls on the NPU: their inputs and weights need a grid.
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def encodings_from_qdq_onnx(onnx_path: str | Path | onnx.ModelProto) -> dict:
-    """The encodings of a QDQ ONNX model, keyed by the tensor names of its float twin (see ``strip_qdq``)."""
-    model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(str(onnx_path))
-    return strip_qdq(model).encodings
 
 
 @dataclass

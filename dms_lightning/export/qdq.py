@@ -129,7 +129,9 @@ def encoding_entries(scale: np.ndarray, zero_point: np.ndarray, elem_type: int,
         entries.append({
             "bitwidth": bitwidth,
             "dtype": "int",
-            "is_symmetric": str(unsigned_zero == 2 ** (bitwidth - 1)),
+            # Symmetric when the producer chose a signed grid centred on zero; a uint8 grid whose zero
+            # point happens to be 128 is still an affine (asymmetric) activation encoding.
+            "is_symmetric": str(bool(signed and int(z) == 0)),
             "max": float(s * (2 ** bitwidth - 1 + offset)),
             "min": float(s * offset),
             "offset": offset,

@@ -17,69 +17,28 @@ symmetric signed grid, ``min = offset · scale`` and ``max = min + (2^b − 1) �
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from dms_lightning.quant.onnx_qdq import NARROW_WEIGHTS_KEY
 from dms_lightning.utils.io import write_json_atomic
 
 ENCODINGS_VERSION = "0.6.1"
-_QUANTIZED_SUFFIX = "_quantized"
-
-
-def _entries(scale: np.ndarray, zero_point: np.ndarray, bits: int) -> list[dict]:
-    signed = np.issubdtype(zero_point.dtype, np.signedinteger)
-    storage_min = -(2 ** (bits - 1)) if signed else 0
-    symmetric = bool(signed and np.all(zero_point == 0))
-    entries = []
-    for s, z in zip(np.atleast_1d(scale).astype(np.float64), np.atleast_1d(zero_point).astype(np.int64)):
-        offset = int(storage_min - z)
-        low = offset * float(s)
-        entries.append({"bitwidth": bits, "dtype": "int", "is_symmetric": str(symmetric), "min": low,
-                        "max": low + (2 ** bits - 1) * float(s), "offset": offset, "scale": float(s)})
-    return entries
-
-
-def _bits(dtype: np.dtype) -> int:
-    return np.iinfo(dtype).bits
 
 
 def encodings_from_qdq_model(model: onnx.ModelProto) -> dict:
-    """Encodings of every quantized tensor of a QDQ ``ModelProto`` (see :func:`encodings_from_qdq_onnx`)."""
-    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    narrow = {}
-    for prop in model.metadata_props:
-        if prop.key == NARROW_WEIGHTS_KEY:
-            narrow = json.loads(prop.value)
-    activations: dict[str, list[dict]] = {}
-    params: dict[str, list[dict]] = {}
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
-            continue
-        source = node.input[0]
-        scale = constants.get(node.input[1])
-        if scale is None:
-            continue
-        zero_point = constants.get(node.input[2]) if len(node.input) > 2 else None
-        if zero_point is None:
-            zero_point = np.zeros_like(scale, dtype=np.uint8)  # ONNX default zero point: uint8 0
-        if node.op_type == "QuantizeLinear" and source not in constants:
-            activations[source] = _entries(scale, zero_point, _bits(zero_point.dtype))
-        elif node.op_type == "DequantizeLinear" and source in constants:
-            name = source[: -len(_QUANTIZED_SUFFIX)] if source.endswith(_QUANTIZED_SUFFIX) else source
-            params[name] = _entries(scale, zero_point, narrow.get(source, _bits(constants[source].dtype)))
-    return {"version": ENCODINGS_VERSION, "activation_encodings": activations, "param_encodings": params}
+    """Encodings of every quantized tensor of a QDQ ``ModelProto`` (see :func:`encodings_from_qdq_onnx`).
+
+    The keys are the tensor names of the float graph :func:`~dms_lightning.export.qdq.strip_qdq` derives
+    from ``model`` — the graph the SNPE / QNN converters are given — so every entry matches a tensor there.
+    """
+    from dms_lightning.export.qdq import strip_qdq
+
+    return {"version": ENCODINGS_VERSION, **strip_qdq(model).encodings}
 
 
-def encodings_from_qdq_onnx(onnx_path: str | Path) -> dict:
-    """AIMET-style encodings of a QDQ ONNX model, keyed by ONNX tensor names.
+def encodings_from_qdq_onnx(onnx_path: str | Path | onnx.ModelProto) -> dict:
+    """AIMET-style encodings of a QDQ ONNX model (a file or a ``ModelProto``), keyed by ONNX tensor names.
 
     Works for the models QuantizationAwareTraining exports and for ONNX Runtime ``quantize_static`` output.
 
@@ -88,12 +47,16 @@ def encodings_from_qdq_onnx(onnx_path: str | Path) -> dict:
         >>> enc["param_encodings"]["conv1.weight"][0]["bitwidth"]  # doctest: +SKIP
         8
     """
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"onnx_path={str(path)!r} does not exist")
-    encodings = encodings_from_qdq_model(onnx.load(str(path)))
+    if isinstance(onnx_path, onnx.ModelProto):
+        model, label = onnx_path, "the model"
+    else:
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"onnx_path={str(path)!r} does not exist")
+        model, label = onnx.load(str(path)), f"onnx_path={str(path)!r}"
+    encodings = encodings_from_qdq_model(model)
     if not encodings["activation_encodings"] and not encodings["param_encodings"]:
-        raise ValueError(f"onnx_path={str(path)!r} has no QuantizeLinear/DequantizeLinear with constant scales: "
+        raise ValueError(f"{label} has no QuantizeLinear/DequantizeLinear with constant scales: "
                          "it is not a QDQ-quantized model")
     return encodings
 
