@@ -169,7 +169,8 @@ def main() -> None:
     # ---------------------------------------------------------------- ResNet-18: PTQ
     if Path(args.resnet_checkpoint).is_file() and not args.quick:
         resnet = DMSClassifier.load_from_checkpoint(args.resnet_checkpoint, map_location="cpu").eval()
-        notes["resnet"] = f"teacher checkpoint {os.path.relpath(args.resnet_checkpoint, Path(__file__).resolve().parents[1])}"
+        repo = Path(__file__).resolve().parents[1]
+        notes["resnet"] = f"teacher checkpoint {os.path.relpath(args.resnet_checkpoint, repo)}"
         if resnet.image_size != args.image_size:
             raise SystemExit(f"--resnet-checkpoint was trained at {resnet.image_size} px, not --image-size "
                              f"{args.image_size}")
