@@ -69,6 +69,13 @@ def test_four_bit_weights_use_fifteen_levels():
     assert len(torch.unique(out)) == 15  # -7..7
 
 
+def test_seven_bit_weights_stay_within_plus_minus_63():
+    quantizer = FakeQuantizer(weight_spec(7, True, True), num_channels=1, is_weight=True)
+    out = quantizer(torch.linspace(-1, 1, 301).reshape(1, -1))
+    levels = torch.round(out / quantizer.scale.reshape(-1, 1)).unique()
+    assert levels.min() == -63 and levels.max() == 63 and len(levels) == 127
+
+
 @pytest.mark.parametrize("bits, make", [(16, lambda b: weight_spec(b, True, True)), (2, lambda b: weight_spec(b, True, True)),
                                         (4, lambda b: activation_spec(b, False))])
 def test_unsupported_bit_width_is_rejected_with_field_name(bits, make):
@@ -181,19 +188,20 @@ def test_encodings_are_keyed_by_onnx_tensor_names(resnet_qdq):
         assert entry["max"] == pytest.approx(entry["min"] + 255 * entry["scale"])
 
 
-def test_four_bit_weights_export_and_encode_as_four_bit(tmp_path):
+@pytest.mark.parametrize("bits", [4, 7])
+def test_narrow_weights_export_and_encode_with_their_bit_width(tmp_path, bits):
     torch.manual_seed(0)
-    config = QuantizationConfig(weight=weight_spec(4, True, True))
+    config = QuantizationConfig(weight=weight_spec(bits, True, True))
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 3))
     prepared = _calibrated(prepare_qat(model, config))
-    path = export_qdq_onnx(prepared, torch.zeros(1, 1, 32, 32), tmp_path / "w4.onnx")
+    path = export_qdq_onnx(prepared, torch.zeros(1, 1, 32, 32), tmp_path / f"w{bits}.onnx")
     proto = onnx.load(str(path))
     for init in proto.graph.initializer:
         if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1:
             values = onnx.numpy_helper.to_array(init)
-            assert values.min() >= -8 and values.max() <= 7
+            assert values.min() >= -(2 ** (bits - 1)) and values.max() <= 2 ** (bits - 1) - 1
     encodings = encodings_from_qdq_onnx(path)
-    assert {e["bitwidth"] for v in encodings["param_encodings"].values() for e in v} == {4}
+    assert {e["bitwidth"] for v in encodings["param_encodings"].values() for e in v} == {bits}
     x = torch.randn(4, 1, 32, 32)
     step = float(prepared.activation_quantizers.get_submodule(prepared.graph.output_node().args[0].target.split(".")[-1]).scale)
     assert np.abs(ort_session(path).run(None, {"input": x.numpy()})[0] - prepared(x).detach().numpy()).max() <= 2 * step

@@ -48,7 +48,8 @@ class QuantizationAwareTraining(Callback):
         start_epoch: first epoch trained with fake quantization (after pruning's ``end_epoch``).
         freeze_observers_epoch: from this epoch on, activation ranges stay fixed (``None``: never).
         freeze_bn_epoch: from this epoch on, folded BatchNorms use running statistics (``None``: never).
-        weight_bits: 8 or 4 (4-bit weights are stored in int8 QDQ containers with the 4-bit range).
+        weight_bits: 8, 7 or 4 (narrow weights are stored in int8 QDQ containers with their own range; 7 is
+            ONNX Runtime's ``reduce_range`` for x86 CPUs without VNNI, where 8-bit weights can saturate).
         per_channel_weights: one scale per output channel (``False``: one per tensor).
         activation_bits: 8.
         symmetric_activations: int8 with zero point 0 instead of uint8 affine.

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-#: Bit widths we can simulate and export: 8 everywhere, 4 for weights (stored in int8 QDQ containers).
-WEIGHT_BITS = (4, 8)
+#: Bit widths we can simulate and export: 8 everywhere; 4 and 7 for weights (stored in int8 QDQ containers).
+#: 7-bit weights are ONNX Runtime's ``reduce_range`` for x86 CPUs without VNNI, whose u8 × s8 integer
+#: kernels sum pairs of products in int16 and saturate with full 8-bit weights.
+WEIGHT_BITS = (4, 7, 8)
 ACTIVATION_BITS = (8,)
 
 
@@ -14,7 +16,7 @@ class QuantSpec:
     """The integer grid of a quantized tensor.
 
     Args:
-        bits: bit width (weights: 4 or 8; activations: 8).
+        bits: bit width (weights: 4, 7 or 8; activations: 8).
         symmetric: zero point fixed at 0 (signed grid ``[-(2^(b-1)-1), 2^(b-1)-1]``); otherwise an
             unsigned affine grid ``[0, 2^b - 1]`` with a learned zero point.
         per_channel: one scale per output channel (weights only; axis 0 of conv / linear weights).
