@@ -39,6 +39,8 @@ from dms_lightning import DMSClassifier, DMSDataModule  # noqa: E402
 from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
 from dms_lightning.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
+import readme_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -259,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": info, "settings": settings, "plain_round_spread": noise, "rows": rows}
     write_json_atomic(output.with_suffix(".json"), result)
     print(f"written: {output.with_suffix('.md')}, {output.with_suffix('.json')}")
+    readme_results.main()  # the README shows the latest table
     return result
 
 

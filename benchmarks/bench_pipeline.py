@@ -49,6 +49,8 @@ from dms_lightning.report import MeasureSettings, Report  # noqa: E402
 from dms_lightning.report.machine import machine_summary  # noqa: E402
 from dms_lightning.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
+import readme_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 RESULTS = ROOT / "benchmarks" / "results"
 #: The distillation recipe of configs/distill.yaml: logit KD plus attention transfer at three resolutions.
 ATTENTION_PAIRS = yaml.safe_load((ROOT / "configs/distill.yaml").read_text())["model"]["init_args"]["attention_transfer"]
@@ -264,8 +266,11 @@ def results_markdown(report: Report, args, seconds: float) -> tuple[str, dict]:
                       f"{student_fp32.accuracy_delta_pt:+.2f} pt vs the teacher)."]
     graph_acc = student_int8.info.get("accuracy_qdq_graph") if student_int8 is not None else None
     if graph_acc is not None and teacher is not None and teacher.accuracy is not None:
-        lines += ["", f"The INT8 student's accuracy above is ONNX Runtime's fused x86 integer kernels (u8s8 with int16 "
-                      f"intermediate sums on this AVX2 CPU). The same QDQ graph run with its own arithmetic (Q/DQ "
+        flags = set(report.machine.get("cpu_flags") or [])
+        kernels = ("u8s8 with int32 sums on this VNNI CPU" if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+                   else "u8s8 with int16 intermediate sums on a CPU without VNNI")
+        lines += ["", f"The INT8 student's accuracy above is ONNX Runtime's fused x86 integer kernels ({kernels}). "
+                      f"The same QDQ graph run with its own arithmetic (Q/DQ "
                       f"unfused, what an NPU converter reads): {100 * graph_acc:.2f} % "
                       f"({100 * (graph_acc - teacher.accuracy):+.2f} pt vs the teacher)."]
     lines += ["", "All variants (CompressionReport):", "", _table_only(report)]
@@ -315,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
                                       else f"{output.name}_{name}")
             shutil.copyfile(source, target)
     print(f"written: {output.with_suffix('.md')} and siblings; artifacts under {workdir}")
+    if not args.quick:
+        readme_results.main()  # the README shows the latest table
     return summary
 
 

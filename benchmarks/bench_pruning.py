@@ -9,10 +9,12 @@ Two measurements, each within one run on one machine:
    shape); Torch-Pruning's ``MetaPruner`` used directly. All variants are timed in interleaved rounds so
    machine noise hits them alike. Targets: pruned/unpruned ≤ 0.6 (ResNet-18), ≤ 0.75 (MobileNetV3-small).
 2. **Accuracy** after a short fine-tune on the synthetic DMS set: a MobileNetV3-small trained for
-   ``--epochs`` is fine-tuned ``--finetune-epochs`` more with and without 30 % channel pruning (AGP over
-   the first two fine-tune epochs, channels removed, training continues). Target: ≤ 1 pt test accuracy.
+   ``--epochs`` is fine-tuned ``--finetune-epochs`` more (cosine learning rate) with and without 30 % channel
+   pruning (AGP over the first ``--prune-end`` fine-tune epochs, channels removed, training continues).
+   Target: ≤ 1 pt test accuracy, reported against the baseline pruning started from and against the
+   unpruned model fine-tuned for the same epochs.
 
-Run (about 8-10 minutes on 2 cores, so under the shared lock)::
+Run (about 10 minutes on 2 cores, so under the shared lock)::
 
     flock /tmp/cpu.lock python benchmarks/bench_pruning.py
     python benchmarks/bench_pruning.py --quick      # wiring check on tiny sizes, no result written
@@ -46,6 +48,8 @@ from dms_lightning.pruning.functional import default_ignored_layers  # noqa: E40
 from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
 from dms_lightning.report.measure import open_session  # noqa: E402
 from dms_lightning.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
+
+import readme_results  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = {"resnet18": 0.6, "mobilenet_v3_small": 0.75}
@@ -137,16 +141,14 @@ def latency_table(backbone: str, args, workdir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- accuracy
-def classifier(args, lr: float) -> DMSClassifier:
-    module = DMSClassifier("mobilenet_v3_small", image_size=args.image_size,
-                           optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
-    # torchvision builds MobileNetV3 with BatchNorm momentum 0.01: after a few hundred steps its running
-    # statistics are still near their initial values and eval-mode accuracy sits at chance. A short CPU
-    # run needs the usual 0.1.
-    for layer in module.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.momentum = args.bn_momentum
-    return module
+def classifier(args, lr: float, cosine_epochs: int | None = None) -> DMSClassifier:
+    # Fine-tunes anneal the learning rate to zero (cosine) so both arms end at a settled point, not at
+    # wherever a constant-LR run happens to be on its last step.
+    schedule = (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cosine_epochs)) \
+        if cosine_epochs else None
+    return DMSClassifier("mobilenet_v3_small", image_size=args.image_size, bn_momentum=args.bn_momentum,
+                         lr_scheduler=schedule,
+                         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
 
 
 def accuracy_table(args, workdir: Path) -> dict:
@@ -164,7 +166,7 @@ def accuracy_table(args, workdir: Path) -> dict:
 
     def finetune(pruning: IterativePruning | None) -> tuple[DMSClassifier, float]:
         seed_everything(1)
-        module = classifier(args, args.finetune_lr)
+        module = classifier(args, args.finetune_lr, cosine_epochs=args.finetune_epochs)
         module.model.load_state_dict(copy.deepcopy(base.model.state_dict()))
         began = time.perf_counter()
         Trainer(max_epochs=args.finetune_epochs, limit_val_batches=0, default_root_dir=str(workdir),
@@ -172,8 +174,9 @@ def accuracy_table(args, workdir: Path) -> dict:
         return module, time.perf_counter() - began
 
     dense, dense_seconds = finetune(None)
+    prune_end = min(args.prune_end, args.finetune_epochs - 1)
     pruning = IterativePruning("channel", target_sparsity=args.accuracy_sparsity, schedule="agp", start_epoch=0,
-                               end_epoch=min(args.prune_end, args.finetune_epochs - 1),
+                               end_epoch=prune_end,
                                round_to=args.accuracy_round_to, plot_layer_sparsity=False)
     pruned, pruned_seconds = finetune(pruning)
     example = torch.zeros(1, 1, args.image_size, args.image_size)
@@ -183,7 +186,7 @@ def accuracy_table(args, workdir: Path) -> dict:
         "pruned_params": sum(p.numel() for p in pruned.model.parameters()),
         "baseline_macs": count_macs(base.model, example)[0], "pruned_macs": count_macs(pruned.model, example)[0],
         "channel_sparsity": pruning.history[-1].get("channel_sparsity") if pruning.history else None,
-        "seconds": {"baseline": base_seconds, "dense_finetune": dense_seconds, "pruned_finetune": pruned_seconds},
+        "prune_end": prune_end, "seconds": {"baseline": base_seconds, "dense_finetune": dense_seconds, "pruned_finetune": pruned_seconds},
     }
     result["drop_pt"] = 100 * (result["dense_finetuned_acc"] - result["pruned_acc"])
     result["drop_vs_baseline_pt"] = 100 * (result["baseline_acc"] - result["pruned_acc"])
@@ -191,6 +194,10 @@ def accuracy_table(args, workdir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- report
+def _verdict(drop_pt: float, target: float = 1.0) -> str:
+    return "✅" if drop_pt <= target else f"❌ (missed by {drop_pt - target:.2f} pt)"
+
+
 def markdown(latency: list[dict], accuracy: dict, args, info: dict) -> str:
     lines = ["# Channel pruning benchmark", "", f"Machine: {machine_summary(info)}.", "",
              f"Command: `python benchmarks/bench_pruning.py` (torch {torch.__version__}, "
@@ -215,9 +222,9 @@ def markdown(latency: list[dict], accuracy: dict, args, info: dict) -> str:
                   f"synthetic DMS set, {args.image_size} px)", "",
                   f"Baseline trained {args.epochs} epochs ({args.train_size} images, AdamW lr {args.lr}, BatchNorm "
                   f"momentum {args.bn_momentum}); then "
-                  f"{args.finetune_epochs} fine-tune epochs (lr {args.finetune_lr}) with and without "
-                  f"IterativePruning (AGP from epoch 0 to {args.prune_end}, round_to={args.accuracy_round_to}, "
-                  f"channels removed at the start of epoch {args.prune_end}, training continues; measured channel "
+                  f"{args.finetune_epochs} fine-tune epochs (lr {args.finetune_lr}, cosine to 0) with and without "
+                  f"IterativePruning (AGP from epoch 0 to {a['prune_end']}, round_to={args.accuracy_round_to}, "
+                  f"channels removed at the start of epoch {a['prune_end']}, training continues; measured channel "
                   f"sparsity {a['channel_sparsity']:.1%}). Test set: {args.test_size} images.", "",
                   "| model | params | MMACs | test acc |", "| --- | ---: | ---: | ---: |",
                   f"| baseline ({args.epochs} epochs) | {a['baseline_params']:,} | {a['baseline_macs'] / 1e6:.2f} | "
@@ -226,10 +233,14 @@ def markdown(latency: list[dict], accuracy: dict, args, info: dict) -> str:
                   f"{a['baseline_macs'] / 1e6:.2f} | {a['dense_finetuned_acc']:.4f} |",
                   f"| + {args.finetune_epochs} epochs, IterativePruning {args.accuracy_sparsity:.0%} channels | "
                   f"{a['pruned_params']:,} | {a['pruned_macs'] / 1e6:.2f} | {a['pruned_acc']:.4f} |", "",
-                  f"Accuracy cost of pruning: **{a['drop_pt']:.2f} pt** vs the unpruned model fine-tuned alike "
-                  f"({a['drop_vs_baseline_pt']:.2f} pt vs the baseline); target ≤ 1 pt "
-                  f"{'✅' if a['drop_pt'] <= 1.0 else '❌'}. Wall time: baseline {a['seconds']['baseline']:.0f} s, "
-                  f"fine-tunes {a['seconds']['dense_finetune']:.0f} s / {a['seconds']['pruned_finetune']:.0f} s.", ""]
+                  f"Accuracy cost of pruning (target ≤ 1 pt), two ways:", "",
+                  f"* vs the model pruning started from (the baseline — what a user deploys if they do not prune): "
+                  f"**{a['drop_vs_baseline_pt']:.2f} pt** {_verdict(a['drop_vs_baseline_pt'])};",
+                  f"* vs the unpruned model given the same {args.finetune_epochs} extra epochs (equal compute; "
+                  f"stricter while the baseline is still improving): **{a['drop_pt']:.2f} pt** "
+                  f"{_verdict(a['drop_pt'])}.", "",
+                  f"Wall time: baseline {a['seconds']['baseline']:.0f} s, fine-tunes "
+                  f"{a['seconds']['dense_finetune']:.0f} s / {a['seconds']['pruned_finetune']:.0f} s.", ""]
     return "\n".join(lines)
 
 
@@ -241,19 +252,20 @@ def main() -> None:
     parser.add_argument("--warmup-runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs-per-round", type=int, default=40)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--train-size", type=int, default=3000)
     parser.add_argument("--val-size", type=int, default=64)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=5)
-    parser.add_argument("--prune-end", type=int, default=1)
+    parser.add_argument("--prune-end", type=int, default=4)
     parser.add_argument("--accuracy-round-to", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--accuracy-sparsity", type=float, default=0.3)
     parser.add_argument("--bn-momentum", type=float, default=0.1)
+    parser.add_argument("--train-threads", type=int, default=2, help="torch threads for the accuracy part")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, no result written")
     args = parser.parse_args()
@@ -266,6 +278,7 @@ def main() -> None:
     latency = []
     for backbone in ("resnet18", "mobilenet_v3_small"):
         latency += latency_table(backbone, args, workdir)
+    torch.set_num_threads(args.train_threads)
     accuracy = {} if args.skip_accuracy else accuracy_table(args, workdir)
     info = machine_info(threads=1)
     text = markdown(latency, accuracy, args, info)
@@ -274,6 +287,7 @@ def main() -> None:
         write_text_atomic(RESULTS / "pruning.md", text + "\n")
         write_json_atomic(RESULTS / "pruning.json", {"machine": info, "args": vars(args), "latency": latency,
                                                      "accuracy": accuracy})
+        readme_results.main()  # the README shows the latest table
 
 
 if __name__ == "__main__":

@@ -31,3 +31,11 @@ def test_relative_links_in_readme_and_docs_point_at_existing_files():
 def test_every_config_named_in_the_readme_exists():
     named = set(re.findall(r"configs/[\w.-]+\.yaml", (ROOT / "README.md").read_text()))
     assert named and all((ROOT / path).is_file() for path in named), named
+
+
+def test_readme_results_section_matches_the_saved_benchmark_tables():
+    spec = importlib.util.spec_from_file_location("readme_results", ROOT / "benchmarks" / "readme_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.current() == module.render(), \
+        "README's results section is stale: run `python benchmarks/readme_results.py`"
