@@ -258,7 +258,7 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--finetune-epochs", type=int, default=8)
     parser.add_argument("--prune-end", type=int, default=4)
     parser.add_argument("--accuracy-round-to", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3)
