@@ -142,8 +142,8 @@ def latency_table(backbone: str, args, workdir: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- accuracy
 def classifier(args, lr: float, cosine_epochs: int | None = None) -> DMSClassifier:
-    # Fine-tunes anneal the learning rate to zero (cosine) so both arms end at a settled point, not at
-    # wherever a constant-LR run happens to be on its last step.
+    # Fine-tunes start from trained weights: a per-epoch cosine from the fine-tune LR to 0, without the
+    # default schedule's warm-up (which is there for training from scratch).
     schedule = (lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cosine_epochs)) \
         if cosine_epochs else None
     return DMSClassifier("mobilenet_v3_small", image_size=args.image_size, bn_momentum=args.bn_momentum,
