@@ -1,4 +1,5 @@
-"""Every config in configs/ parses, and the headline flow (teacher -> distil + prune + QAT + export + report) runs.
+"""Every config in configs/ parses; the headline flow (teacher -> distil + prune + QAT + export + report) and the
+quantization configs run a short fit that writes their artifacts.
 
 Runs use tiny overrides (32-48 px, a few dozen images, short schedules) so they take seconds, but they go
 through the same config files, callbacks and artifacts as the full-size job.
@@ -35,6 +36,15 @@ def _tiny(tmp_path, epochs):
             f"--trainer.default_root_dir={tmp_path}"]
 
 
+def _fast_config(tmp_path, name: str, callback_overrides: dict[str, dict]) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        callback.setdefault("init_args", {}).update(callback_overrides.get(callback["class_path"].rsplit(".", 1)[-1], {}))
+    path = tmp_path / f"{name}_fast.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.mark.slow
 def test_teacher_then_distill_config_produces_the_deploy_artifacts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write artifacts/ relative to the working directory
@@ -42,13 +52,10 @@ def test_teacher_then_distill_config_produces_the_deploy_artifacts(tmp_path, mon
                "--model.init_args.backbone=resnet18"])
     assert (tmp_path / "artifacts/teacher/best.ckpt").is_file()
     assert (tmp_path / "artifacts/teacher/teacher_fp32.onnx").is_file()
-    config = yaml.safe_load((ROOT / "configs/distill.yaml").read_text())
-    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in config["trainer"]["callbacks"]}
-    callbacks["IterativePruning"].update(start_epoch=0, end_epoch=1)
-    callbacks["QuantizationAwareTraining"].update(start_epoch=2, freeze_bn_epoch=2, freeze_observers_epoch=3)
-    callbacks["CompressionReport"].update(latency_runs=5, warmup_runs=2, throughput_runs=1)
-    fast = tmp_path / "distill_fast.yaml"
-    fast.write_text(yaml.safe_dump(config))
+    fast = _fast_config(tmp_path, "distill", {
+        "IterativePruning": dict(start_epoch=0, end_epoch=1),
+        "QuantizationAwareTraining": dict(start_epoch=2, freeze_bn_epoch=2, freeze_observers_epoch=3),
+        "CompressionReport": dict(latency_runs=5, warmup_runs=2, throughput_runs=1)})
     cli = main(args=["fit", "--config", str(fast), *_tiny(tmp_path, 3)])
     artifacts = tmp_path / "artifacts/distill"
     assert (artifacts / "student_fp32.onnx").is_file() and (artifacts / "student_int8.onnx").is_file()
@@ -58,3 +65,22 @@ def test_teacher_then_distill_config_produces_the_deploy_artifacts(tmp_path, mon
     assert (artifacts / "snpe_bundle/convert.sh").is_file()
     assert any((artifacts / "report").glob("*.md"))
     assert cli.trainer.current_epoch == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, overrides, artifact", [
+    ("qat", {"QuantizationAwareTraining": dict(start_epoch=0, freeze_bn_epoch=1, freeze_observers_epoch=1)},
+     "qat_int8.onnx"),
+    ("ptq", {"PostTrainingQuantization": dict(calibration_batches=2)}, "ptq_int8.onnx"),
+])
+def test_quantization_configs_run_a_short_fit_and_write_their_int8_model(tmp_path, monkeypatch, name, overrides,
+                                                                         artifact):
+    monkeypatch.chdir(tmp_path)  # the configs write artifacts/ relative to the working directory
+    cli = main(args=["fit", "--config", str(_fast_config(tmp_path, name, overrides)), *_tiny(tmp_path, 2)])
+    assert cli.trainer.current_epoch == 2
+    written = list(tmp_path.rglob(artifact))
+    assert written, f"{artifact} not written under {tmp_path}"
+    import onnx
+
+    graph = onnx.load(str(written[0])).graph
+    assert any(node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for node in graph.node)
