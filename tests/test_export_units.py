@@ -102,6 +102,31 @@ def test_metadata_is_readable_with_plain_onnx(tmp_path):
     assert json.loads(props["class_names"]) == ["alert", "phone"] and props["std"] == "[0.25]"
 
 
+def test_simplify_folds_shape_arithmetic_and_keeps_outputs_metadata_and_dynamic_batch(tmp_path):
+    pytest.importorskip("onnxslim")  # part of the dev extra, so CI runs this
+
+    class Flattening(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 14 * 14, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.bn(self.conv(x)))
+            return self.fc(x.reshape(x.shape[0], -1))  # Shape → Gather → Unsqueeze → Concat → Reshape
+
+    model = Flattening().eval()
+    paths = {flag: export_onnx(model, torch.zeros(1, 1, 16, 16), tmp_path / f"{flag}.onnx", simplify=flag,
+                               metadata={"class_names": "[]"}) for flag in (False, True)}
+    plain, slim = (onnx.load(str(paths[flag])) for flag in (False, True))
+    assert len(slim.graph.node) < len(plain.graph.node)
+    assert "Shape" not in {node.op_type for node in slim.graph.node}
+    assert {p.key: p.value for p in slim.metadata_props}["class_names"] == "[]"
+    x = torch.randn(3, 1, 16, 16)  # batch 3: the batch axis stays dynamic
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(onnxruntime_outputs(paths[True], x.numpy()), expected, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def qdq_model(tmp_path_factory):
     torch.manual_seed(0)
