@@ -62,6 +62,15 @@ def render() -> str:
              "batch 1, every ratio measured in one run; settings and the full report in "
              "[pipeline.md](benchmarks/results/pipeline.md)):", ""]
     pipeline = RESULTS / "pipeline.md"
+    summary = RESULTS / "pipeline.json"
+    if summary.is_file():
+        data = json.loads(summary.read_text())
+        run, machine = data["settings"], data["report"]["machine"]
+        parts += [f"Run: {run['train_size']} training images at {run['image_size']} px, {run['epochs']} student "
+                  f"epochs (distillation, {run['target_sparsity']:.0%} channel pruning, QAT from epoch "
+                  f"{run['qat_start']}), {data['wall_seconds'] / 60:.0f} min on {machine.get('cpu_model', 'a CPU')} "
+                  f"with {machine.get('usable_cores', machine.get('logical_cores', '?'))} cores, "
+                  f"{machine.get('measured_at', '')[:10]}.", ""]
     parts.append(_headline(pipeline.read_text()) if pipeline.is_file() else "(no saved run yet)")
     supporting = _supporting()
     if supporting:
