@@ -231,11 +231,25 @@ def main() -> None:
     log(f"MobileNetV3-small placement for QAT: {chosen} (latency ratios "
         f"{ {n: round(lat[n] / lat['fp32'], 3) for n in candidates} })")
 
+    def continued() -> DMSClassifier:  # the float weights, trained on with QAT's optimizer and schedule
+        model = DMSClassifier("mobilenet_v3_small", image_size=args.image_size,
+                              optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01))
+        model.load_state_dict(mobilenet.state_dict())
+        L.seed_everything(1)
+        return model
+
+    # QAT trains on for qat_epochs: the same epochs without fake quantization separate the cost of INT8
+    # from the gain of training longer.
+    float_more = continued()
+    trainer(work / "float_more_run", args.qat_epochs, limit_train_batches=limit).fit(float_more, datamodule)
+    m_more = export_onnx(float_more.model, example, work / "mobilenet_fp32_more.onnx")
+    m_acc_more, _ = ort_accuracy(m_more, test_loader)
+    rows.append(("MobileNetV3-small", f"FP32 + {args.qat_epochs} epochs", "", m_more.stat().st_size, 1.0,
+                 lat["fp32"], 1.0, m_acc_more, (m_acc_more - m_acc_fp32) * 100))
+
     qat_runs = {}
     for policy in dict.fromkeys([chosen, "full"]):  # the CPU placement, and everything (what an NPU runs)
-        qat_model = DMSClassifier("mobilenet_v3_small", image_size=args.image_size,
-                                  optimizer=lambda params: torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01))
-        qat_model.load_state_dict(mobilenet.state_dict())
+        qat_model = continued()
         qat = QuantizationAwareTraining(start_epoch=0, freeze_bn_epoch=args.qat_epochs - 1,
                                         freeze_observers_epoch=args.qat_epochs - 1, dirpath=str(work / "qat"),
                                         filename=f"mobilenet_qat_{policy}", **POLICIES[policy][1])
@@ -252,8 +266,11 @@ def main() -> None:
         rows.append(("MobileNetV3-small", "QAT INT8", policy, path.stat().st_size, path.stat().st_size / m_size,
                      qat_lat[policy], ratio, acc, (acc - m_acc_fp32) * 100))
         agreement = qat_runs[policy]["agreement"]
-        checks.append((f"MobileNetV3-small QAT ({policy}) accuracy within 0.5 pt of FP32",
-                       f"{(acc - m_acc_fp32) * 100:+.2f} pt", abs(acc - m_acc_fp32) * 100 <= 0.5))
+        # A quantization cost is a loss: INT8 above its float reference meets "within 0.5 pt" too.
+        for reference, ref_acc in (("FP32 it started from", m_acc_fp32),
+                                   (f"FP32 + {args.qat_epochs} epochs", m_acc_more)):
+            checks.append((f"MobileNetV3-small QAT ({policy}) accuracy ≥ {reference} − 0.5 pt",
+                           f"{(acc - ref_acc) * 100:+.2f} pt", (ref_acc - acc) * 100 <= 0.5))
         if policy == chosen:
             checks.append((f"MobileNetV3-small QAT ({policy}) INT8 not slower than FP32", f"{ratio:.3f}×",
                            ratio <= 1.0))
@@ -271,7 +288,8 @@ def write_table(rows, checks, notes, args) -> None:
              f"Data: synthetic DMS, {args.image_size} px, 1 channel; test accuracy in ONNX Runtime on the whole "
              f"test split. Latency: batch 1, {THREADS} intra-op thread, median over interleaved rounds.", "",
              f"ResNet-18: {notes.get('resnet')}. MobileNetV3-small: {args.mobilenet_epochs} float epochs, then "
-             f"{args.qat_epochs} QAT epochs from those weights.", "",
+             f"{args.qat_epochs} QAT epochs from those weights (and, as a reference, the same {args.qat_epochs} epochs "
+             "without fake quantization). Δ acc is against the FP32 model QAT started from.", "",
              "| model | variant | quantized | file (MB) | size × FP32 | latency (ms) | latency × FP32 | test acc | Δ acc (pt) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for model, variant, policy, size, size_ratio, latency, latency_ratio, acc, delta in rows:
