@@ -1,7 +1,7 @@
 """FakeQuantizer: an observer plus ``torch.fake_quantize_per_*_affine`` in one module.
 
 Built only on the two core fake-quantize ops, which have straight-through gradients and export to ONNX
-``QuantizeLinear``/``DequantizeLinear``. ``torch.ao.quantization`` is deliberately not used (deprecated).
+``QuantizeLinear``/``DequantizeLinear``. torch's deprecated eager / FX quantization workflow is not used.
 
 Range tracking rules (each one fixes a bug users hit with Lightning's removed QAT callback):
 

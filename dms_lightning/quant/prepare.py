@@ -1,6 +1,6 @@
 """prepare_qat: rewrite a float network into its fake-quantized twin with torch.fx.
 
-The network is traced once with ``torch.fx`` (the graph, not ``torch.ao``'s FX quantization) and rewritten:
+The network is traced once with ``torch.fx`` (the graph only, not torch's deprecated FX quantization) and rewritten:
 
 1. every selected ``Conv2d`` becomes :class:`QuantConvBn2d` when a ``BatchNorm2d`` is its only consumer
    (the BatchNorm is folded into it) or :class:`QuantConv2d`; every selected ``Linear`` a :class:`QuantLinear`;
