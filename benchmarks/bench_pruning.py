@@ -186,7 +186,8 @@ def accuracy_table(args, workdir: Path) -> dict:
         "pruned_params": sum(p.numel() for p in pruned.model.parameters()),
         "baseline_macs": count_macs(base.model, example)[0], "pruned_macs": count_macs(pruned.model, example)[0],
         "channel_sparsity": pruning.history[-1].get("channel_sparsity") if pruning.history else None,
-        "prune_end": prune_end, "seconds": {"baseline": base_seconds, "dense_finetune": dense_seconds, "pruned_finetune": pruned_seconds},
+        "prune_end": prune_end,
+        "seconds": {"baseline": base_seconds, "dense_finetune": dense_seconds, "pruned_finetune": pruned_seconds},
     }
     result["drop_pt"] = 100 * (result["dense_finetuned_acc"] - result["pruned_acc"])
     result["drop_vs_baseline_pt"] = 100 * (result["baseline_acc"] - result["pruned_acc"])
