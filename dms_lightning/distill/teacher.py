@@ -15,6 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 from dms_lightning.models.backbones import build_backbone, load_state_dict_file
+from dms_lightning.utils.checkpoint import load_checkpoint
 
 TEACHER_COMMAND = "python -m dms_lightning fit --config configs/teacher.yaml"
 TEACHER_DEFAULT_CHECKPOINT = "artifacts/teacher/best.ckpt"
@@ -67,16 +68,9 @@ def load_teacher(checkpoint: str | Path, backbone: str | None = None, head: str 
     student's.
     """
     path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.teacher_checkpoint={str(checkpoint)!r} does not exist. Train the teacher first with "
-            f"`{TEACHER_COMMAND}` (it writes {TEACHER_DEFAULT_CHECKPOINT}), or point model.teacher_checkpoint "
-            "at a checkpoint of your own DMSClassifier.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise ValueError(f"model.teacher_checkpoint={str(checkpoint)!r} is not a readable torch checkpoint: {err}") \
-            from err
+    obj = load_checkpoint(path, "model.teacher_checkpoint", hint=(
+        f"Train the teacher first with `{TEACHER_COMMAND}` (it writes {TEACHER_DEFAULT_CHECKPOINT}), or point "
+        "model.teacher_checkpoint at a checkpoint of your own DMSClassifier."))
     if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
         return _from_lightning_checkpoint(path, obj["hyper_parameters"], backbone, head, head_hidden)
     if backbone is None:

@@ -10,6 +10,7 @@ sets both to the same directory) or an explicit ``sdk_root``.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -23,6 +24,25 @@ ROOT_VARIABLES = {"snpe": "SNPE_ROOT", "qnn": "QNN_SDK_ROOT"}
 QNN_BACKENDS = {"cpu": "libQnnCpu.so", "gpu": "libQnnGpu.so", "dsp": "libQnnDsp.so", "htp": "libQnnHtp.so"}
 # snpe-net-run flag selecting each runtime (CPU is its default). SNPE reaches the HTP through the DSP runtime.
 SNPE_RUNTIME_FLAGS = {"cpu": [], "gpu": ["--use_gpu"], "dsp": ["--use_dsp"], "htp": ["--use_dsp"]}
+
+
+# SoC names (``sm8550``, ``sm8650,sm8750``) and QNN library targets (``aarch64-android``, ``x86_64-linux-clang``)
+# are plain identifiers. Anything else would reach ``convert.sh``, a script a deployment engineer runs.
+_SCRIPT_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,-]*")
+
+
+def check_script_value(field: str, value: str | None) -> None:
+    """Refuse a value that would reach ``convert.sh`` unless it is a plain identifier (no spaces, quotes,
+    newlines or other control characters); raises ``ValueError`` naming ``field``."""
+    if value is not None and (not isinstance(value, str) or not _SCRIPT_SAFE.fullmatch(value)):
+        raise ValueError(f"{field}={value!r} must be a plain name of letters, digits and '_.,-' "
+                         "(e.g. 'sm8550' or 'aarch64-android'): it is written into convert.sh")
+
+
+def _comment(text: str) -> str:
+    """``text`` as one script comment line: control characters (a newline would end the comment and start a
+    command) become spaces."""
+    return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text)
 
 
 class SDKToolError(RuntimeError):
@@ -66,6 +86,8 @@ def conversion_steps(*, runtime: str, toolchains: tuple[str, ...] = TOOLCHAINS, 
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime={runtime!r} must be one of {RUNTIMES}")
+    check_script_value("htp_socs", htp_socs)
+    check_script_value("qnn_lib_target", qnn_lib_target)
     unknown = [t for t in toolchains if t not in TOOLCHAINS]
     if unknown or not toolchains:
         raise ValueError(f"toolchains={list(toolchains)!r} must be a non-empty subset of {list(TOOLCHAINS)}")
@@ -132,7 +154,7 @@ def render_convert_script(steps: list[SDKStep], *, runtime: str, header: str = "
     toolchains = sorted({step.toolchain for step in steps}, key=TOOLCHAINS.index)
     lines = [
         "#!/usr/bin/env bash",
-        f"# SNPE / QNN conversion of this bundle for the {runtime.upper()} runtime. {header}".rstrip(),
+        _comment(f"# SNPE / QNN conversion of this bundle for the {runtime.upper()} runtime. {header}".rstrip()),
         "# Usage: SNPE_ROOT=/path/to/sdk QNN_SDK_ROOT=/path/to/sdk bash convert.sh [snpe|qnn|all]",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
@@ -152,7 +174,7 @@ def render_convert_script(steps: list[SDKStep], *, runtime: str, header: str = "
                   f'  sdk_env "${variable}"',
                   f"  mkdir -p {toolchain}"]
         for step in (s for s in steps if s.toolchain == toolchain):
-            lines.append(f"  # {step.purpose}")
+            lines.append(_comment(f"  # {step.purpose}"))
             argv = step.argv(shell=True)
             # SDK-relative paths keep their ${VAR} expansion: quote them with double quotes instead.
             quoted = [f'"{a}"' if a.startswith("${") else shlex.quote(a) for a in argv]

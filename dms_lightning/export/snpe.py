@@ -27,6 +27,7 @@ from dms_lightning.export.sdk import (
     SDKToolError,
     conversion_steps,
     device_commands,
+    check_script_value,
     render_convert_script,
     run_steps,
     sdk_roots,
@@ -134,6 +135,8 @@ class SNPEExport(Callback):
             raise ValueError(f"SNPEExport.calibration_split={calibration_split!r} must be 'train', 'val' or 'test'")
         if not isinstance(opset, int) or opset < 13:
             raise ValueError(f"SNPEExport.opset={opset!r} must be an integer >= 13")
+        check_script_value("SNPEExport.htp_socs", htp_socs)
+        check_script_value("SNPEExport.qnn_lib_target", qnn_lib_target)
         if sdk_root is not None and not Path(sdk_root).expanduser().is_dir():
             raise FileNotFoundError(f"SNPEExport.sdk_root={sdk_root!r} is not a directory")
         if not atol > 0:

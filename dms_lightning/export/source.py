@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dms_lightning.utils.checkpoint import compression_target
+from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
 
 CHECKPOINT_CHOICES = ("best", "last")
 
@@ -58,7 +58,7 @@ def export_source(trainer: Trainer, pl_module: LightningModule, checkpoint: str 
 def _load_checkpoint_target(pl_module: LightningModule, target: nn.Module, path: str) -> nn.Module:
     prefix = next(name for name, module in pl_module.named_modules() if module is target)
     prefix = f"{prefix}." if prefix else ""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(path, "best checkpoint")
     state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
     current = target.state_dict()
     same_architecture = state.keys() == current.keys() and all(
@@ -68,7 +68,7 @@ def _load_checkpoint_target(pl_module: LightningModule, target: nn.Module, path:
         model.load_state_dict(state)
         return model
     try:
-        restored = type(pl_module).load_from_checkpoint(path, map_location="cpu")
+        restored = type(pl_module).load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RuntimeError(
             f"the best checkpoint {path} has a different architecture than the final model and "

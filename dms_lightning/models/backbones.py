@@ -18,6 +18,8 @@ import torch
 import torchvision
 from torch import nn
 
+from dms_lightning.utils.checkpoint import load_checkpoint
+
 log = logging.getLogger(__name__)
 
 #: Backbones that are tested and documented; any other torchvision classification model name also works.
@@ -105,15 +107,8 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``.pth``/``.pt`` file or a Lightning ``.ckpt`` (``model.``/``student.`` prefixes dropped)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights={str(path)!r} does not exist. Pretrained weights are read from a local "
-                                "file only (nothing is downloaded): save e.g. torchvision's ImageNet state_dict "
-                                "there first.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise ValueError(f"weights={str(path)!r} is not a readable torch state_dict or checkpoint: {err}") from err
+    obj = load_checkpoint(path, "weights", hint="Pretrained weights are read from a local file only (nothing is "
+                          "downloaded): save e.g. torchvision's ImageNet state_dict there first.")
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"weights={str(path)!r} holds a {type(obj).__name__}, not a state_dict")

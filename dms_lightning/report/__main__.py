@@ -68,12 +68,11 @@ def export_checkpoint(ckpt: str | Path, onnx_path: str | Path, model_class: str 
     import torch
 
     from dms_lightning.export import export_onnx
-    from dms_lightning.utils.checkpoint import compression_target
+    from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
 
     ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"--ckpt {str(ckpt)!r} does not exist")
-    module = _import_class(model_class).load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=False)
+    load_checkpoint(ckpt, "--ckpt")  # refuses pickle payloads and names the file if it is unreadable
+    module = _import_class(model_class).load_from_checkpoint(str(ckpt), map_location="cpu", weights_only=True)
     module.eval()
     example = getattr(module, "example_input_array", None)
     if not isinstance(example, torch.Tensor):

@@ -10,8 +10,12 @@ before the weights are loaded. Our LightningModules call :func:`restore_architec
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
 from torch import nn
 
 CHECKPOINT_KEY = "dms_lightning"
@@ -43,6 +47,35 @@ def restore_architecture(module: nn.Module, checkpoint: dict) -> None:
     for _, key, restorer in _RESTORERS:
         if key in records and not getattr(module, f"_dms_restored_{key}", False):
             restorer(module, records[key])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely: corrupted, truncated, or carrying Python objects."""
+
+
+def load_checkpoint(path: str | Path, field: str = "checkpoint", hint: str = "") -> object:
+    """Read a checkpoint or ``state_dict`` file with ``weights_only=True``: the one loader of the package.
+
+    ``torch.load(weights_only=True)`` unpickles only tensors and plain containers, so a file carrying a
+    pickle payload (a class whose ``__reduce__`` runs code) is refused instead of executed. Lightning
+    checkpoints of our modules and of plain user modules need nothing more.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file (the message names ``field`` and adds ``hint``).
+        CheckpointError: the file is truncated / not a torch file, or holds objects other than tensors.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={str(path)!r} does not exist{'. ' + hint if hint else ''}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{field}={str(path)!r} holds Python objects other than tensors and plain containers; it was not "
+            f"loaded, because unpickling them can run arbitrary code. Re-save it as a state_dict. ({err})") from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{field}={str(path)!r} is not a readable torch checkpoint (truncated or "
+                              f"corrupted?): {err}") from err
 
 
 def checkpoint_records(checkpoint: dict) -> dict:
