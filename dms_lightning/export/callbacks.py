@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from dms_lightning.export.fp16 import DEFAULT_FP16_ATOL, IO_DTYPES, check_fp16_parity, export_fp16_onnx
 from dms_lightning.export.manifest import onnx_record, update_manifest
 from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, export_qdq
 from dms_lightning.export.parity import ParityError, ParityResult, check_parity, compare_outputs, parity_figure
@@ -57,7 +58,9 @@ class ONNXExport(Callback):
 
     * ``<name>_fp32.onnx``: FP32, dynamic batch axis, input ``input`` (N×C×H×W), output ``logits``;
     * ``<name>_int8.onnx``: the INT8 QDQ graph, when the network carries fake-quant modules (QAT). Its
-      FP32 sibling is then the same network with fake quantization bypassed.
+      FP32 sibling is then the same network with fake quantization bypassed;
+    * ``<name>_fp16.onnx`` (``export_fp16=True``): weights and activations in float16, float32 input and
+      output unless ``fp16_io_dtype="float16"`` (:func:`~dms_lightning.export.fp16.export_fp16_onnx`).
 
     Each file carries the class names and preprocessing (image size, channels, mean, std) in its
     ``metadata_props``, passes ``onnx.checker``, and is compared with PyTorch on real validation images:
@@ -81,7 +84,9 @@ class ONNXExport(Callback):
         min_top1_agreement: FP32 minimum top-1 agreement.
         int8_atol: INT8 tolerance on the max absolute difference (``None``: reported, not judged).
         int8_min_top1_agreement: INT8 minimum top-1 agreement with the fake-quant PyTorch model.
-        export_fp32 / export_int8: which precisions to write.
+        export_fp32 / export_int8 / export_fp16: which precisions to write (FP16 is off by default).
+        fp16_io_dtype: ``"float32"`` (casts inside the FP16 graph) or ``"float16"`` input and output.
+        fp16_atol: FP16 tolerance on the max absolute logit difference vs the float32 PyTorch model.
         openvino: ``None`` (check when installed), ``True`` (must be installed), ``False`` (skip).
 
     Example:
@@ -106,6 +111,9 @@ class ONNXExport(Callback):
         export_fp32: bool = True,
         export_int8: bool = True,
         openvino: bool | None = None,
+        export_fp16: bool = False,
+        fp16_io_dtype: str = "float32",
+        fp16_atol: float | None = DEFAULT_FP16_ATOL,
     ) -> None:
         super().__init__()
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
@@ -118,15 +126,17 @@ class ONNXExport(Callback):
             raise ValueError(f"ONNXExport.exporter={exporter!r} must be 'torchscript' or 'dynamo'")
         if not isinstance(parity_batches, int) or parity_batches < 1:
             raise ValueError(f"ONNXExport.parity_batches={parity_batches!r} must be a positive integer")
-        for field, value in (("atol", atol), ("int8_atol", int8_atol)):
+        if fp16_io_dtype not in IO_DTYPES:
+            raise ValueError(f"ONNXExport.fp16_io_dtype={fp16_io_dtype!r} must be one of {IO_DTYPES}")
+        for field, value in (("atol", atol), ("int8_atol", int8_atol), ("fp16_atol", fp16_atol)):
             if value is not None and not value > 0:
                 raise ValueError(f"ONNXExport.{field}={value!r} must be positive")
         for field, value in (("min_top1_agreement", min_top1_agreement),
                              ("int8_min_top1_agreement", int8_min_top1_agreement)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ONNXExport.{field}={value!r} must be in [0, 1]")
-        if not (export_fp32 or export_int8):
-            raise ValueError("ONNXExport: export_fp32=False and export_int8=False leaves nothing to export")
+        if not (export_fp32 or export_int8 or export_fp16):
+            raise ValueError("ONNXExport: export_fp32, export_int8 and export_fp16 all False leaves nothing to export")
         if openvino is True and not openvino_available():
             raise ValueError("ONNXExport.openvino=True but openvino is not installed: "
                              "pip install 'dms_lightning[openvino]'")
@@ -141,6 +151,7 @@ class ONNXExport(Callback):
         self.atol, self.min_top1_agreement = atol, min_top1_agreement
         self.int8_atol, self.int8_min_top1_agreement = int8_atol, int8_min_top1_agreement
         self.export_fp32, self.export_int8 = export_fp32, export_int8
+        self.export_fp16, self.fp16_io_dtype, self.fp16_atol = export_fp16, fp16_io_dtype, fp16_atol
         self.openvino = openvino_available() if openvino is None else openvino
         self.exported: dict[str, Path] = {}
 
@@ -179,6 +190,8 @@ class ONNXExport(Callback):
             plan.append(("fp32", fake_quant_disabled() if quantized else contextlib.nullcontext()))
         if quantized and self.export_int8:
             plan.append(("int8", contextlib.nullcontext()))
+        if self.export_fp16:
+            plan.append(("fp16", fake_quant_disabled() if quantized else contextlib.nullcontext()))
         for precision, mode in plan:
             variant = f"{self.name}_{precision}"
             path = directory / f"{variant}.onnx"
@@ -213,6 +226,8 @@ class ONNXExport(Callback):
                         path: Path, variant: str, precision: str, metadata: dict[str, str]) -> dict | None:
         """Export to a temporary, check it, and rename it onto ``path`` only if every check passes."""
         int8 = precision == "int8"
+        if precision == "fp16":
+            return self._export_checked_fp16(trainer, model, example, images, path, variant, metadata)
         with atomic_path(path) as tmp:
             if int8:
                 export_qdq(model, example, tmp, opset=self.opset, metadata=metadata, exporter=self.exporter)
@@ -238,6 +253,30 @@ class ONNXExport(Callback):
                 figures["onnxruntime_int8_kernels"] = self._runtime_kernels_check(tmp, images, reference, variant)
             if self.openvino:
                 figures["openvino"] = self._openvino_check(tmp, images, candidate, variant, int8).to_dict()
+        return figures
+
+    def _export_checked_fp16(self, trainer: Trainer, model: nn.Module, example: torch.Tensor, images: torch.Tensor,
+                             path: Path, variant: str, metadata: dict[str, str]) -> dict:
+        with atomic_path(path) as tmp:
+            export_fp16_onnx(model, example, tmp, io_dtype=self.fp16_io_dtype, opset=self.opset,
+                             dynamic_batch=self.dynamic_batch, metadata=metadata, exporter=self.exporter,
+                             simplify=self.simplify)
+            result, reference, candidate = check_fp16_parity(model, tmp, images, atol=self.fp16_atol,
+                                                             min_top1_agreement=self.min_top1_agreement,
+                                                             raise_on_failure=False)
+            self._record_parity(trainer, path, variant, result, reference, candidate)
+            if not result.passed:
+                raise ParityError(f"ONNXExport: {variant} failed the parity check, not written: {result.describe()}")
+            figures = {"parity": result.to_dict(), "io_dtype": self.fp16_io_dtype}
+            if self.openvino and self.fp16_io_dtype == "float32":
+                # Judged against ONNX Runtime with the FP16 tolerance: OpenVINO may compute in half precision.
+                ov = compare_outputs(candidate, openvino_outputs(tmp, images.numpy()), atol=self.fp16_atol,
+                                     min_top1_agreement=self.min_top1_agreement, reference_name="onnxruntime",
+                                     runtime="openvino")
+                if not ov.passed:
+                    raise ParityError(f"ONNXExport: {variant} disagrees between OpenVINO and ONNX Runtime: "
+                                      f"{ov.describe()}")
+                figures["openvino"] = ov.to_dict()
         return figures
 
     def _runtime_kernels_check(self, path: Path, images: torch.Tensor, reference: np.ndarray, variant: str) -> dict:
