@@ -15,7 +15,8 @@ from dms_lightning.predict import PredictionWriter
 class DMSLightningCLI(LightningCLI):
     """LightningCLI with the data module's classes, channels and image size linked into the model.
 
-    ``data.num_classes``, ``data.class_names``, ``data.channels`` and ``data.image_size`` are known only
+    ``data.num_classes``, ``data.class_names``, ``data.channels``, ``data.image_size`` and
+    ``data.class_weights`` (``data.balance: loss_weights``) are known only
     once the data module has looked at its source, so they are linked on instantiation: point
     ``data.data_dir`` at a new folder of classes and the model follows with no other change. A
     ``checkpoint`` section configures the ModelCheckpoint (best ``val/acc`` and ``last``); TensorBoard is
@@ -46,7 +47,8 @@ class DMSLightningCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
         for source, target in (("num_classes", "num_classes"), ("class_names", "class_names"),
-                               ("channels", "in_channels"), ("image_size", "image_size")):
+                               ("channels", "in_channels"), ("image_size", "image_size"),
+                               ("class_weights", "class_weights")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
     @override

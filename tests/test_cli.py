@@ -45,6 +45,7 @@ def test_fit_logs_scalars_and_the_confusion_matrix_to_tensorboard(fitted):
     events.Reload()
     assert {"val/acc", "val/f1", "train/loss", "val/recall/eyes_closed"} <= set(events.Tags()["scalars"])
     assert "val/confusion_matrix" in events.Tags()["images"]
+    assert "data/class_counts/text_summary" in events.Tags()["tensors"]
 
 
 def test_data_classes_are_linked_into_the_model(fitted):
@@ -90,3 +91,24 @@ def test_unknown_backbone_in_config_is_reported(tmp_path):
     with pytest.raises((ValueError, SystemExit)) as info:
         _run(tmp_path, "fit", "--config", str(ROOT / "configs/student.yaml"), "--model.init_args.backbone=resnet19")
     assert info.type is ValueError and "resnet19" in str(info.value) or info.type is SystemExit
+
+
+def test_loss_weights_of_an_imbalanced_folder_reach_the_model_and_its_loss(tmp_path):
+    import torch
+    from PIL import Image
+
+    from dms_lightning.cli import DMSLightningCLI
+
+    for name, count in (("alert", 12), ("phone", 3)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (16, 16), color=40 * i % 255).save(tmp_path / "data" / name / f"{i}.png")
+    cli = DMSLightningCLI(args=["--config", str(ROOT / "configs/student.yaml"), "--data.source=image_folder",
+                                f"--data.data_dir={tmp_path / 'data'}", "--data.balance=loss_weights",
+                                "--data.val_split=0.2", "--data.test_split=0.2"], run=False)
+    assert cli.model.class_weights.tolist() == pytest.approx(cli.datamodule.class_weights)
+    assert cli.model.class_weights[1] > 3 * cli.model.class_weights[0]
+    images, labels = torch.zeros(4, 1, 96, 96), torch.tensor([0, 0, 0, 1])
+    weighted, logits = cli.model.training_loss(images, labels)
+    plain = torch.nn.functional.cross_entropy(logits, labels)
+    assert not torch.isclose(weighted, plain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 
 import numpy as np
@@ -151,3 +152,145 @@ def test_manifest_row_pointing_at_a_missing_file_names_the_line(tmp_path):
     (tmp_path / "m.csv").write_text("path,label\nmissing.png,alert\n")
     with pytest.raises(FileNotFoundError, match="line 2"):
         DMSDataModule(source="csv", manifest=str(tmp_path / "m.csv"))
+
+
+# ----------------------------------------------------------------------------- bit depth and odd files
+def _gradient_16bit(size=32):
+    # A NIR-like frame: nearly every value above 255, so an 8-bit conversion clips it to white.
+    return (np.linspace(4000, 60000, size * size).reshape(size, size)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16bit_grayscale_images_keep_their_levels_scaled_by_the_container_depth(tmp_path, suffix):
+    frame = _gradient_16bit()
+    for name in ("alert", "phone"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(frame).save(tmp_path / name / f"{i}{suffix}")
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), image_size=32, val_split=0.0,
+                       test_split=0.0, mean=[0.0], std=[1.0])
+    dm.setup("fit")
+    image, _ = dm.datasets["train"][0]
+    assert image.dtype == torch.float32
+    np.testing.assert_allclose(image[0].numpy(), frame / 65535.0, atol=1e-6)
+    x, _ = next(iter(dm._loader("train")))
+    assert float((x >= 0.999).float().mean()) < 0.01, "16-bit values were clipped to white"
+    assert float(x.std()) > 0.2
+    assert dm.preprocessing["scale"] == "1/65535"
+
+
+def test_16bit_images_are_resized_and_replicated_to_rgb(tmp_path):
+    path = tmp_path / "frame.png"
+    Image.fromarray(_gradient_16bit(64)).save(path)
+    from dms_lightning.data.sources import load_image
+
+    image = load_image(path, 32, channels=3)
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert 0.05 < float(image.min()) and float(image.max()) < 0.95
+
+
+@pytest.mark.parametrize(("array", "message"), [
+    (np.full((16, 16), -5, np.int32), "signed"),
+    (np.full((16, 16), 7.5, np.float32), r"\[0, 1\]"),
+])
+def test_images_the_loader_would_misread_are_refused_with_their_path(tmp_path, array, message):
+    from dms_lightning.data.sources import load_image
+
+    path = tmp_path / "odd.tif"
+    Image.fromarray(array).save(path)
+    with pytest.raises(CorruptImageError, match=message) as info:
+        load_image(path, 16, 1)
+    assert "odd.tif" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- classes and splits
+def test_class_folder_without_images_is_refused_naming_the_class(tmp_path):
+    _write_images(tmp_path, per_class=4)
+    (tmp_path / "yawning").mkdir()
+    (tmp_path / "yawning" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="yawning"):
+        DMSDataModule(source="image_folder", data_dir=str(tmp_path))
+
+
+def test_class_whose_images_are_all_unreadable_is_refused_at_setup(tmp_path):
+    _write_images(tmp_path, classes=("alert", "phone"), per_class=4)
+    (tmp_path / "yawning").mkdir()
+    for i in range(4):
+        (tmp_path / "yawning" / f"{i}.png").write_bytes(b"broken")
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), val_split=0.0, test_split=0.0,
+                       skip_corrupt=True, image_size=32)
+    with pytest.raises(ValueError, match="train split has no images of class.*yawning"):
+        dm.setup("fit")
+
+
+def _manifest(tmp_path, rows):
+    _write_images(tmp_path / "imgs", per_class=6)
+    paths = sorted((tmp_path / "imgs").rglob("*.*"))
+    lines = ["path,label,split"] + [f"{paths[i].relative_to(tmp_path)},{label},{split}" for i, label, split in rows]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "m.csv")
+
+
+def test_csv_label_that_appears_only_in_val_or_test_is_refused(tmp_path):
+    rows = [(i, "alert" if i % 2 else "phone", "train") for i in range(8)] + [(8, "phone", "val"), (9, "alert", "val"),
+                                                                              (10, "eyes_closed", "test")]
+    with pytest.raises(ValueError, match=r"train split has no images of class\(es\) \['eyes_closed'\]"):
+        DMSDataModule(source="csv", manifest=_manifest(tmp_path, rows))
+
+
+def test_labels_that_differ_only_in_case_or_whitespace_are_refused(tmp_path):
+    rows = [(i, ["alert", "ALERT ", "phone"][i % 3], "") for i in range(12)]
+    with pytest.raises(ValueError, match="differ only in case or whitespace.*ALERT"):
+        DMSDataModule(source="csv", manifest=_manifest(tmp_path, rows))
+
+
+def test_a_single_class_is_refused(tmp_path):
+    _write_images(tmp_path, classes=("alert",), per_class=6)
+    with pytest.raises(ValueError, match=r"1 class \['alert'\].*at least two"):
+        DMSDataModule(source="image_folder", data_dir=str(tmp_path))
+
+
+def test_a_val_split_without_a_class_is_refused(tmp_path):
+    for split, classes in (("train", ("alert", "phone")), ("val", ("alert",))):
+        _write_images(tmp_path / split, classes=classes, per_class=3)
+    with pytest.raises(ValueError, match=r"val split has no images of class\(es\) \['phone'\]"):
+        DMSDataModule(source="image_folder", data_dir=str(tmp_path), test_split=0.0)
+
+
+def test_random_splits_are_stratified_so_a_rare_class_reaches_every_split(tmp_path):
+    _write_images(tmp_path, classes=("alert",), per_class=40)
+    _write_images(tmp_path, classes=("phone",), per_class=4)
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), val_split=0.1, test_split=0.1)
+    counts = {s: collections.Counter(label for _, label in dm._files[s]) for s in ("train", "val", "test")}
+    assert counts["val"] == {0: 4, 1: 1} and counts["test"] == {0: 4, 1: 1} and counts["train"] == {0: 32, 1: 2}
+
+
+# ----------------------------------------------------------------------------- class imbalance
+def _imbalanced(tmp_path):
+    _write_images(tmp_path, classes=("alert",), per_class=30, size=16)
+    _write_images(tmp_path, classes=("phone",), per_class=6, size=16)
+
+
+def test_balanced_sampler_draws_each_class_about_equally(tmp_path):
+    _imbalanced(tmp_path)
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), image_size=16, val_split=0.0, test_split=0.0,
+                       batch_size=36, balance="sampler", augment=False)
+    dm.setup("fit")
+    labels = torch.cat([y for _ in range(5) for _, y in dm.train_dataloader()])
+    share = float((labels == 1).float().mean())
+    assert 0.38 < share < 0.62, f"phone drawn {share:.2f} of the time (1/6 without balancing)"
+    assert dm.class_weights is None
+
+
+def test_loss_weights_are_inverse_class_frequencies(tmp_path):
+    _imbalanced(tmp_path)
+    dm = DMSDataModule(source="image_folder", data_dir=str(tmp_path), val_split=0.0, test_split=0.0,
+                       balance="loss_weights")
+    assert dm.class_weights == pytest.approx([36 / (2 * 30), 36 / (2 * 6)])
+    assert DMSDataModule(source="image_folder", data_dir=str(tmp_path), val_split=0.0,
+                         test_split=0.0).class_weights is None
+
+
+def test_unknown_balance_mode_is_refused():
+    with pytest.raises(ValueError, match="data.balance='oversample'"):
+        DMSDataModule(balance="oversample")

@@ -8,21 +8,26 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from dms_lightning.data.sources import (
     FileImageDataset,
     SyntheticDMSDataset,
+    image_bit_depth,
+    label_key,
     read_manifest,
     scan_image_folder,
     split_indices,
 )
 from dms_lightning.data.synthetic import SYNTHETIC_CLASSES
 from dms_lightning.data.transforms import eval_transform, train_transform
+from dms_lightning.utils.tensorboard import log_text
 
 Source = Literal["synthetic", "image_folder", "csv"]
+Balance = Literal["none", "sampler", "loss_weights"]
 _SPLITS = ("train", "val", "test")
+_BALANCE = ("none", "sampler", "loss_weights")
 
 
 class _Transformed(Dataset):
@@ -67,8 +72,17 @@ class DMSDataModule(LightningDataModule):
     * ``csv``: a ``path,label[,split]`` manifest; paths are relative to the manifest. Rows without a
       split are partitioned like an image folder.
 
-    Everything is validated in ``__init__`` (paths exist, values in range, class names found), so a
-    bad config fails before any model is built.
+    Everything is validated in ``__init__`` (paths exist, values in range, class names found, at least
+    two classes, no two names that differ only in case or whitespace, every class present in every
+    split), so a bad config fails before any model is built. Random splits are stratified by class.
+    ``setup`` prints the images per class of each split and logs them to TensorBoard
+    (``data/class_counts``).
+
+    Class imbalance (``balance``): ``"sampler"`` draws training batches with a class-balanced
+    :class:`~torch.utils.data.WeightedRandomSampler` (each class equally likely, an epoch is still
+    ``len(train)`` images); ``"loss_weights"`` keeps the data as it is and exposes
+    :attr:`class_weights` (``N / (K · n_c)``), which the CLI links into the model's cross-entropy;
+    ``"none"`` (default) does neither.
 
     Example:
         >>> dm = DMSDataModule(image_size=64, train_size=20, val_size=10, test_size=10, batch_size=4)
@@ -101,10 +115,13 @@ class DMSDataModule(LightningDataModule):
         split_seed: int = 0,
         skip_corrupt: bool = False,
         predict_split: Literal["train", "val", "test"] = "test",
+        balance: Balance = "none",
     ) -> None:
         super().__init__()
         if source not in ("synthetic", "image_folder", "csv"):
             raise ValueError(f"data.source={source!r} is not one of 'synthetic', 'image_folder', 'csv'")
+        if balance not in _BALANCE:
+            raise ValueError(f"data.balance={balance!r} is not one of {_BALANCE}")
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels!r} must be 1 (grayscale / NIR) or 3 (RGB)")
         if not isinstance(image_size, int) or image_size < 16:
@@ -134,8 +151,14 @@ class DMSDataModule(LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self._files: dict[str, list[tuple[str, int]]] | None = None
         self.class_names = self._discover(source, data_dir, manifest, val_split, test_split, split_seed)
+        self._check_class_names()
+        if self._files is not None:
+            for split, samples in self._files.items():
+                counts = collections.Counter(label for _, label in samples)
+                self._check_split_classes(split, {name: counts.get(i, 0) for i, name in enumerate(self.class_names)})
         self.datasets: dict[str, Dataset] = {}
         self.class_counts: dict[str, dict[str, int]] = {}
+        self._bit_depth: int | None = 8
 
     def _discover(self, source, data_dir, manifest, val_split, test_split, split_seed) -> list[str]:
         """Validate the source's paths and find its class names (and file lists) without decoding images."""
@@ -188,7 +211,7 @@ class DMSDataModule(LightningDataModule):
 
     @staticmethod
     def _partition(samples, val_split, test_split, split_seed) -> dict[str, list[tuple[str, int]]]:
-        parts = split_indices(len(samples), val_split, test_split, split_seed)
+        parts = split_indices([label for _, label in samples], val_split, test_split, split_seed)
         return {split: [samples[i] for i in sorted(idx)] for split, idx in parts.items()}
 
     def _split_missing(self, files, missing, val_split, test_split, split_seed):
@@ -199,6 +222,66 @@ class DMSDataModule(LightningDataModule):
             files[split] = parts[split]
         return files
 
+    def _where(self) -> str:
+        hp = self.hparams
+        return f"data.manifest={hp.manifest!r}" if self.source == "csv" else f"data.data_dir={hp.data_dir!r}"
+
+    def _check_class_names(self) -> None:
+        if len(self.class_names) < 2:
+            raise ValueError(f"{self._where()} has {len(self.class_names)} class {self.class_names}: a classifier "
+                             "needs at least two (one folder or label per class)")
+        groups: dict[str, list[str]] = {}
+        for name in self.class_names:
+            groups.setdefault(label_key(name), []).append(name)
+        clashes = [names for names in groups.values() if len(names) > 1]
+        if clashes:
+            raise ValueError(f"{self._where()} has class names that differ only in case or whitespace: {clashes}. "
+                             "They would become separate classes; rename the folders / labels so each class has "
+                             "one spelling")
+
+    def _check_split_classes(self, split: str, counts: dict[str, int]) -> None:
+        """Every class needs training images; a val/test split the user did not turn off needs each class too."""
+        total = sum(counts.values())
+        missing = [name for name, count in counts.items() if count == 0]
+        if not missing or (total == 0 and self._may_be_empty(split)):
+            return
+        if self.source == "synthetic":
+            size = f"data.{split}_size={self.hparams[f'{split}_size']}"
+            rank_zero_warn(f"[dms_lightning] the {split} split has no images of class(es) {missing} ({size} is "
+                           f"below the {self.num_classes} classes); raise it")
+            return
+        if split == "train":
+            raise ValueError(f"{self._where()}: the train split has no images of class(es) {missing} (images per "
+                             f"class: {counts}); the model cannot learn a class it never sees. Add training images "
+                             "of it, or remove the class (a CSV label that appears only in val/test rows, a class "
+                             "folder whose images are all unreadable, or too few images to split)")
+        raise ValueError(f"{self._where()}: the {split} split has no images of class(es) {missing} (images per "
+                         f"class: {counts}), so its accuracy and recall say nothing about them. Add {split} images "
+                         f"of each class, raise data.{split}_split, or set data.{split}_split: 0 to drop the "
+                         f"{split} split")
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """Cross-entropy weights ``N / (K · n_c)`` of the training classes with ``balance="loss_weights"``, else None.
+
+        Known before ``setup`` (from the file lists), so the CLI links it into the model.
+        """
+        if self.hparams.balance != "loss_weights":
+            return None
+        counts = self._train_counts()
+        total = sum(counts)
+        return [total / (len(counts) * c) for c in counts]
+
+    def _train_counts(self) -> list[int]:
+        if "train" in self.datasets:
+            labels = _targets(self.datasets["train"])
+        elif self._files is not None:
+            labels = [label for _, label in self._files["train"]]
+        else:
+            labels = SyntheticDMSDataset(self.hparams.train_size, 1).targets
+        counts = collections.Counter(labels)
+        return [max(1, counts.get(i, 0)) for i in range(self.num_classes)]
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -206,8 +289,9 @@ class DMSDataModule(LightningDataModule):
     @property
     def preprocessing(self) -> dict:
         """What a runtime must do to a camera frame before the model: exported into model metadata."""
+        scale = "1/255" if self._bit_depth in (8, None) else f"1/{2 ** self._bit_depth - 1}"
         return {"image_size": self.image_size, "channels": self.channels, "mean": self.mean, "std": self.std,
-                "layout": "NCHW", "scale": "1/255", "class_names": list(self.class_names)}
+                "layout": "NCHW", "scale": scale, "class_names": list(self.class_names)}
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         return torch.zeros(batch_size, self.channels, self.image_size, self.image_size)
@@ -222,6 +306,7 @@ class DMSDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
                   "predict": (self.hparams.predict_split,)}.get(stage, _SPLITS)
+        added = []
         for split in wanted:
             if split in self.datasets:
                 continue
@@ -229,10 +314,31 @@ class DMSDataModule(LightningDataModule):
             if len(base) == 0 and not self._may_be_empty(split):
                 raise ValueError(f"the {split} split of data.source={self.source!r} is empty; check data.data_dir / "
                                  "data.manifest and data.val_split / data.test_split")
-            self.datasets[split] = base
             counts = collections.Counter(_targets(base))
-            self.class_counts[split] = {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}
-            rank_zero_info(f"[dms_lightning] {split}: {len(base)} images, per class {self.class_counts[split]}")
+            counts = {name: counts.get(i, 0) for i, name in enumerate(self.class_names)}
+            # Again after decoding: data.skip_corrupt may have dropped every image of a class.
+            self._check_split_classes(split, counts)
+            self.datasets[split] = base
+            self.class_counts[split] = counts
+            added.append(split)
+            rank_zero_info(f"[dms_lightning] {split}: {len(base)} images, per class {counts}")
+        first = next((self.datasets[s] for s in added if isinstance(self.datasets[s], FileImageDataset)
+                      and self.datasets[s].samples), None)
+        if first is not None:
+            # What a deployment must divide camera values by: recorded in the exported model's metadata.
+            self._bit_depth = image_bit_depth(first.samples[0][0])
+        if added:
+            self._log_class_counts()
+
+    def _log_class_counts(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return
+        splits = [s for s in _SPLITS if s in self.class_counts]
+        header = "| class | " + " | ".join(splits) + " |\n|---|" + "---|" * len(splits) + "\n"
+        rows = "".join(f"| {name} | " + " | ".join(str(self.class_counts[s][name]) for s in splits) + " |\n"
+                       for name in self.class_names)
+        log_text(trainer, "data/class_counts", header + rows, step=0)
 
     def _may_be_empty(self, split: str) -> bool:
         # A split the user turned off on purpose (val_split: 0 / test_split: 0) is allowed to be empty.
@@ -247,14 +353,24 @@ class DMSDataModule(LightningDataModule):
             return []  # Lightning skips a loop whose dataloader list is empty
         transform = (train_transform(self.image_size, self.mean, self.std) if train and self.hparams.augment
                      else eval_transform(self.mean, self.std))
+        sampler = self._balanced_sampler(split) if train and self.hparams.balance == "sampler" else None
         return DataLoader(
             _Transformed(self.datasets[split], transform, with_ids=with_ids),
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and len(self.datasets[split]) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _balanced_sampler(self, split: str) -> WeightedRandomSampler:
+        """Each class equally likely per draw; an epoch stays ``len(split)`` draws (with replacement)."""
+        labels = _targets(self.datasets[split])
+        counts = collections.Counter(labels)
+        weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
+        generator = torch.Generator().manual_seed(self.hparams.split_seed)
+        return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

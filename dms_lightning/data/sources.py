@@ -1,8 +1,17 @@
 """Image sources: the synthetic set, a class-per-folder tree and a CSV manifest.
 
-Each source yields ``(image, label)`` where ``image`` is a ``uint8`` tensor ``C × H × W`` already
-resized to the square ``image_size``; normalisation and augmentation happen in the data module so every
-source is treated the same.
+Each source yields ``(image, label)`` where ``image`` is a ``C × H × W`` tensor already resized to the
+square ``image_size``; normalisation and augmentation happen in the data module so every source is
+treated the same.
+
+Bit depth: 8-bit files (JPEG, 8-bit PNG/TIFF/BMP/PGM) give ``uint8`` tensors. High-bit-depth grayscale
+files (16-bit PNG/TIFF/PGM, the usual container of NIR camera frames, 32-bit integer and float TIFF)
+give ``float32`` tensors in ``[0, 1]``, scaled by the bit depth of the *container*: a 16-bit file is
+divided by 65535, a TIFF by ``2**BitsPerSample - 1``, so no level is clipped or merged. (Converting them
+to 8-bit the way ``PIL.Image.convert("L")`` does clips every value above 255 to white.) A 10- or 12-bit
+sensor stored in a 16-bit container therefore uses the lower part of ``[0, 1]``; set ``data.mean`` /
+``data.std`` to its statistics. Float TIFFs must already hold values in ``[0, 1]``. A file of any other
+kind (16-bit RGB, signed integers, an unknown mode) is refused with its path.
 """
 
 from __future__ import annotations
@@ -28,15 +37,83 @@ class CorruptImageError(ValueError):
     """An image file that cannot be decoded. The message names the file."""
 
 
+# PIL modes of high-bit-depth grayscale images and the bit depth of their container (None: float data).
+_HIGH_BIT_DEPTH_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 32, "F": None}
+# PIL modes that hold 8 bits per channel (or less): converted with PIL's own colour handling.
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def container_bit_depth(img: Image.Image) -> int | None:
+    """Bits per sample of the file behind ``img``: 8 for 8-bit modes, 16/32 (or a TIFF's BitsPerSample), None for float.
+
+    Raises:
+        CorruptImageError: a mode this loader cannot turn into a grayscale or RGB image without losing data.
+    """
+    if img.mode in _EIGHT_BIT_MODES:
+        return 8
+    if img.mode not in _HIGH_BIT_DEPTH_MODES:
+        raise CorruptImageError(f"image mode {img.mode!r} is not supported")
+    bits = _HIGH_BIT_DEPTH_MODES[img.mode]
+    tags = getattr(img, "tag_v2", None)
+    if bits is not None and tags is not None:
+        declared = tags.get(258)  # TIFF BitsPerSample: a 12-bit TIFF is scaled by 4095, not 65535
+        declared = declared[0] if isinstance(declared, tuple) else declared
+        if isinstance(declared, int) and 1 <= declared <= bits:
+            bits = declared
+        sample_format = tags.get(339)  # TIFF SampleFormat: 1 unsigned, 2 signed, 3 float
+        sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+        if sample_format == 2:
+            raise CorruptImageError("signed-integer TIFF samples are not supported")
+    if bits == 32 and img.format == "PNG":
+        bits = 16  # older Pillow opens 16-bit PNGs in mode "I"
+    return bits
+
+
+def _high_bit_depth_array(img: Image.Image, bits: int | None, path) -> np.ndarray:
+    array = np.asarray(img)
+    if bits is None:
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+            raise CorruptImageError(f"float image {str(path)!r} has values in [{array.min()}, {array.max()}]; "
+                                    "float images must hold values in [0, 1]")
+        return array
+    if array.min() < 0:
+        raise CorruptImageError(f"image {str(path)!r} has negative samples; only unsigned images are supported")
+    return (array.astype(np.float64) / float(2 ** bits - 1)).clip(0.0, 1.0).astype(np.float32)
+
+
 def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor:
-    """Decode ``path`` to a ``channels × image_size × image_size`` uint8 tensor (bilinear resize)."""
+    """Decode ``path`` to a ``channels × image_size × image_size`` tensor (bilinear resize).
+
+    8-bit files give ``uint8``; 16-bit / 32-bit / float grayscale files give ``float32`` in ``[0, 1]``
+    scaled by the container's bit depth (see the module docstring), so their levels are kept.
+
+    Raises:
+        CorruptImageError: the file cannot be decoded, or is of a kind this loader would misread; the
+            message names the file.
+    """
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.array(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            bits = container_bit_depth(img)
+            if bits == 8:
+                img = img.convert("L" if channels == 1 else "RGB")
+                if img.size != (image_size, image_size):
+                    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                array = np.array(img, dtype=np.uint8)
+            else:
+                gray = Image.fromarray(_high_bit_depth_array(img, bits, path))  # mode "F"
+                if gray.size != (image_size, image_size):
+                    gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                array = np.asarray(gray, dtype=np.float32).clip(0.0, 1.0)
+                if channels == 3:
+                    array = np.repeat(array[..., None], 3, axis=2)
+    except CorruptImageError as err:
+        if str(path) in str(err):
+            raise
+        raise CorruptImageError(f"cannot read image {str(path)!r}: {err}. Convert it to 8- or 16-bit grayscale "
+                                "or 8-bit RGB PNG/JPEG/TIFF, or remove it.") from err
+    except _READ_ERRORS as err:
         raise CorruptImageError(f"cannot read image {str(path)!r}: {err}. Fix or remove the file, "
                                 "or set `data.skip_corrupt: true` to skip unreadable images.") from err
     if array.ndim == 2:
@@ -44,6 +121,18 @@ def load_image(path: str | Path, image_size: int, channels: int) -> torch.Tensor
     else:
         array = array.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def image_bit_depth(path: str | Path) -> int | None:
+    """The container bit depth of the image at ``path`` read from its header only (see :func:`load_image`)."""
+    try:
+        with Image.open(path) as img:
+            return container_bit_depth(img)
+    except CorruptImageError as err:
+        raise CorruptImageError(f"cannot read image {str(path)!r}: {err}") from err
+    except _READ_ERRORS as err:
+        raise CorruptImageError(f"cannot read image {str(path)!r}: {err}. Fix or remove the file, "
+                                "or set `data.skip_corrupt: true` to skip unreadable images.") from err
 
 
 class SyntheticDMSDataset(Dataset):
@@ -101,10 +190,9 @@ class FileImageDataset(Dataset):
             kept = []
             for path, label in samples:
                 try:
-                    with Image.open(path) as img:
-                        img.load()
+                    load_image(path, image_size, channels)
                     kept.append((path, label))
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                except CorruptImageError:
                     self.skipped.append(str(path))
             if self.skipped:
                 log.warning("skipped %d unreadable image(s), e.g. %s", len(self.skipped), self.skipped[0])
@@ -127,19 +215,29 @@ class FileImageDataset(Dataset):
 
 
 def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted sub-folder names) and ``(path, label)`` samples under ``root``."""
+    """Class names (sorted sub-folder names) and ``(path, label)`` samples under ``root``.
+
+    Raises:
+        FileNotFoundError: ``root`` has no class sub-folders, or a class folder holds no image file.
+    """
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"data.data_dir={str(root)!r} has no class sub-folders; expected "
                                 "<data_dir>/<class>/<image> or <data_dir>/{train,val,test}/<class>/<image>")
-    samples = []
+    samples, empty = [], []
     for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                samples.append((str(path), label))
+        found = [(str(path), label) for path in sorted((root / name).rglob("*"))
+                 if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+        if not found:
+            empty.append(name)
+        samples += found
     if not samples:
         raise FileNotFoundError(f"data.data_dir={str(root)!r} has class folders {classes} but no images "
                                 f"with extensions {IMAGE_EXTENSIONS}")
+    if empty:
+        raise FileNotFoundError(f"data.data_dir={str(root)!r}: class folder(s) {empty} hold no image with extensions "
+                                f"{IMAGE_EXTENSIONS}; the model would get an output it never learns. Add images, "
+                                "or remove the folder(s)")
     return classes, samples
 
 
@@ -172,8 +270,37 @@ def read_manifest(manifest: Path) -> list[tuple[str, str, str | None]]:
     return rows
 
 
-def split_indices(n: int, val_split: float, test_split: float, seed: int) -> dict[str, list[int]]:
-    """A seeded random train/val/test partition of ``range(n)``."""
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    n_val, n_test = int(round(n * val_split)), int(round(n * test_split))
-    return {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+def split_indices(labels: Sequence[int], val_split: float, test_split: float, seed: int) -> dict[str, list[int]]:
+    """A seeded train/val/test partition of ``range(len(labels))``, stratified by label.
+
+    Every class is split on its own, so a rare class gets its share of each split instead of whatever a
+    global shuffle leaves it: a split with a non-zero fraction gets at least one image of a class, as
+    long as the class keeps at least one training image.
+    """
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    parts: dict[str, list[int]] = {"val": [], "test": [], "train": []}
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = [members[i] for i in rng.permutation(len(members))]
+        n_val, n_test = _share(len(order), val_split), _share(len(order), test_split)
+        while n_val + n_test >= len(order) and n_val + n_test > 0:  # training keeps at least one image
+            if n_test >= n_val:
+                n_test -= 1
+            else:
+                n_val -= 1
+        parts["val"] += order[:n_val]
+        parts["test"] += order[n_val:n_val + n_test]
+        parts["train"] += order[n_val + n_test:]
+    return parts
+
+
+def _share(count: int, fraction: float) -> int:
+    return 0 if fraction == 0.0 else max(1, int(round(count * fraction)))
+
+
+def label_key(label: str) -> str:
+    """How two class names are compared for near-duplicates: case and whitespace ignored."""
+    return "".join(label.split()).casefold()

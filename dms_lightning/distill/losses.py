@@ -33,9 +33,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float = 4.0, alpha: float = 0.7,
-                      label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, ce, kd)`` with ``loss = (1 − alpha)·CE(student, labels) + alpha·kd_loss(student, teacher, T)``."""
-    ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
+                      label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, ce, kd)`` with ``loss = (1 − alpha)·CE(student, labels) + alpha·kd_loss(student, teacher, T)``.
+
+    ``class_weights`` (one per class) weigh the cross-entropy term against class imbalance; the teacher's
+    soft targets already carry every class.
+    """
+    ce = F.cross_entropy(student_logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
     kd = kd_loss(student_logits, teacher_logits, temperature)
     return (1.0 - alpha) * ce + alpha * kd, ce, kd
 

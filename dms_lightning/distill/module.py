@@ -64,8 +64,9 @@ class DistillationModule(ClassificationModule):
         save_teacher: keep the teacher's weights in saved checkpoints too (they are dropped by default).
         num_classes, class_names, in_channels, image_size: linked from the data module by the CLI; the
             teacher must agree on classes and input channels.
-        optimizer, lr_scheduler, label_smoothing, bn_momentum: as for :class:`~dms_lightning.DMSClassifier`
-            (``bn_momentum`` applies to a student built by name).
+        optimizer, lr_scheduler, label_smoothing, bn_momentum, class_weights: as for
+            :class:`~dms_lightning.DMSClassifier` (``bn_momentum`` applies to a student built by name;
+            ``class_weights`` weigh the hard-label term only).
 
     Example:
         >>> module = DistillationModule("mobilenet_v3_small", teacher_checkpoint="artifacts/teacher/best.ckpt",
@@ -97,8 +98,10 @@ class DistillationModule(ClassificationModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
         bn_momentum: float | None = 0.1,
+        class_weights: list[float] | None = None,
     ) -> None:
-        super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing)
+        super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
+                         class_weights)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
             raise ValueError(f"model.temperature={temperature!r} must be a number > 0 (typical: 2 to 8)")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -191,7 +194,7 @@ class DistillationModule(ClassificationModule):
         with capture_outputs(self.teacher.network, [p.teacher for p in pairs]) as teacher_features:
             teacher_logits = self.teacher(images)
         loss, ce, kd = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha,
-                                         self.label_smoothing)
+                                         self.label_smoothing, self.class_weights)
         self.log("train/loss_ce", ce)
         self.log("train/loss_kd", kd)
         hints = [(pair, adapter) for pair, adapter in zip(self.hint_pairs, self.hint_adapters)

@@ -50,7 +50,7 @@ class ClassificationModule(LightningModule):
 
     def __init__(self, num_classes: int, class_names: Sequence[str] | None, in_channels: int, image_size: int,
                  optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names {list(class_names)} but "
@@ -62,6 +62,12 @@ class ClassificationModule(LightningModule):
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.lr_scheduler_factory = lr_scheduler
         self.label_smoothing = label_smoothing
+        if class_weights is not None and (len(class_weights) != num_classes or not all(w > 0 for w in class_weights)):
+            raise ValueError(f"model.class_weights={list(class_weights)!r} must be {num_classes} positive numbers, one "
+                             "per class (DMSDataModule(balance='loss_weights') computes them)")
+        # Not persistent: a checkpoint's state_dict stays the same with or without class weights.
+        self.register_buffer("class_weights", None if class_weights is None
+                             else torch.tensor(list(class_weights), dtype=torch.float32), persistent=False)
         self.example_input_array = torch.zeros(1, in_channels, image_size, image_size)
         metrics = MetricCollection({
             "acc": MulticlassAccuracy(num_classes, average="micro"),
@@ -86,7 +92,8 @@ class ClassificationModule(LightningModule):
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, logits)`` of one training batch. Subclasses add their terms here."""
         logits = self(images)
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing), logits
+        loss = F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.label_smoothing)
+        return loss, logits
 
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -181,6 +188,8 @@ class DMSClassifier(ClassificationModule):
         optimizer: optimizer factory, LightningCLI style (default ``AdamW(lr=1e-3)``).
         lr_scheduler: scheduler factory; default: 3 % linear warm-up then cosine decay per step.
         label_smoothing: cross-entropy label smoothing.
+        class_weights: one cross-entropy weight per class (against class imbalance); linked by the CLI from
+            ``DMSDataModule(balance="loss_weights").class_weights``. ``None``: unweighted.
         bn_momentum: momentum of every BatchNorm's running statistics (default 0.1). torchvision's
             MobileNets use 0.01, which leaves evaluation at chance level after a short run; ``None``
             keeps torchvision's value.
@@ -206,8 +215,10 @@ class DMSClassifier(ClassificationModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
         bn_momentum: float | None = 0.1,
+        class_weights: list[float] | None = None,
     ) -> None:
-        super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing)
+        super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
+                         class_weights)
         self.save_hyperparameters()
         self.model = build_backbone(backbone, num_classes, in_channels, head, head_hidden, dropout, weights,
                                     bn_momentum)
