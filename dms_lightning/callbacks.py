@@ -14,6 +14,7 @@ _LOCATIONS = {
     "PostTrainingQuantization": "dms_lightning.quant.ptq",
     "ONNXExport": "dms_lightning.export.callbacks",
     "SNPEExport": "dms_lightning.export.snpe",
+    "TritonExport": "dms_lightning.export.triton",
     "CompressionReport": "dms_lightning.report.callback",
     "PredictionWriter": "dms_lightning.predict",
 }

@@ -20,10 +20,12 @@ PUBLIC = [
     ("dms_lightning.callbacks", "PostTrainingQuantization"),
     ("dms_lightning.callbacks", "ONNXExport"),
     ("dms_lightning.callbacks", "SNPEExport"),
+    ("dms_lightning.callbacks", "TritonExport"),
     ("dms_lightning.callbacks", "CompressionReport"),
     ("dms_lightning.callbacks", "PredictionWriter"),
     ("dms_lightning.pruning", "remove_pruned_channels"),
     ("dms_lightning.export", "export_onnx"),
+    ("dms_lightning.export", "export_fp16_onnx"),
 ]
 
 
