@@ -147,7 +147,7 @@ def quantize_teacher(args, fp32: Path, int8: Path, calibration_batches: int = 8)
 
     Calibrated on validation images: the training loader augments, calibration should see deployment inputs.
     """
-    from dms_lightning.quant.ptq import quantize_onnx
+    from dms_lightning.export.ort_quantize import quantize_onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -233,7 +233,7 @@ def results_markdown(report: Report, args, seconds: float) -> tuple[str, dict]:
         f"{args.warmup_runs} warm-up runs. Accuracy: ONNX Runtime on the test split. Wall time {seconds / 60:.1f} min.  ",
         f"Teacher: ResNet-18 checkpoint after {args.teacher_info['epochs_trained']} epochs"
         + (f" (val acc {100 * args.teacher_info['val_acc']:.1f} %)" if args.teacher_info["val_acc"] else "")
-        + "; INT8 teacher: post-training static QDQ quantization (dms_lightning.quant.ptq.quantize_onnx, min-max, "
+        + "; INT8 teacher: post-training static QDQ quantization (dms_lightning.export.ort_quantize.quantize_onnx, min-max, "
           "8 validation batches).\n",
         "| stage | case study: size / latency / accuracy | case study vs FP32 | ours: size / latency p50 / accuracy "
         "| ours vs FP32 teacher |",

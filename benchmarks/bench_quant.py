@@ -2,6 +2,7 @@
 
     flock /tmp/cpu.lock python benchmarks/bench_quant.py            # ~10 min on 2 shared cores
     flock /tmp/cpu.lock python benchmarks/bench_quant.py --quick    # smaller data, for a smoke run
+    flock /tmp/cpu.lock python benchmarks/bench_quant.py --only-ptq # the ResNet-18 PTQ comparison alone (~5 min)
 
 Both networks are trained briefly on the synthetic DMS set (96 px, 1 channel). Every ratio is measured
 within this one run: file size on disk, CPU latency at batch 1 (ONNX Runtime, fixed intra-op threads,
@@ -12,6 +13,12 @@ MobileNetV3-small: quantizing everything makes ONNX Runtime on an AVX2 CPU *slow
 kernels fuse conv + hardswish; the int8 graph needs Q/DQ around every hardswish, hardsigmoid and SE
 multiply). The script measures each candidate placement with PTQ, picks the most-quantized one that is
 not slower than FP32 and trains QAT with it. Table: ``benchmarks/results/quantization.md``.
+
+ResNet-18 PTQ is measured twice on the same calibration images: our torch-side PTQ (the fake-quant twin
+calibrated by ``dms_lightning.quant.post_training_quantize``, exported as QDQ) and ONNX Runtime's
+``quantize_static`` on the FP32 ONNX file (``dms_lightning.export.ort_quantize.quantize_onnx``), each with
+its calibrators; ``--only-ptq`` refreshes that section of the saved table alone. The MobileNetV3-small
+placement study names ONNX nodes, so it quantizes with ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -36,11 +43,16 @@ from dms_lightning import DMSClassifier, DMSDataModule  # noqa: E402
 from dms_lightning.callbacks import QuantizationAwareTraining  # noqa: E402
 from dms_lightning.export import export_onnx  # noqa: E402
 from dms_lightning.quant.evaluate import accuracy, ort_predictions, ort_session  # noqa: E402
-from dms_lightning.quant.ptq import quantize_onnx  # noqa: E402
+from dms_lightning.export.ort_quantize import quantize_onnx  # noqa: E402
+from dms_lightning.quant import CalibrationConfig, QuantizationConfig, post_training_quantize  # noqa: E402
+from dms_lightning.quant.evaluate import top1_agreement, torch_predictions  # noqa: E402
+from dms_lightning.quant.onnx_qdq import export_qdq_onnx  # noqa: E402
+from dms_lightning.quant.spec import QuantSpec  # noqa: E402
 from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 1
+PTQ_BEGIN, PTQ_END = "<!-- ptq-comparison:begin -->", "<!-- ptq-comparison:end -->"
 
 # Candidate placements for MobileNetV3-small, most quantized first: (PTQ options, QAT options). PTQ options
 # name ONNX nodes (``/features/features.9/block/block.0/...``), QAT options torch modules (``features.9.block.0.0``).
@@ -135,9 +147,92 @@ def train_float(backbone: str, datamodule: DMSDataModule, epochs: int, lr: float
                           optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01))
     start = time.time()
     trainer(root, epochs, limit_train_batches=limit).fit(model, datamodule)
-    recalibrate_batch_norm(model.model, datamodule._loader("train"))
+    recalibrate_batch_norm(model.model, datamodule.calibration_dataloader("train"))
     log(f"{backbone}: {epochs} float epochs in {time.time() - start:.0f} s")
     return model
+
+
+def torch_ptq(network: torch.nn.Module, calibration, batches: int, method: str, weight_bits: int = 8):
+    """Our PTQ: the fake-quant twin of a copy of ``network`` calibrated with ``method``; (model, seconds)."""
+    config = QuantizationConfig(weight=QuantSpec(weight_bits, symmetric=True, per_channel=True))
+    start = time.perf_counter()
+    model = post_training_quantize(copy.deepcopy(network), calibration, config, CalibrationConfig(method),
+                                   calibration_batches=batches)
+    return model, time.perf_counter() - start
+
+
+def compare_ptq(network: torch.nn.Module, fp32_path: Path, calibration, batches: int, test_loader, work: Path,
+                example: torch.Tensor) -> list[dict]:
+    """Torch-side PTQ vs ONNX Runtime quantize_static, each calibrator, same calibration images and test split."""
+    fp32_acc, _ = ort_accuracy(fp32_path, test_loader)
+    rows = []
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        model, seconds = torch_ptq(network, calibration, batches, method)
+        ours = export_qdq_onnx(model, example, work / f"resnet18_torch_ptq_{method}.onnx")
+        fake_quant, _ = torch_predictions(model, test_loader)
+        graph, labels = ort_predictions(ort_session(ours, threads=2, fuse_qdq=False), test_loader)
+        fused, _ = ort_predictions(ort_session(ours, threads=2), test_loader)
+        row = {"method": method, "fp32": fp32_acc, "ours_onnxruntime": accuracy(fused, labels),
+               "ours_fake_quant": accuracy(fake_quant, labels), "agreement_qdq_graph": top1_agreement(graph, fake_quant),
+               "agreement_fused_kernels": top1_agreement(fused, fake_quant), "ours_seconds": seconds,
+               "ort": None, "ort_seconds": None}
+        if method != "mse":  # ONNX Runtime has no MSE calibrator
+            start = time.perf_counter()
+            ort = quantize_onnx(fp32_path, work / f"resnet18_ort_ptq_{method}.onnx", calibration,
+                                calibration_batches=batches, calibration_method=method)
+            row["ort_seconds"] = time.perf_counter() - start
+            row["ort"], _ = ort_accuracy(ort, test_loader)
+        rows.append(row)
+        log(f"PTQ {method}: ours {row['ours_onnxruntime']:.4f} (fake-quant {row['ours_fake_quant']:.4f}, "
+            f"agreement {row['agreement_qdq_graph']:.4f}), ONNX Runtime {row['ort']}")
+    return rows
+
+
+def ptq_section(rows: list[dict], info: dict, args, resnet_note: str) -> list[str]:
+    lines = [PTQ_BEGIN, "## ResNet-18 PTQ: torch-side calibration vs ONNX Runtime `quantize_static`", "",
+             f"Machine: {machine_summary(info)}. ResNet-18: {resnet_note}. Both paths calibrate on the same "
+             f"{args.calibration_batches} batches of 64 un-augmented training images "
+             "(`DMSDataModule.calibration_dataloader('train')`), int8 per-channel symmetric weights, uint8 "
+             f"activations; test accuracy on the whole test split ({args.image_size} px). *Ours* is "
+             "`post_training_quantize` (the fake-quant twin QAT uses) exported as QDQ and run by ONNX Runtime "
+             "(fused CPU integer kernels); *fake-quant* is the same model in PyTorch; agreement is ONNX Runtime "
+             "vs fake-quant top-1 (QDQ graph semantics / fused kernels). Regenerate: "
+             "`python benchmarks/bench_quant.py --only-ptq`.", "",
+             "| calibrator | FP32 | ONNX Runtime quantize_static | ours (ONNX Runtime) | ours − ORT (pt) | ours (fake-quant) "
+             "| agreement QDQ graph | agreement fused kernels | calibration s (ours / ORT) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ort = f"{r['ort'] * 100:.2f} %" if r["ort"] is not None else "n/a (no MSE calibrator)"
+        delta = f"{(r['ours_onnxruntime'] - r['ort']) * 100:+.2f}" if r["ort"] is not None else ""
+        ort_s = f"{r['ort_seconds']:.1f}" if r["ort_seconds"] is not None else "–"
+        lines.append(f"| {r['method']} | {r['fp32'] * 100:.2f} % | {ort} | {r['ours_onnxruntime'] * 100:.2f} % | {delta} "
+                     f"| {r['ours_fake_quant'] * 100:.2f} % | {r['agreement_qdq_graph'] * 100:.2f} % "
+                     f"| {r['agreement_fused_kernels'] * 100:.2f} % | {r['ours_seconds']:.1f} / {ort_s} |")
+    checks = []
+    for r in rows:
+        if r["ort"] is not None:
+            gap = (r["ort"] - r["ours_onnxruntime"]) * 100
+            checks.append((f"{r['method']}: ours ≥ ONNX Runtime − 0.5 pt", f"{-gap:+.2f} pt", gap <= 0.5))
+        checks.append((f"{r['method']}: ONNX Runtime vs fake-quant agreement ≥ 99 %",
+                       f"{r['agreement_qdq_graph'] * 100:.2f} %", r["agreement_qdq_graph"] >= 0.99))
+    lines += ["", "| acceptance check | measured | pass |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in checks]
+    return lines + ["", f"Measured {info.get('measured_at', '')}.", PTQ_END]
+
+
+def write_ptq_section(section: list[str], args) -> None:
+    """Replace the PTQ comparison block of the saved table (or append it), leaving the rest as measured."""
+    path = RESULTS / ("quantization_quick.md" if args.quick else "quantization.md")
+    text = path.read_text() if path.is_file() else "# Quantization benchmark (`benchmarks/bench_quant.py`)\n"
+    block = "\n".join(section)
+    if PTQ_BEGIN in text and PTQ_END in text:
+        head, rest = text.split(PTQ_BEGIN, 1)
+        text = head + block + rest.split(PTQ_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    print(block)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def main() -> None:
@@ -151,6 +246,8 @@ def main() -> None:
     parser.add_argument("--mobilenet-epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=2)
     parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--only-ptq", action="store_true",
+                        help="only the ResNet-18 PTQ comparison (ours vs ONNX Runtime); updates that section")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     sizes = dict(train_size=2000, val_size=500, test_size=1000) if not args.quick else \
@@ -160,7 +257,7 @@ def main() -> None:
     datamodule.setup("fit")
     datamodule.setup("test")
     test_loader = datamodule.test_dataloader()
-    calibration = datamodule._loader("train")  # training images, no augmentation
+    calibration = datamodule.calibration_dataloader("train")  # training images, no augmentation
     args.calibration_batches = min(args.calibration_batches, len(calibration))
     work = Path(tempfile.mkdtemp(prefix="bench_quant_"))
     rows, checks, notes = [], [], {}
@@ -179,14 +276,18 @@ def main() -> None:
         notes["resnet"] = f"trained here for {args.resnet_epochs} epochs"
     example = datamodule.example_input(1)
     r_fp32 = export_onnx(resnet.model, example, work / "resnet18_fp32.onnx")
+    ptq_rows = compare_ptq(resnet.model, r_fp32, calibration, args.calibration_batches, test_loader, work, example)
+    section = ptq_section(ptq_rows, machine_info(threads=THREADS), args, notes["resnet"])
+    if args.only_ptq:
+        write_ptq_section(section, args)
+        return
     # Calibration choices are tuned like any hyper-parameter: on the validation split, then reported on test.
-    ptq_configs = {"minmax": dict(calibration_method="minmax"),
-                   "percentile": dict(calibration_method="percentile"),
-                   "minmax, reduce_range": dict(calibration_method="minmax", reduce_range=True),
-                   "percentile, reduce_range": dict(calibration_method="percentile", reduce_range=True)}
-    r_ptq = {name: quantize_onnx(r_fp32, work / f"resnet18_ptq_{i}.onnx", calibration,
-                                 calibration_batches=args.calibration_batches, **options)
-             for i, (name, options) in enumerate(ptq_configs.items())}
+    ptq_configs = {"minmax": ("minmax", 8), "percentile": ("percentile", 8), "entropy": ("entropy", 8),
+                   "mse": ("mse", 8), "minmax, 7-bit weights": ("minmax", 7)}
+    r_ptq = {}
+    for i, (name, (method, bits)) in enumerate(ptq_configs.items()):
+        model, _ = torch_ptq(resnet.model, calibration, args.calibration_batches, method, bits)
+        r_ptq[name] = export_qdq_onnx(model, example, work / f"resnet18_ptq_{i}.onnx")
     val_loader = datamodule.val_dataloader()
     val_acc = {name: ort_accuracy(path, val_loader)[0] for name, path in r_ptq.items()}
     best = max(val_acc, key=val_acc.get)
@@ -197,10 +298,10 @@ def main() -> None:
     for name, path in r_ptq.items():
         acc, _ = ort_accuracy(path, test_loader)
         marker = " ← best on val" if name == best else ""
-        rows.append(("ResNet-18", f"PTQ INT8 ({name}){marker}", "all Conv/Gemm/Add", path.stat().st_size,
+        rows.append(("ResNet-18", f"PTQ INT8, torch-side ({name}){marker}", "all Conv/Gemm/Add", path.stat().st_size,
                      path.stat().st_size / size_fp32, lat[name], lat[name] / lat["fp32"], acc, (acc - acc_fp32) * 100))
     notes["resnet_ptq_val_accuracy"] = val_acc
-    main_row = next(r for r in rows if r[1].startswith(f"PTQ INT8 ({best})"))
+    main_row = next(r for r in rows if r[1].startswith(f"PTQ INT8, torch-side ({best})"))
     checks.append((f"ResNet-18 PTQ ({best}) file ≤ 0.27× FP32", f"{main_row[4]:.3f}×", main_row[4] <= 0.27))
     checks.append((f"ResNet-18 PTQ ({best}) latency ≤ 0.6× FP32", f"{main_row[6]:.3f}×", main_row[6] <= 0.6))
     checks.append((f"ResNet-18 PTQ ({best}) accuracy within 0.5 pt", f"{main_row[8]:+.2f} pt",
@@ -278,10 +379,10 @@ def main() -> None:
                        agreement >= 0.99))
     notes.update(qat={p: {k: v for k, v in r.items() if k != "encodings_path"} for p, r in qat_runs.items()},
                  qat_latency_ms=qat_lat)
-    write_table(rows, checks, notes, args)
+    write_table(rows, checks, notes, args, section)
 
 
-def write_table(rows, checks, notes, args) -> None:
+def write_table(rows, checks, notes, args, ptq_comparison: list[str]) -> None:
     info = machine_info(threads=THREADS)
     lines = ["# Quantization benchmark (`benchmarks/bench_quant.py`)", "",
              f"Machine: {machine_summary(info)}", "",
@@ -299,6 +400,7 @@ def write_table(rows, checks, notes, args) -> None:
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in checks]
     lines += ["", f"MobileNetV3-small placement chosen for QAT: `{notes['mobilenet_policy']}` (the most quantized "
               "candidate whose PTQ model is not slower than FP32; see docs/quantization.md).", "",
+              *ptq_comparison, "",
               "```json", json.dumps({"machine": info, "args": vars(args), "notes": notes}, indent=2, default=str), "```"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -24,6 +24,7 @@ PUBLIC = [
     ("dms_lightning.callbacks", "CompressionReport"),
     ("dms_lightning.callbacks", "PredictionWriter"),
     ("dms_lightning.pruning", "remove_pruned_channels"),
+    ("dms_lightning.quant", "post_training_quantize"),
     ("dms_lightning.export", "export_onnx"),
     ("dms_lightning.export", "export_fp16_onnx"),
 ]

@@ -49,8 +49,9 @@ figure = image_grid_figure(np.stack([s[0] for s in samples]) / 255.0, [SYNTHETIC
 plt.show()"""),
     new_markdown_cell("""## 2 · Train, export, quantize, report
 
-`ONNXExport` writes the FP32 ONNX (parity-checked in ONNX Runtime), `PostTrainingQuantization` calibrates an INT8
-QDQ model from it, and `CompressionReport` (last in the list) measures every variant on the test split."""),
+`ONNXExport` writes the FP32 ONNX (parity-checked in ONNX Runtime), `PostTrainingQuantization` then turns the
+network into its INT8 fake-quant twin, calibrates it on 16 batches and writes the INT8 QDQ model, and
+`CompressionReport` (last in the list) measures every variant on the test split."""),
     new_code_cell("""datamodule = DMSDataModule(image_size=IMAGE_SIZE, train_size=200 if FAST else 3000, val_size=60 if FAST else 500,
                            test_size=60 if FAST else 1000, batch_size=32 if FAST else 64)
 model = DMSClassifier("mobilenet_v3_small", num_classes=datamodule.num_classes, class_names=datamodule.class_names,

@@ -1,4 +1,5 @@
-"""Post-training quantization: the ONNX Runtime function and the PostTrainingQuantization callback."""
+"""Post-training quantization: torch-side calibration (callback and function), range estimators, and the
+ONNX Runtime quantize_static path for FP32 ONNX files (dms_lightning.export.ort_quantize)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,25 @@ import onnx
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from dms_lightning import DMSClassifier, DMSDataModule
-from dms_lightning.callbacks import PostTrainingQuantization
+from dms_lightning.callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from dms_lightning.export import export_onnx
-from dms_lightning.quant import encodings_from_qdq_onnx
-from dms_lightning.quant.evaluate import ort_session
-from dms_lightning.quant.ptq import quantize_onnx
+from dms_lightning.export.ort_quantize import quantize_onnx
+from dms_lightning.quant import (
+    CalibrationConfig,
+    QuantizationConfig,
+    encodings_from_qdq_onnx,
+    float_model,
+    is_quantized,
+    post_training_quantize,
+)
+from dms_lightning.quant.evaluate import ort_predictions, ort_session, top1_agreement, torch_predictions
+from dms_lightning.quant.fake_quant import named_activation_quantizers
+from dms_lightning.quant.observers import RANGE_ESTIMATORS
+from dms_lightning.quant.onnx_qdq import export_qdq_onnx
+from dms_lightning.quant.spec import QuantSpec
 from dms_lightning.utils.artifacts import variants
 
 IMAGE = 32
@@ -32,20 +45,248 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _datamodule() -> DMSDataModule:
-    return DMSDataModule(image_size=IMAGE, train_size=64, val_size=32, test_size=64, batch_size=16, augment=False)
+def _datamodule(**kwargs) -> DMSDataModule:
+    options = dict(image_size=IMAGE, train_size=64, val_size=32, test_size=64, batch_size=16, augment=False)
+    return DMSDataModule(**{**options, **kwargs})
 
 
-def _trainer(root: Path, callbacks: list) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root),
-                     num_sanity_val_steps=0, callbacks=callbacks, limit_val_batches=1)
+def _trainer(root: Path, callbacks: list, **kwargs) -> L.Trainer:
+    options = dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root),
+                   num_sanity_val_steps=0, callbacks=callbacks, limit_val_batches=1)
+    return L.Trainer(**{**options, **kwargs})
 
 
 def _ops(path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
+# ---------------------------------------------------------------- the callback
+@pytest.fixture(scope="module")
+def ptq_run(tmp_path_factory):
+    L.seed_everything(0)
+    root = tmp_path_factory.mktemp("ptq_run")
+    ptq = PostTrainingQuantization(calibration_batches=2, calibration_split="train", dirpath=str(root / "q"))
+    trainer = _trainer(root, [ptq], limit_train_batches=2)
+    module = DMSClassifier("resnet18", image_size=IMAGE)
+    datamodule = _datamodule()
+    trainer.fit(module, datamodule)
+    return trainer, module, ptq, datamodule
+
+
+def test_callback_leaves_the_network_fake_quantized_with_calibrated_frozen_ranges(ptq_run):
+    trainer, module, ptq, _ = ptq_run
+    assert is_quantized(module.model)
+    quantizers = named_activation_quantizers(module.model)
+    assert len(quantizers) == len(ptq.ranges) > 10
+    for name, quantizer in quantizers.items():
+        assert bool(quantizer.initialized) and not bool(quantizer.observer_enabled), name
+        assert float(quantizer.max_val) > float(quantizer.min_val), name
+    frozen = {k: v.clone() for k, v in module.model.state_dict().items() if "activation_quantizers" in k}
+    module.model.train()(torch.randn(4, 1, IMAGE, IMAGE) * 10)  # a training-mode forward must not move them
+    module.model.eval()
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_callback_exports_an_int8_model_that_onnxruntime_runs_like_the_fake_quant_model(ptq_run):
+    trainer, module, ptq, datamodule = ptq_run
+    result = ptq.result
+    assert "QuantizeLinear" in _ops(Path(result["onnx_path"]))
+    assert result["agreement"] >= 0.98 and result["parity_samples"] == 64
+    assert 0.0 <= result["int8_accuracy"] <= 1.0 and result["agreement_with_fp32"] >= 0.5
+    logits, _ = ort_predictions(ort_session(result["onnx_path"], fuse_qdq=False), datamodule.test_dataloader())
+    reference, _ = torch_predictions(module.model, datamodule.test_dataloader())
+    assert top1_agreement(logits, reference) >= 0.98
+    encodings = json.loads(Path(result["encodings_path"]).read_text())
+    assert encodings == encodings_from_qdq_onnx(result["onnx_path"])
+    (variant,) = variants(trainer)
+    assert (variant.name, variant.precision, variant.producer) == ("ptq_int8", "int8", "PostTrainingQuantization")
+    assert variant.info["calibration_method"] == "minmax"
+
+
+def test_test_after_fit_evaluates_the_quantized_network(ptq_run):
+    trainer, module, ptq, datamodule = ptq_run
+    (metrics,) = trainer.test(module, datamodule, verbose=False)
+    assert abs(metrics["test/acc"] - ptq.result["int8_accuracy"]) < 1e-6
+
+
+def test_callback_rejects_more_calibration_batches_than_available_before_training(tmp_path):
+    trainer = _trainer(tmp_path, [PostTrainingQuantization(calibration_batches=50)])
+    with pytest.raises(MisconfigurationException, match="calibration_batches=50 but the calibration data has only 2"):
+        trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32), _datamodule())
+    assert trainer.global_step == 0
+
+
+def test_callback_refuses_to_run_with_qat(tmp_path):
+    trainer = _trainer(tmp_path, [QuantizationAwareTraining(), PostTrainingQuantization(calibration_batches=1)])
+    with pytest.raises(MisconfigurationException, match="QuantizationAwareTraining in one run"):
+        trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32), _datamodule())
+    assert trainer.global_step == 0
+
+
+class _PlainModule(L.LightningModule):
+    """A user module that has never heard of dms_lightning: no compression_target, no example_input_array."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 7))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_callback_quantizes_a_plain_lightning_module(tmp_path):
+    L.seed_everything(0)
+    module = _PlainModule()
+    ptq = PostTrainingQuantization(calibration_batches=1, export=False)
+    _trainer(tmp_path, [ptq], limit_train_batches=1, limit_val_batches=0).fit(module, _datamodule())
+    assert is_quantized(module.features) and is_quantized(module.head)
+    assert all(bool(q.initialized) for q in named_activation_quantizers(module).values())
+    assert module(torch.randn(2, 1, IMAGE, IMAGE)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(calibration_method="kl"), "calibration_method='kl'"),
+    (dict(mode="int4"), "mode='int4'"),
+    (dict(mode="dynamic"), "mode='dynamic'.*ort_quantize"),
+    (dict(calibration_batches=0), "calibration_batches=0"),
+    (dict(calibration_split="test"), "calibration_split='test'"),
+    (dict(percentile=40.0), "percentile=40.0"),
+    (dict(weight_bits=6), "weight_bits=6"),
+    (dict(reduce_range=True, weight_bits=4), "reduce_range=True"),
+    (dict(exclude_nodes=["/fc/*"]), r"exclude_nodes=\['/fc/\*'\].*exclude="),
+    (dict(exclude_op_types=["Gemm"]), "exclude_op_types=.*quantize_linear=False"),
+    (dict(include=[""]), "include="),
+    (dict(evaluate_batches=0), "evaluate_batches=0"),
+    (dict(filename="a/b"), "filename='a/b'"),
+])
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        PostTrainingQuantization(**kwargs)
+
+
+def test_calibration_loader_is_deterministic_and_unaugmented():
+    datamodule = _datamodule(augment=True)
+    first = torch.cat([batch[0] for batch in datamodule.calibration_dataloader("train")])
+    second = torch.cat([batch[0] for batch in datamodule.calibration_dataloader("train")])
+    assert torch.equal(first, second) and len(first) == 64
+    with pytest.raises(ValueError, match="split='holdout'"):
+        datamodule.calibration_dataloader("holdout")
+
+
+# ---------------------------------------------------------------- the function and the estimators
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def _batches_with_outliers(count: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 1, 32, 32, generator=generator) for _ in range(count)]
+    batches[1][0, 0, 0, 0] = 60.0  # one pixel in 24576: a sensor glitch
+    return batches
+
+
+def test_post_training_quantize_returns_the_calibrated_twin_and_keeps_the_float_network():
+    net = _small_net()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = _batches_with_outliers()
+    int8 = post_training_quantize(net, batches, QuantizationConfig())
+    assert float_model(int8) is net and not is_quantized(net)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())  # weights frozen
+    assert all(bool(q.initialized) and not bool(q.observer_enabled) for q in named_activation_quantizers(int8).values())
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        assert (int8(x) - net(x)).abs().max() < 0.05 * net(x).abs().max() + 0.02
+
+
+def _input_range(method: str) -> tuple[float, float]:
+    calibration = CalibrationConfig(method, percentile=99.99)  # the outlier is 0.004 % of the values
+    int8 = post_training_quantize(_small_net(), _batches_with_outliers(), calibration=calibration)
+    quantizer = next(iter(named_activation_quantizers(int8).values()))  # the network input's quantizer
+    return float(quantizer.min_val), float(quantizer.max_val)
+
+
+def test_percentile_and_entropy_clip_an_outlier_that_minmax_keeps():
+    low, high = _input_range("minmax")
+    assert high == pytest.approx(60.0)
+    for method in ("percentile", "entropy"):
+        clipped_low, clipped_high = _input_range(method)
+        assert low <= clipped_low < 0 < clipped_high < 0.5 * high, method
+        assert clipped_high > 2.0, method  # the bulk of a unit Gaussian is kept
+    # One value in 24576: clipping it costs more squared error than 8-bit rounding saves, so MSE keeps most of it.
+    mse_low, mse_high = _input_range("mse")
+    assert low <= mse_low < 0 < mse_high <= high
+
+
+@pytest.mark.parametrize("method", sorted(RANGE_ESTIMATORS))
+def test_estimators_keep_the_whole_range_of_outlier_free_uniform_data(method):
+    estimator = CalibrationConfig(method).estimator()
+    data = torch.linspace(0.0, 6.0, 100_000)
+    for index in range(estimator.passes):
+        estimator.start_pass(index)
+        estimator.observe(data)
+    low, high = estimator.range(QuantSpec(8, symmetric=False, per_channel=False))
+    assert low == 0.0 and high == pytest.approx(6.0, rel=0.02)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_onnxruntime_runs_the_exported_ptq_model_like_the_fake_quant_model(tmp_path, method):
+    torch.manual_seed(0)
+    net = DMSClassifier("resnet18", image_size=IMAGE).model.eval()
+    batches = [torch.randn(16, 1, IMAGE, IMAGE) for _ in range(2)]
+    int8 = post_training_quantize(net, batches, calibration=CalibrationConfig(method))
+    path = export_qdq_onnx(int8, torch.zeros(1, 1, IMAGE, IMAGE), tmp_path / "ptq.onnx")
+    images = torch.randn(64, 1, IMAGE, IMAGE)
+    loader = [(images[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 64, 16)]
+    graph, _ = ort_predictions(ort_session(path, fuse_qdq=False), loader)
+    reference, _ = torch_predictions(int8, loader)
+    assert top1_agreement(graph, reference) >= 0.98
+    assert np.abs(graph - reference).max() < 0.1 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("kwargs, field", [(dict(method="kl"), "calibration_method='kl'"),
+                                           (dict(percentile=101), "percentile=101"),
+                                           (dict(bins=10), "bins=10")])
+def test_calibration_config_names_the_bad_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        CalibrationConfig(**kwargs)
+
+
+def test_function_rejects_an_already_quantized_network_and_too_few_batches():
+    net = _small_net()
+    with pytest.raises(ValueError, match="calibration_batches=5 but the calibration data has only 3 batches"):
+        post_training_quantize(net, _batches_with_outliers(), calibration_batches=5)
+    int8 = post_training_quantize(net, _batches_with_outliers())
+    with pytest.raises(ValueError, match="already fake-quantized"):
+        post_training_quantize(int8, _batches_with_outliers())
+
+
+def test_batchnorm_hook_runs_on_the_float_network_before_calibration():
+    seen = []
+
+    def reestimate(model, batches):
+        seen.append((is_quantized(model), len(batches)))
+
+    post_training_quantize(_small_net(), _batches_with_outliers(), reestimate_batchnorm=reestimate)
+    assert seen == [(False, 3)]
+
+
+def test_old_import_path_names_the_new_home():
+    with pytest.raises(ImportError, match="dms_lightning.export.ort_quantize"):
+        from dms_lightning.quant.ptq import quantize_onnx  # noqa: F401
+
+
+# ---------------------------------------------------------------- ONNX Runtime's quantize_static on an ONNX file
 @pytest.fixture(scope="module")
 def fp32_resnet(tmp_path_factory):
     torch.manual_seed(0)
@@ -104,32 +345,3 @@ def test_more_calibration_batches_than_data_is_an_error(fp32_resnet, tmp_path):
     with pytest.raises(ValueError, match="calibration_batches=5 but the calibration data has only 3 batches"):
         quantize_onnx(fp32, tmp_path / "x.onnx", batches, calibration_batches=5)
     assert not (tmp_path / "x.onnx").exists()
-
-
-def test_callback_quantizes_at_fit_end_and_reports_accuracy(tmp_path):
-    L.seed_everything(0)
-    ptq = PostTrainingQuantization(calibration_batches=2, dirpath=str(tmp_path / "q"))
-    trainer = _trainer(tmp_path, [ptq])
-    trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32), _datamodule())
-    result = ptq.result
-    assert 0.0 <= result["onnx_accuracy"] <= 1.0 and result["agreement_with_fp32"] >= 0.5
-    encodings = json.loads(Path(result["encodings_path"]).read_text())
-    assert encodings == encodings_from_qdq_onnx(result["onnx_path"])
-    (variant,) = variants(trainer)
-    assert (variant.name, variant.precision, variant.producer) == ("ptq_int8", "int8", "PostTrainingQuantization")
-
-
-def test_callback_rejects_more_calibration_batches_than_available_before_training(tmp_path):
-    trainer = _trainer(tmp_path, [PostTrainingQuantization(calibration_batches=50)])
-    with pytest.raises(MisconfigurationException, match="calibration_batches=50 but the calibration data has only 2"):
-        trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32), _datamodule())
-    assert trainer.global_step == 0
-
-
-@pytest.mark.parametrize("kwargs, field", [(dict(calibration_method="kl"), "calibration_method='kl'"),
-                                           (dict(mode="int4"), "mode='int4'"),
-                                           (dict(calibration_batches=0), "calibration_batches=0"),
-                                           (dict(calibration_split="test"), "calibration_split='test'")])
-def test_bad_arguments_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        PostTrainingQuantization(**kwargs)

@@ -381,6 +381,16 @@ class DMSDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    def calibration_dataloader(self, split: Literal["train", "val", "test"] = "train") -> DataLoader | list:
+        """Deterministic batches of ``split`` for calibration (quantization ranges, BatchNorm statistics).
+
+        No augmentation and no shuffling, whatever ``augment`` says: two calls give the same images in the
+        same order, so a calibration is reproducible.
+        """
+        if split not in _SPLITS:
+            raise ValueError(f"split={split!r} must be one of {list(_SPLITS)}")
+        return self._loader(split)
+
     def predict_dataloader(self) -> DataLoader:
         """Batches of ``(image, label, sample_id)`` where the id is the file path or synthetic index."""
         return self._loader(self.hparams.predict_split, with_ids=True)

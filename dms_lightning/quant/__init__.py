@@ -4,7 +4,7 @@ Public API::
 
     from dms_lightning.quant import prepare_qat, QuantizationConfig, export_qdq_onnx
     from dms_lightning.quant import encodings_from_qdq_onnx, write_encodings
-    from dms_lightning.quant.ptq import quantize_onnx            # PTQ without a Trainer
+    from dms_lightning.quant import post_training_quantize, CalibrationConfig   # PTQ without a Trainer
     from dms_lightning.callbacks import QuantizationAwareTraining, PostTrainingQuantization
 
 Importing this package registers the checkpoint restorer (order 20, after pruning's 10) that re-applies
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from dms_lightning.quant.calibration import calibrate, post_training_quantize
+from dms_lightning.quant.observers import CalibrationConfig
 from dms_lightning.quant.prepare import QuantizationConfig, float_model, is_quantized, prepare_qat
 from dms_lightning.quant.spec import QuantSpec
 from dms_lightning.utils.checkpoint import register_architecture_restorer
@@ -46,5 +48,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dms_lightning.quant' has no attribute {name!r}")
 
 
-__all__ = ["CHECKPOINT_RECORD", "QuantSpec", "QuantizationConfig", "prepare_qat", "is_quantized", "float_model",
+__all__ = ["CHECKPOINT_RECORD", "CalibrationConfig", "QuantSpec", "QuantizationConfig", "calibrate", "prepare_qat",
+           "post_training_quantize", "is_quantized", "float_model",
            "export_qdq_onnx", "encodings_from_qdq_onnx", "write_encodings"]

@@ -9,15 +9,25 @@ Range tracking rules (each one fixes a bug users hit with Lightning's removed QA
   (Lightning #8507);
 * weight ranges always follow the current weights (they are not data: no moving average is wanted);
 * nothing is written while a tracer or exporter runs, so an export never perturbs the model.
+
+Post-training calibration (:func:`dms_lightning.quant.calibration.calibrate`) attaches a range estimator
+(:mod:`dms_lightning.quant.observers`) to each activation quantizer and switches every quantizer to pass
+its input through, so statistics come from the float network; :meth:`FakeQuantizer.set_range` then fixes
+the chosen range.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dms_lightning.quant.spec import QuantSpec
+
+if TYPE_CHECKING:
+    from dms_lightning.quant.observers import RangeEstimator
 
 _MIN_SCALE = 1e-8
 
@@ -65,6 +75,9 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("max_val", torch.zeros(shape))
         self.register_buffer("observer_enabled", torch.tensor(True))
         self.register_buffer("initialized", torch.tensor(False))
+        # Calibration state: plain attributes, never saved in a state_dict or checkpoint.
+        self.range_estimator: RangeEstimator | None = None
+        self.bypass = False
 
     def extra_repr(self) -> str:
         kind = "weight" if self.is_weight else "activation"
@@ -104,7 +117,21 @@ class FakeQuantizer(nn.Module):
             self.scale.copy_(scale)
             self.zero_point.copy_(torch.clamp(quant_min - torch.round(low / scale), quant_min, quant_max).int())
 
+    @torch.no_grad()
+    def set_range(self, low: float, high: float) -> None:
+        """Fix the range to ``[low, high]`` (widened to contain 0) and recompute scale and zero point."""
+        if not low <= high:
+            raise ValueError(f"low={low!r} must be <= high={high!r}")
+        self.min_val.fill_(low)
+        self.max_val.fill_(high)
+        self.initialized.fill_(True)
+        self.update_qparams()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.range_estimator is not None and not _tracing():
+            self.range_estimator.observe(x)
+        if self.bypass:
+            return x
         if not _tracing() and bool(self.observer_enabled) and (self.is_weight or self.training):
             self.observe(x)
         if not bool(self.initialized):
@@ -133,6 +160,11 @@ class FakeQuantizer(nn.Module):
 
 def activation_quantizers(model: nn.Module) -> list[FakeQuantizer]:
     return [m for m in model.modules() if isinstance(m, FakeQuantizer) and not m.is_weight]
+
+
+def named_activation_quantizers(model: nn.Module) -> dict[str, FakeQuantizer]:
+    """``{module name: quantizer}`` of the activation quantizers of ``model`` (a shared one listed once)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizer) and not m.is_weight}
 
 
 def set_observers_enabled(model: nn.Module, enabled: bool) -> None:

@@ -147,8 +147,8 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> f
         graph = fx.Tracer().trace(model)
     except Exception as err:  # noqa: BLE001 - fx raises many types for data-dependent control flow
         raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx for quantization ({err}); "
-                         "keep data-dependent control flow out of forward, or quantize with "
-                         "PostTrainingQuantization which works on the exported ONNX graph") from err
+                         "keep data-dependent control flow out of forward, or quantize the exported ONNX graph "
+                         "with dms_lightning.export.ort_quantize.quantize_onnx") from err
     graph_module = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
     quantized = _swap_layers(graph_module, config)
     _insert_activation_quantizers(graph_module, quantized, config.activation)

@@ -1,231 +1,113 @@
-"""Post-training quantization with ONNX Runtime: a function for any FP32 ONNX model, and a callback.
+"""PostTrainingQuantization: calibrate the trained network's fake-quant twin at the end of ``fit``.
 
-Calibration uses ONNX Runtime's own calibrators (min-max, percentile, entropy) on batches of real data;
-static quantization writes the QDQ format ONNX Runtime fuses into ``QLinearConv`` / ``QLinearAdd`` /
-``QGemm``; dynamic quantization (int8 weights, activations quantized at run time) suits MatMul-heavy
-heads. Defaults follow the NPU conventions of the whole package: int8 per-channel symmetric weights,
-uint8 per-tensor affine activations.
+The network is quantized in PyTorch, by the same machinery as QAT (:func:`~dms_lightning.quant.prepare_qat`
+through :func:`~dms_lightning.quant.target.quantize_target`), then calibrated on real batches
+(:mod:`dms_lightning.quant.calibration`). The run ends with a fake-quantized network with frozen ranges:
+exactly what QAT leaves behind, so the INT8 QDQ export, the encodings and the SNPE/QNN bundle are the
+same for both. For quantizing an ONNX file with ONNX Runtime instead, see
+:func:`dms_lightning.export.ort_quantize.quantize_onnx`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable, Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 from typing_extensions import override
 
-from dms_lightning.export import export_onnx
-from dms_lightning.quant.onnx_qdq import materialize_constant_identities
+from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
+from dms_lightning.quant.evaluate import accuracy, top1_agreement, torch_predictions
+from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
+from dms_lightning.quant.prepare import QuantizationConfig
+from dms_lightning.quant.spec import activation_spec, weight_spec
+from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
 from dms_lightning.utils.checkpoint import compression_target
-from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 
-CalibrationMethod = Literal["minmax", "percentile", "entropy"]
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-MODES = ("static", "dynamic")
+CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
+CALIBRATION_SPLITS = ("train", "val")
 
-
-class BatchCalibrationReader:
-    """An ONNX Runtime ``CalibrationDataReader`` over the first ``calibration_batches`` image batches.
-
-    Args:
-        batches: an iterable of ``(images, ...)`` tuples (a DataLoader) or of image tensors / arrays.
-        input_name: the ONNX model's input name.
-        calibration_batches: how many batches to feed (``None``: all).
-    """
-
-    def __init__(self, batches: Iterable, input_name: str, calibration_batches: int | None = None) -> None:
-        self.batches, self.input_name, self.calibration_batches = batches, input_name, calibration_batches
-        self._iterator: Iterator | None = None
-        self.seen = 0
-
-    def _feeds(self) -> Iterator[dict[str, np.ndarray]]:
-        for i, batch in enumerate(self.batches):
-            if self.calibration_batches is not None and i >= self.calibration_batches:
-                return
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if isinstance(images, torch.Tensor):
-                images = images.detach().cpu().numpy()
-            self.seen += 1
-            yield {self.input_name: np.asarray(images, dtype=np.float32)}
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._iterator is None:
-            self._iterator = self._feeds()
-        return next(self._iterator, None)
-
-    def rewind(self) -> None:
-        self._iterator = None
+# Arguments of the former ONNX Runtime-based callback that named ONNX nodes, and what replaces them.
+_ONNX_ONLY_ARGUMENTS = {
+    "exclude_op_types": "quantize_linear=False (for Gemm / MatMul) or exclude=[layer-name patterns]",
+    "exclude_nodes": "exclude=[layer-name patterns such as 'fc' or 'layer4.*']",
+    "include_nodes": "include=[layer-name patterns such as 'classifier.*']",
+}
 
 
-def _validate(mode: str, calibration_method: str, percentile: float, calibration_batches: int | None) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} must be one of {list(MODES)}")
-    if calibration_method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration_method={calibration_method!r} must be one of {list(CALIBRATION_METHODS)}")
-    if not 50.0 < percentile <= 100.0:
-        raise ValueError(f"percentile={percentile!r} must be in (50, 100]")
-    if calibration_batches is not None and (not isinstance(calibration_batches, int) or calibration_batches < 1):
-        raise ValueError(f"calibration_batches={calibration_batches!r} must be a positive integer")
+_MOVED = {name: "dms_lightning.export.ort_quantize" for name in ("quantize_onnx", "BatchCalibrationReader",
+                                                                   "excluded_nodes")}
+_MOVED["check_calibration_batches"] = "dms_lightning.quant.calibration"
 
 
-def check_calibration_batches(batches: Iterable, calibration_batches: int | None, field: str = "calibration_batches"
-                              ) -> None:
-    """Raise when the data has fewer batches than asked for (a silent short calibration skews ranges)."""
-    available = len(batches) if hasattr(batches, "__len__") else None
-    if calibration_batches is not None and available is not None and calibration_batches > available:
-        raise ValueError(f"{field}={calibration_batches} but the calibration data has only {available} batches; "
-                         f"use {field} <= {available} or more calibration data")
+def __getattr__(name: str):
+    if name in _MOVED:
+        # ImportError rather than AttributeError, so `from dms_lightning.quant.ptq import ...` shows where it went.
+        raise ImportError(f"dms_lightning.quant.ptq.{name} moved: from {_MOVED[name]} import {name} "
+                          "(the quant package is torch-only and writes no ONNX file)")
+    raise AttributeError(f"module 'dms_lightning.quant.ptq' has no attribute {name!r}")
 
 
-def excluded_nodes(model: onnx.ModelProto, exclude_nodes: Iterable[str] = (), quantize_depthwise: bool = True
-                   ) -> list[str]:
-    """Node names matching ``exclude_nodes`` (``fnmatch`` patterns), plus depthwise convs if not quantized."""
-    patterns = list(exclude_nodes)
-    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
-    names = []
-    for node in model.graph.node:
-        if any(fnmatch.fnmatchcase(node.name, p) for p in patterns):
-            names.append(node.name)
-        elif not quantize_depthwise and node.op_type == "Conv":
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            weight = shapes.get(node.input[1]) if len(node.input) > 1 else None
-            if group > 1 and weight is not None and weight[1] == 1:
-                names.append(node.name)
-    return names
-
-
-def quantize_onnx(
-    fp32_onnx: str | Path,
-    output_path: str | Path,
-    calibration_data: Iterable | None = None,
-    *,
-    mode: Literal["static", "dynamic"] = "static",
-    calibration_method: CalibrationMethod = "minmax",
-    calibration_batches: int | None = None,
-    percentile: float = 99.999,
-    per_channel: bool = True,
-    symmetric_activations: bool = False,
-    reduce_range: bool = False,
-    quantize_depthwise: bool = True,
-    exclude_op_types: Iterable[str] = (),
-    exclude_nodes: Iterable[str] = (),
-    include_nodes: Iterable[str] = (),
-) -> Path:
-    """Quantize an FP32 ONNX classifier to INT8 with ONNX Runtime, without a Trainer.
-
-    Args:
-        fp32_onnx: the float model (e.g. from :func:`dms_lightning.export.export_onnx`).
-        output_path: where the INT8 model is written (atomically).
-        calibration_data: batches for static calibration (a DataLoader of ``(images, labels)`` or arrays).
-        mode: ``"static"`` (QDQ, calibrated activation ranges) or ``"dynamic"`` (int8 weights only).
-        calibration_method: ``"minmax"``, ``"percentile"`` or ``"entropy"``.
-        calibration_batches: number of batches to calibrate on (``None``: all of ``calibration_data``).
-        percentile: the percentile of ``"percentile"`` calibration.
-        per_channel: one weight scale per output channel.
-        symmetric_activations: int8 activations with zero point 0 (default uint8 affine).
-        reduce_range: 7-bit weights, against int16 saturation on x86 CPUs without VNNI.
-        quantize_depthwise: quantize depthwise convs too.
-        exclude_op_types: ONNX op types kept in float, e.g. ``["Gemm", "Mul"]``.
-        exclude_nodes: ``fnmatch`` patterns of ONNX node names kept in float.
-        include_nodes: if given, only nodes matching these ``fnmatch`` patterns are quantized.
-
-    Example:
-        >>> quantize_onnx("model.onnx", "model_int8.onnx", datamodule.val_dataloader(),  # doctest: +SKIP
-        ...               calibration_method="percentile", calibration_batches=8)
-    """
-    _validate(mode, calibration_method, percentile, calibration_batches)
-    fp32_onnx, output_path = Path(fp32_onnx), Path(output_path)
-    if not fp32_onnx.is_file():
-        raise FileNotFoundError(f"fp32_onnx={str(fp32_onnx)!r} does not exist")
-    model = onnx.load(str(fp32_onnx))
-    op_types = {node.op_type for node in model.graph.node}
-    excluded_types = set(exclude_op_types)
-    unknown = excluded_types - op_types
-    if unknown:
-        rank_zero_warn(f"exclude_op_types {sorted(unknown)} do not occur in {fp32_onnx.name} (ops: {sorted(op_types)})")
-    nodes = excluded_nodes(model, exclude_nodes, quantize_depthwise)
-    include = list(include_nodes)
-    selected = [n.name for n in model.graph.node if any(fnmatch.fnmatchcase(n.name, p) for p in include)] or None
-    if include and not selected:
-        raise ValueError(f"include_nodes={include} match no node of {fp32_onnx.name}")
-    quantizable = sorted(op_types - excluded_types)
-    with atomic_path(output_path) as tmp:
-        source = tmp.with_name(tmp.name + ".fp32.onnx")
-        onnx.save(materialize_constant_identities(model), str(source))
-        try:
-            _quantize(source, tmp, mode, calibration_data, calibration_method, calibration_batches, percentile,
-                      per_channel, symmetric_activations, reduce_range, quantizable, nodes, model.graph.input[0].name,
-                      selected)
-        finally:
-            source.unlink(missing_ok=True)
-    return output_path
-
-
-def _quantize(source: Path, target: Path, mode: str, calibration_data, calibration_method: str,
-              calibration_batches: int | None, percentile: float, per_channel: bool, symmetric_activations: bool,
-              reduce_range: bool, quantizable: list[str], nodes: list[str], input_name: str,
-              selected: list[str] | None) -> None:
-    from onnxruntime.quantization import CalibrationMethod as OrtCalibration
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
-    if mode == "dynamic":
-        quantize_dynamic(source, target, op_types_to_quantize=quantizable, per_channel=per_channel,
-                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=nodes,
-                         nodes_to_quantize=selected)
-        return
-    if calibration_data is None:
-        raise ValueError("calibration_data is required for mode='static' (batches of model inputs)")
-    check_calibration_batches(calibration_data, calibration_batches)
-    reader = BatchCalibrationReader(calibration_data, input_name, calibration_batches)
-    method = {"minmax": OrtCalibration.MinMax, "percentile": OrtCalibration.Percentile,
-              "entropy": OrtCalibration.Entropy}[calibration_method]
-    quantize_static(source, target, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=quantizable,
-                    per_channel=per_channel, reduce_range=reduce_range,
-                    activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, nodes_to_exclude=nodes, nodes_to_quantize=selected,
-                    calibrate_method=method,
-                    extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True,
-                                   "CalibPercentile": percentile})
-    if reader.seen == 0:
-        raise ValueError("calibration_data yielded no batch")
+def _patterns(field: str, value: list[str] | None) -> tuple[str, ...]:
+    value = list(value or [])
+    if not all(isinstance(p, str) and p for p in value):
+        raise ValueError(f"{field}={value!r} must be a list of non-empty layer-name patterns")
+    return tuple(value)
 
 
 class PostTrainingQuantization(Callback):
-    """Quantize the trained network to INT8 with ONNX Runtime at the end of ``fit``, calibrated on real batches.
+    """Post-training INT8 quantization in PyTorch at the end of ``fit``, calibrated on real batches.
 
-    Writes ``<dirpath>/<filename>_fp32.onnx`` (the float source), ``<filename>.onnx`` (INT8) and, for static
-    quantization, ``<filename>.encodings.json``; measures FP32 and INT8 accuracy in ONNX Runtime on the
-    test split; registers the INT8 variant for the report. Runs on rank 0.
+    At ``on_fit_end`` the network (``pl_module.compression_target``, else the module's children) is
+    replaced by its fake-quantized twin — BatchNorm folded into the convs, int8 per-channel symmetric
+    weights, uint8 per-tensor activations, the placement QAT uses — and calibrated: ``calibration_batches``
+    un-augmented batches of ``calibration_split`` run through the float network in eval mode (weights
+    unchanged), each activation range is set by ``calibration_method``, then observers and BatchNorm are
+    frozen. The module is left fake-quantized, so the callbacks after this one export and measure the
+    INT8 model (``trainer.test()`` after ``fit`` tests it too). **List it before** ``ONNXExport``,
+    ``SNPEExport`` and ``CompressionReport``: Lightning runs ``on_fit_end`` in callback order.
+
+    Calibration runs on every rank (same batches, same ranges); the INT8 QDQ ONNX model and its encodings
+    are written on rank 0 (``<dirpath>/<filename>.onnx`` and ``.encodings.json``), checked against the
+    fake-quant model in ONNX Runtime on the test split, and registered as a report variant. The float
+    and INT8 accuracies of the PyTorch models on the test split are in :attr:`result`.
 
     Args:
         calibration_batches: batches of ``calibration_split`` used for calibration.
         calibration_split: ``"train"`` (without augmentation) or ``"val"``.
-        calibration_method: ``"minmax"``, ``"percentile"`` or ``"entropy"``.
-        percentile: the percentile of ``"percentile"`` calibration.
-        mode: ``"static"`` (QDQ INT8) or ``"dynamic"`` (int8 weights, run-time activation ranges).
-        per_channel: per-output-channel weight scales.
+        calibration_method: ``"minmax"``, ``"percentile"``, ``"entropy"`` (KL) or ``"mse"``
+            (:mod:`dms_lightning.quant.observers`).
+        percentile: the percentile of ``|x|`` kept by ``"percentile"`` calibration.
+        mode: ``"static"`` (the only mode; for ONNX Runtime's dynamic quantization use
+            :func:`dms_lightning.export.ort_quantize.quantize_onnx`).
+        weight_bits: 8, 7 or 4.
+        per_channel: one weight scale per output channel.
         symmetric_activations: int8 activations with zero point 0 instead of uint8 affine.
-        reduce_range: 7-bit weights (x86 CPUs without VNNI can saturate int16 sums with full 8 bits).
+        reduce_range: 7-bit weights (x86 CPUs without VNNI can saturate int16 sums with full 8 bits);
+            the same as ``weight_bits=7``.
         quantize_depthwise: also quantize depthwise convs.
-        exclude_op_types: ONNX op types kept in float.
-        exclude_nodes: ``fnmatch`` patterns of ONNX node names kept in float.
-        include_nodes: if given, only ONNX nodes matching these ``fnmatch`` patterns are quantized.
+        quantize_linear: also quantize ``Linear`` layers.
+        exclude: ``fnmatch`` patterns of layer names (within the network) kept in float.
+        include: if given, only layers matching these patterns are quantized.
+        export: write the INT8 ONNX model and encodings at fit end.
         dirpath: output folder (default ``<trainer.log_dir>/quantization``).
         filename: file stem of the INT8 model.
-        evaluate_batches: test batches for the accuracy report (``None``: all; 0: skip).
+        evaluate_batches: test batches for the accuracy and parity figures (``None``: all).
+        min_agreement: a warning is raised when ONNX Runtime and the fake-quant model agree on fewer
+            top-1 predictions.
+        exclude_op_types, exclude_nodes, include_nodes: arguments of the former ONNX Runtime-based
+            callback (they named ONNX nodes); a non-empty value is an error naming its replacement.
 
     Example:
         >>> from dms_lightning.callbacks import PostTrainingQuantization
         >>> ptq = PostTrainingQuantization(calibration_batches=8, calibration_method="percentile")
-        >>> trainer = Trainer(callbacks=[ptq])  # doctest: +SKIP
+        >>> trainer = Trainer(callbacks=[ptq, ONNXExport(checkpoint="last")])  # doctest: +SKIP
     """
 
     def __init__(
@@ -234,99 +116,166 @@ class PostTrainingQuantization(Callback):
         calibration_split: Literal["train", "val"] = "val",
         calibration_method: CalibrationMethod = "minmax",
         percentile: float = 99.999,
-        mode: Literal["static", "dynamic"] = "static",
+        mode: Literal["static"] = "static",
+        weight_bits: int = 8,
         per_channel: bool = True,
         symmetric_activations: bool = False,
         reduce_range: bool = False,
         quantize_depthwise: bool = True,
-        exclude_op_types: list[str] | None = None,
-        exclude_nodes: list[str] | None = None,
-        include_nodes: list[str] | None = None,
+        quantize_linear: bool = True,
+        exclude: list[str] | None = None,
+        include: list[str] | None = None,
+        export: bool = True,
         dirpath: str | None = None,
         filename: str = "ptq_int8",
         evaluate_batches: int | None = None,
+        min_agreement: float = 0.99,
+        exclude_op_types: list[str] | None = None,
+        exclude_nodes: list[str] | None = None,
+        include_nodes: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _validate(mode, calibration_method, percentile, calibration_batches)
-        if calibration_split not in ("train", "val"):
-            raise ValueError(f"calibration_split={calibration_split!r} must be 'train' or 'val'")
+        if mode == "dynamic":
+            raise ValueError("mode='dynamic' is not a torch-side quantization: PostTrainingQuantization calibrates "
+                             "static activation ranges; for ONNX Runtime's dynamic quantization of an FP32 ONNX file "
+                             "use dms_lightning.export.ort_quantize.quantize_onnx(..., mode='dynamic')")
+        if mode != "static":
+            raise ValueError(f"mode={mode!r} must be 'static'")
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) \
+                or calibration_batches < 1:
+            raise ValueError(f"calibration_batches={calibration_batches!r} must be a positive integer")
+        if calibration_split not in CALIBRATION_SPLITS:
+            raise ValueError(f"calibration_split={calibration_split!r} must be one of {list(CALIBRATION_SPLITS)}")
+        if calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration_method={calibration_method!r} must be one of {list(CALIBRATION_METHODS)}")
+        self.calibration = CalibrationConfig(calibration_method, percentile)
+        if reduce_range and weight_bits not in (7, 8):
+            raise ValueError(f"reduce_range=True means 7-bit weights; it contradicts weight_bits={weight_bits!r}")
+        for field, value in (("exclude_op_types", exclude_op_types), ("exclude_nodes", exclude_nodes),
+                             ("include_nodes", include_nodes)):
+            if value:
+                raise ValueError(f"{field}={value!r} named ONNX nodes of the former ONNX Runtime-based "
+                                 f"PostTrainingQuantization; the network is now quantized in PyTorch: use "
+                                 f"{_ONNX_ONLY_ARGUMENTS[field]}")
         if not filename or "/" in filename:
             raise ValueError(f"filename={filename!r} must be a non-empty file stem without '/'")
-        if evaluate_batches is not None and (not isinstance(evaluate_batches, int) or evaluate_batches < 0):
-            raise ValueError(f"evaluate_batches={evaluate_batches!r} must be an integer >= 0 or None (all)")
+        if evaluate_batches is not None and (isinstance(evaluate_batches, bool)
+                                             or not isinstance(evaluate_batches, int) or evaluate_batches < 1):
+            raise ValueError(f"evaluate_batches={evaluate_batches!r} must be a positive integer or None (all)")
+        if not 0.0 <= min_agreement <= 1.0:
+            raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1]")
+        self.config = QuantizationConfig(
+            weight=weight_spec(7 if reduce_range else weight_bits, symmetric=True, per_channel=per_channel),
+            activation=activation_spec(8, symmetric_activations),
+            quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear,
+            exclude=_patterns("exclude", exclude), include=_patterns("include", include))
         self.calibration_batches, self.calibration_split = calibration_batches, calibration_split
-        self.options = dict(mode=mode, calibration_method=calibration_method, percentile=percentile,
-                            per_channel=per_channel, symmetric_activations=symmetric_activations,
-                            reduce_range=reduce_range, quantize_depthwise=quantize_depthwise,
-                            exclude_op_types=list(exclude_op_types or []), exclude_nodes=list(exclude_nodes or []),
-                            include_nodes=list(include_nodes or []))
-        self.dirpath, self.filename, self.evaluate_batches = dirpath, filename, evaluate_batches
+        self.export, self.dirpath, self.filename = export, dirpath, filename
+        self.evaluate_batches, self.min_agreement = evaluate_batches, min_agreement
+        self.ranges: dict[str, tuple[float, float]] = {}
         self.result: dict[str, Any] = {}
 
+    # ---------------------------------------------------------------- checks before training
     def _calibration_loader(self, trainer: Trainer):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None:
             raise MisconfigurationException("PostTrainingQuantization needs a datamodule to draw calibration batches "
-                                            "from; call trainer.fit(model, datamodule=...) or use quantize_onnx()")
-        if self.calibration_split == "train" and hasattr(datamodule, "_loader"):
-            return datamodule._loader("train")  # the training images without augmentation or shuffling
-        return datamodule.train_dataloader() if self.calibration_split == "train" else datamodule.val_dataloader()
+                                            "from; call trainer.fit(model, datamodule=...) or use "
+                                            "dms_lightning.quant.post_training_quantize()")
+        if hasattr(datamodule, "calibration_dataloader"):
+            return datamodule.calibration_dataloader(self.calibration_split)
+        if self.calibration_split == "train":
+            rank_zero_warn("PostTrainingQuantization: the datamodule has no calibration_dataloader(split); "
+                           "calibrating on train_dataloader(), which may be augmented and shuffled")
+            return datamodule.train_dataloader()
+        return datamodule.val_dataloader()
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from dms_lightning.quant.qat import QuantizationAwareTraining
+
+        if any(isinstance(callback, QuantizationAwareTraining) for callback in trainer.callbacks):
+            raise MisconfigurationException(
+                "PostTrainingQuantization and QuantizationAwareTraining in one run would quantize the same network "
+                "twice; keep one of them (QAT already produces the INT8 model)")
+        if not target_is_quantized(pl_module) and not target_quantizable_layers(pl_module, self.config):
+            raise MisconfigurationException(
+                f"PostTrainingQuantization found no quantizable layer (Conv2d / Linear) in "
+                f"{type(compression_target(pl_module)).__name__} with include={list(self.config.include)}, "
+                f"exclude={list(self.config.exclude)}, quantize_depthwise={self.config.quantize_depthwise}, "
+                f"quantize_linear={self.config.quantize_linear}")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Fail before training, not after it: a calibration request the data cannot satisfy is a config error.
-        if self.options["mode"] == "static":
-            try:
-                check_calibration_batches(self._calibration_loader(trainer), self.calibration_batches)
-            except ValueError as err:
-                raise MisconfigurationException(f"PostTrainingQuantization: {err} ({self.calibration_split} split)") \
-                    from err
+        try:
+            check_calibration_batches(self._calibration_loader(trainer), self.calibration_batches)
+        except ValueError as err:
+            raise MisconfigurationException(f"PostTrainingQuantization: {err} ({self.calibration_split} split)") \
+                from err
+
+    # ---------------------------------------------------------------- calibration
+    def reestimate_batchnorm(self, network: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+        """Runs on the float network with the calibration batches, before it is quantized and calibrated.
+
+        The place for BatchNorm re-estimation (the same signature as ``post_training_quantize``'s
+        ``reestimate_batchnorm`` hook); by default the statistics stay as trained.
+        """
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if target_is_quantized(pl_module):
+            rank_zero_warn("PostTrainingQuantization: the network is already fake-quantized (a QAT or PTQ "
+                           "checkpoint); its quantization ranges are kept, not calibrated again")
             return
-        from dms_lightning.quant.prepare import float_model, is_quantized
+        batches = calibration_inputs(self._calibration_loader(trainer), self.calibration_batches)
+        self.reestimate_batchnorm(compression_target(pl_module), batches)
+        test_loader = _split_loader(trainer, "test")
+        reference = self._predictions(pl_module, test_loader)
+        quantize_target(pl_module, self.config)
+        target = compression_target(pl_module)
+        self.ranges = calibrate(target, batches, self.calibration)
+        self.result = {"calibration_method": self.calibration.method, "calibration_batches": len(batches),
+                       "calibration_split": self.calibration_split, "config": self.config.to_dict(),
+                       "activation_quantizers": len(self.ranges)}
+        if reference is not None:
+            quantized = self._predictions(pl_module, test_loader)
+            self.result.update({"fp32_accuracy": accuracy(*reference), "int8_accuracy": accuracy(*quantized),
+                                "agreement_with_fp32": top1_agreement(reference[0], quantized[0])})
+            rank_zero_info(f"[PostTrainingQuantization] {self.calibration.method} calibration on {len(batches)} "
+                           f"{self.calibration_split} batches: test accuracy FP32 {self.result['fp32_accuracy']:.4f}"
+                           f" -> INT8 (fake-quant) {self.result['int8_accuracy']:.4f}")
+        if self.export and trainer.is_global_zero:
+            self._export(trainer, pl_module)
 
-        network = compression_target(pl_module)
-        if is_quantized(network):
-            rank_zero_warn("PostTrainingQuantization: the network is fake-quantized (QAT); calibrating its float twin")
-            network = float_model(network) or network
-        example = getattr(trainer.datamodule, "example_input", None)
-        example = example(1) if example else pl_module.example_input_array[:1]
-        self.result = quantize_network(trainer, network, example, self._calibration_loader(trainer),
-                                       self.calibration_batches, self.dirpath, self.filename, self.evaluate_batches,
-                                       **self.options)
+    def _predictions(self, pl_module: LightningModule, loader) -> tuple[np.ndarray, np.ndarray] | None:
+        if loader is None or (hasattr(loader, "__len__") and len(loader) == 0):
+            return None
+        return torch_predictions(compression_target(pl_module), loader, self.evaluate_batches)
+
+    def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Until export/ owns the one INT8 export routine, PTQ writes its model the way QAT does.
+        from dms_lightning.quant.export import export_quantized_variant
+        from dms_lightning.quant.qat import _example_input
+
+        example = _example_input(trainer, pl_module)
+        if example is None:
+            rank_zero_warn("PostTrainingQuantization: no single-tensor example input (pl_module.example_input_array "
+                           "or a datamodule with example_input()); skipping the ONNX export")
+            return
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        dirpath = Path(self.dirpath) if self.dirpath else root / "quantization"
+        exported = export_quantized_variant(
+            trainer, compression_target(pl_module), example, dirpath, self.filename, producer=type(self).__name__,
+            parity_split="test", parity_batches=self.evaluate_batches, min_agreement=self.min_agreement,
+            info={k: v for k, v in self.result.items() if k != "config"})
+        self.result.update(exported)
 
 
-def quantize_network(trainer: Trainer, network: torch.nn.Module, example: torch.Tensor, calibration_loader,
-                     calibration_batches: int, dirpath: str | None, filename: str, evaluate_batches: int | None,
-                     **options) -> dict[str, Any]:
-    """Export ``network`` to FP32 ONNX, quantize it, write encodings, measure accuracy, register the variant."""
-    from dms_lightning.quant.encodings import write_encodings_for_onnx
-    from dms_lightning.quant.evaluate import accuracy, ort_predictions, ort_session, top1_agreement
-    from dms_lightning.quant.export import log_scalars, model_metadata, split_loader
-    from dms_lightning.utils.artifacts import register_variant
-
-    out = ensure_writable_dir(Path(dirpath) if dirpath else Path(trainer.log_dir or trainer.default_root_dir)
-                              / "quantization", "dirpath")
-    fp32 = export_onnx(network, example.cpu(), out / f"{filename}_fp32.onnx", metadata=model_metadata(trainer))
-    int8 = quantize_onnx(fp32, out / f"{filename}.onnx", calibration_loader, calibration_batches=calibration_batches,
-                         **options)
-    result: dict[str, Any] = {"fp32_onnx": str(fp32), "onnx_path": str(int8), **options,
-                              "calibration_batches": calibration_batches}
-    if options["mode"] == "static":
-        result["encodings_path"] = str(write_encodings_for_onnx(int8, out / f"{filename}.encodings.json"))
-    loader = split_loader(trainer, "test")
-    if loader is not None and evaluate_batches != 0:
-        fp32_logits, labels = ort_predictions(ort_session(fp32), loader, evaluate_batches)
-        int8_logits, _ = ort_predictions(ort_session(int8), loader, evaluate_batches)
-        result.update({"fp32_accuracy": accuracy(fp32_logits, labels), "onnx_accuracy": accuracy(int8_logits, labels),
-                       "agreement_with_fp32": top1_agreement(fp32_logits, int8_logits)})
-        log_scalars(trainer, filename, {k: result[k] for k in ("fp32_accuracy", "onnx_accuracy", "agreement_with_fp32")})
-        rank_zero_info(f"[PostTrainingQuantization] {int8.name}: test accuracy FP32 {result['fp32_accuracy']:.4f} -> "
-                       f"INT8 {result['onnx_accuracy']:.4f} (ONNX Runtime)")
-    precision = "int8" if options["mode"] == "static" else "int8_dynamic"
-    register_variant(trainer, filename, int8, precision=precision, producer="PostTrainingQuantization",
-                     **{k: v for k, v in result.items() if k != "onnx_path"})
-    return result
+def _split_loader(trainer: Trainer, split: str):
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        return None
+    return datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()

@@ -1,0 +1,192 @@
+"""Post-training calibration of a fake-quantized network: activation ranges from real batches, then frozen.
+
+The steps of :func:`post_training_quantize`, in order (each one a function, so later algorithms slot in
+between them without touching the others):
+
+1. ``reestimate_batchnorm(float_model, batches)``: optional hook on the float network (BatchNorm
+   statistics re-estimated on the calibration images) — runs before anything is quantized;
+2. :func:`~dms_lightning.quant.prepare.prepare_qat`: the same fake-quant twin QAT trains, so the QDQ
+   export and the encodings are the same code path for QAT and PTQ;
+3. :func:`calibrate`: statistics of every activation quantizer's input on the *float* network (all
+   quantizers pass through), a range per quantizer from its estimator, weight ranges from the weights;
+4. observers and folded BatchNorms frozen: the network is the deployable INT8 simulation.
+
+Weight-side PTQ algorithms (cross-layer equalization before step 2, bias correction / AdaRound after
+step 3) and per-layer sensitivity work on this same prepared network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from dms_lightning.quant.fake_quant import FakeQuantizer, named_activation_quantizers
+from dms_lightning.quant.modules import QUANTIZED_LAYERS
+from dms_lightning.quant.observers import CalibrationConfig
+from dms_lightning.quant.prepare import QuantizationConfig, is_quantized, prepare_qat, set_quantizers_state
+
+#: ``reestimate_batchnorm(float_model, batches)``: re-estimate BatchNorm statistics before calibration.
+BatchNormHook = Callable[[nn.Module, Sequence[torch.Tensor]], None]
+
+
+def check_calibration_batches(batches: Iterable, calibration_batches: int | None, field: str = "calibration_batches"
+                              ) -> None:
+    """Raise when the data has fewer batches than asked for (a silent short calibration skews ranges)."""
+    if calibration_batches is not None and (isinstance(calibration_batches, bool)
+                                            or not isinstance(calibration_batches, int) or calibration_batches < 1):
+        raise ValueError(f"{field}={calibration_batches!r} must be a positive integer (or None: all batches)")
+    available = len(batches) if hasattr(batches, "__len__") else None
+    if calibration_batches is not None and available is not None and calibration_batches > available:
+        raise ValueError(f"{field}={calibration_batches} but the calibration data has only {available} batches; "
+                         f"use {field} <= {available} or more calibration data")
+
+
+def _images(batch) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        batch = next((batch[k] for k in ("image", "images", "input", "inputs", "x") if k in batch), None)
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"calibration batches must be image tensors / arrays or (images, labels, ...) tuples, "
+                        f"got {type(batch).__name__}")
+    return batch.detach().float()
+
+
+def calibration_inputs(data: Iterable, calibration_batches: int | None = None) -> list[torch.Tensor]:
+    """The first ``calibration_batches`` input batches of ``data`` (a DataLoader, or tensors / arrays).
+
+    Read once and kept, so every calibration pass sees the same images in the same order.
+    """
+    check_calibration_batches(data, calibration_batches)
+    inputs = []
+    for i, batch in enumerate(data):
+        if calibration_batches is not None and i >= calibration_batches:
+            break
+        inputs.append(_images(batch))
+    if not inputs:
+        raise ValueError("the calibration data yielded no batch")
+    return inputs
+
+
+@contextlib.contextmanager
+def _collecting(quantizers: Iterable[FakeQuantizer], estimators: dict[str, object],
+                names: dict[str, FakeQuantizer]) -> Iterator[None]:
+    quantizers = list(quantizers)
+    try:
+        for quantizer in quantizers:
+            quantizer.bypass = True
+        for name, quantizer in names.items():
+            quantizer.range_estimator = estimators[name]
+        yield
+    finally:
+        for quantizer in quantizers:
+            quantizer.bypass = False
+            quantizer.range_estimator = None
+
+
+@torch.no_grad()
+def set_weight_ranges(model: nn.Module) -> None:
+    """Weight ranges of every quantized layer from its deployed (BatchNorm-folded) weight."""
+    for module in model.modules():
+        if isinstance(module, QUANTIZED_LAYERS):
+            weight, _ = module.deploy_weight_and_bias()
+            module.weight_quantizer.observe(weight)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], config: CalibrationConfig | None = None
+              ) -> dict[str, tuple[float, float]]:
+    """Set every activation range of a fake-quantized ``model`` from ``batches`` and freeze it.
+
+    Runs ``model`` in eval mode (BatchNorm on running statistics, no weight changes) over ``batches``
+    once per pass of the estimator, with every quantizer passing its input through; sets each activation
+    quantizer's range with ``config``'s estimator, the weight ranges from the weights, and freezes
+    observers and folded BatchNorms. ``model`` may be a prepared network or any module holding them
+    (a LightningModule). Its train / eval mode is restored.
+
+    Returns:
+        ``{quantizer name: (min, max)}`` of the ranges chosen (before widening to contain 0).
+    """
+    config = config or CalibrationConfig()
+    quantizers = named_activation_quantizers(model)
+    if not quantizers:
+        raise ValueError(f"{type(model).__name__} has no activation quantizer: prepare it first "
+                         "(dms_lightning.quant.prepare_qat)")
+    if not batches:
+        raise ValueError("calibrate() needs at least one batch")
+    estimators = {name: config.estimator() for name in quantizers}
+    passes = max(estimator.passes for estimator in estimators.values())
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    everything = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    was_training = model.training
+    model.eval()
+    try:
+        with _collecting(everything, estimators, quantizers):
+            for index in range(passes):
+                for estimator in estimators.values():
+                    estimator.start_pass(index)
+                for inputs in batches:
+                    model(inputs.to(device))
+    finally:
+        model.train(was_training)
+    ranges = {}
+    for name, quantizer in quantizers.items():
+        estimator = estimators[name]
+        if not estimator.observed:
+            raise ValueError(f"activation quantizer {name!r} saw no tensor during calibration: it is not on the "
+                             "path of the network's forward")
+        low, high = estimator.range(quantizer.spec)
+        quantizer.set_range(low, high)
+        ranges[name] = (low, high)
+    set_weight_ranges(model)
+    set_quantizers_state(model, observers=False, bn_frozen=True)
+    return ranges
+
+
+def post_training_quantize(
+    model: nn.Module,
+    calibration_data: Iterable,
+    config: QuantizationConfig | None = None,
+    calibration: CalibrationConfig | None = None,
+    *,
+    calibration_batches: int | None = None,
+    reestimate_batchnorm: BatchNormHook | None = None,
+) -> fx.GraphModule:
+    """The calibrated fake-quant twin of a float ``model``, without a Trainer.
+
+    Args:
+        model: a float, ``torch.fx``-traceable network (not modified, except by ``reestimate_batchnorm``).
+        calibration_data: a DataLoader of ``(images, labels, ...)`` or an iterable of image tensors / arrays.
+        config: what is quantized and how (default int8 per-channel weights, uint8 activations).
+        calibration: the range estimator (default ``minmax``).
+        calibration_batches: batches of ``calibration_data`` to use (``None``: all).
+        reestimate_batchnorm: called as ``reestimate_batchnorm(model, batches)`` on the float network
+            before it is quantized.
+
+    Returns:
+        The fake-quantized network (it shares ``model``'s parameters; eval mode; ranges frozen). Export it
+        with the INT8 QDQ exporter, or evaluate it in PyTorch as the INT8 simulation.
+
+    Example:
+        >>> import torchvision
+        >>> net = torchvision.models.resnet18(num_classes=5).eval()
+        >>> int8 = post_training_quantize(net, [torch.randn(4, 3, 64, 64)], calibration=CalibrationConfig("mse"))
+        >>> int8(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 5])
+    """
+    if is_quantized(model):
+        raise ValueError(f"{type(model).__name__} is already fake-quantized; pass its float network "
+                         "(dms_lightning.quant.float_model(model))")
+    batches = calibration_inputs(calibration_data, calibration_batches)
+    if reestimate_batchnorm is not None:
+        reestimate_batchnorm(model, batches)
+    prepared = prepare_qat(model, config)
+    calibrate(prepared, batches, calibration)
+    return prepared.eval()
