@@ -15,6 +15,7 @@ _LOCATIONS = {
     "ONNXExport": "dms_lightning.export.callbacks",
     "SNPEExport": "dms_lightning.export.snpe",
     "TritonExport": "dms_lightning.export.triton",
+    "TensorRTExport": "dms_lightning.export.tensorrt",
     "CompressionReport": "dms_lightning.report.callback",
     "PredictionWriter": "dms_lightning.predict",
 }

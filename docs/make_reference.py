@@ -21,6 +21,7 @@ PUBLIC = [
     ("dms_lightning.callbacks", "ONNXExport"),
     ("dms_lightning.callbacks", "SNPEExport"),
     ("dms_lightning.callbacks", "TritonExport"),
+    ("dms_lightning.callbacks", "TensorRTExport"),
     ("dms_lightning.callbacks", "CompressionReport"),
     ("dms_lightning.callbacks", "PredictionWriter"),
     ("dms_lightning.pruning", "remove_pruned_channels"),

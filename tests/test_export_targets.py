@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import py_compile
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +17,7 @@ import torch
 from test_export_callbacks import TinyClassifier, _datamodule, _trainer
 from torch import nn
 
-from dms_lightning.callbacks import ONNXExport, TritonExport
+from dms_lightning.callbacks import ONNXExport, TensorRTExport, TritonExport
 from dms_lightning.export.fp16 import check_fp16_parity, export_fp16_onnx, float16_fraction, onnx_input_dtype
 from dms_lightning.export.manifest import read_manifest
 from dms_lightning.export.triton import TritonSettings, triton_config_text, write_triton_repository
@@ -34,7 +40,8 @@ def targets_run(tmp_path_factory):
     onnx_export = ONNXExport(name="tiny", export_fp16=True, checkpoint="last")
     triton = TritonExport(max_batch_size=16, preferred_batch_sizes=[4, 8], max_queue_delay_microseconds=200,
                           instance_count=2, instance_kind="KIND_CPU")
-    trainer = _trainer(tmp, [onnx_export, triton])
+    tensorrt = TensorRTExport(min_batch=1, opt_batch=4, max_batch=16)
+    trainer = _trainer(tmp, [onnx_export, triton, tensorrt])
     trainer.fit(module, datamodule)
     return dict(trainer=trainer, module=module, datamodule=datamodule, dir=Path(trainer.log_dir) / "export")
 
@@ -157,3 +164,123 @@ def test_triton_settings_and_model_names_are_validated():
         TritonExport(precisions="fp32")
     with pytest.raises(ValueError, match="name='../evil'"):
         triton_config_text(onnx.ModelProto(), "../evil", TritonSettings())
+
+
+FAKE_TRTEXEC = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$RECORD"
+for a in "$@"; do
+  case "$a" in
+    --onnx=*) [ -f "${a#--onnx=}" ] || { echo "missing ${a#--onnx=}" >&2; exit 2; };;
+    --loadEngine=*) [ -f "${a#--loadEngine=}" ] || { echo "missing ${a#--loadEngine=}" >&2; exit 2; };;
+    --saveEngine=*) touch "${a#--saveEngine=}";;
+  esac
+done
+"""
+
+# A stand-in for the tensorrt module that records what the build script asks of the builder.
+FAKE_TENSORRT = """
+import json, os
+__version__ = "10.3.0"
+CALLS = []
+def _record(*call):
+    CALLS.append(list(call))
+    with open(os.environ["RECORD"], "w") as handle:
+        json.dump(CALLS, handle)
+class Logger:
+    WARNING = 2
+    def __init__(self, level): pass
+class NetworkDefinitionCreationFlag:
+    EXPLICIT_BATCH = 0
+class BuilderFlag:
+    FP16, INT8 = "FP16", "INT8"
+class MemoryPoolType:
+    WORKSPACE = "WORKSPACE"
+class OnnxParser:
+    num_errors = 0
+    def __init__(self, network, logger): pass
+    def parse_from_file(self, path):
+        _record("parse", path)
+        return os.path.isfile(path)
+class _Config:
+    def set_memory_pool_limit(self, pool, size): _record("workspace", size)
+    def set_flag(self, flag): _record("flag", flag)
+    def add_optimization_profile(self, profile): _record("profile", *profile.shapes)
+class _Profile:
+    def set_shape(self, name, low, opt, high): self.shapes = [name, list(low), list(opt), list(high)]
+class Builder:
+    def __init__(self, logger): pass
+    def create_network(self, flags): return object()
+    def create_builder_config(self): return _Config()
+    def create_optimization_profile(self): return _Profile()
+    def build_serialized_network(self, network, config): return b"engine"
+"""
+
+
+def test_tensorrt_bundle_scripts_are_valid_and_build_explicitly_quantized_engines_with_a_batch_profile(
+        targets_run, tmp_path):
+    bundle = targets_run["dir"] / "tensorrt"
+    assert {p.name for p in bundle.iterdir()} == {"model_fp32.onnx", "model_int8.onnx", "build_engines.sh",
+                                                 "build_engines_python.sh", "build_engine.py"}
+    for script in ("build_engines.sh", "build_engines_python.sh"):
+        subprocess.run(["bash", "-n", str(bundle / script)], check=True)
+    py_compile.compile(str(bundle / "build_engine.py"), cfile=str(tmp_path / "build_engine.pyc"), doraise=True)
+    from dms_lightning.export import has_qdq
+
+    assert has_qdq(onnx.load(str(bundle / "model_int8.onnx"))) and not has_qdq(onnx.load(str(bundle / "model_fp32.onnx")))
+    # Run the trtexec lines with a trtexec that checks its inputs and writes its outputs.
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "trtexec").write_text(FAKE_TRTEXEC)
+    (tmp_path / "bin" / "trtexec").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", RECORD=str(tmp_path / "argv"))
+    subprocess.run(["bash", str(bundle / "build_engines.sh")], check=True, env=env, capture_output=True)
+    builds = [line.split() for line in (tmp_path / "argv").read_text().splitlines() if "--onnx=" in line]
+    profile = ["--minShapes=input:1x3x16x16", "--optShapes=input:4x3x16x16", "--maxShapes=input:16x3x16x16"]
+    by_engine = {next(a for a in argv if a.startswith("--saveEngine=")).split("=")[1]: argv for argv in builds}
+    assert sorted(by_engine) == ["model_fp16.plan", "model_fp32.plan", "model_int8.plan"]
+    assert "--onnx=model_int8.onnx" in by_engine["model_int8.plan"]
+    assert {"--int8", "--fp16"} <= set(by_engine["model_int8.plan"])  # explicit INT8, FP16 fallback
+    assert "--fp16" in by_engine["model_fp16.plan"] and "--int8" not in by_engine["model_fp16.plan"]
+    assert not {"--int8", "--fp16"} & set(by_engine["model_fp32.plan"])
+    assert all(set(profile) <= set(argv) for argv in builds)
+    for engine in by_engine:
+        (bundle / engine).unlink()
+    # The Python API script asks the builder for the same thing.
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "tensorrt.py").write_text(FAKE_TENSORRT)
+    env.update(PYTHONPATH=str(tmp_path / "fake"), RECORD=str(tmp_path / "calls.json"))
+    command = next(line for line in (bundle / "build_engines_python.sh").read_text().splitlines() if "int8" in line)
+    subprocess.run(["bash", "-c", command.replace("python3", sys.executable, 1)], check=True, env=env,
+                   cwd=bundle, capture_output=True)
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    assert ["parse", "model_int8.onnx"] in calls and ["flag", "INT8"] in calls and ["flag", "FP16"] in calls
+    assert ["profile", "input", [1, 3, 16, 16], [4, 3, 16, 16], [16, 3, 16, 16]] in calls
+    assert (bundle / "model_int8.plan").read_bytes() == b"engine"
+    (bundle / "model_int8.plan").unlink()
+
+
+def test_tensorrt_bundle_refuses_an_input_name_that_would_reach_the_scripts(tmp_path):
+    from dms_lightning.export import export_onnx
+    from dms_lightning.export.tensorrt import write_tensorrt_bundle
+
+    path = export_onnx(_cnn(8), torch.zeros(1, 3, 8, 8), tmp_path / "m.onnx", input_name="x;touch pwned")
+    with pytest.raises(ValueError, match="input name='x;touch pwned'"):
+        write_tensorrt_bundle({"fp32": path}, tmp_path / "tensorrt")
+    assert not (tmp_path / "tensorrt").exists()
+    with pytest.raises(ValueError, match="TensorRTExport: min_batch=8, opt_batch=4"):
+        TensorRTExport(min_batch=8, opt_batch=4)
+
+
+def _tensorrt_and_gpu() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed (its wheels come from NVIDIA's index)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return None
+
+
+@pytest.mark.skipif(_tensorrt_and_gpu() is not None, reason=f"TensorRT engine build needs {_tensorrt_and_gpu()}")
+def test_tensorrt_builds_a_real_int8_engine_from_the_qdq_model(targets_run):
+    bundle = targets_run["dir"] / "tensorrt"
+    command = next(line for line in (bundle / "build_engines_python.sh").read_text().splitlines() if "int8" in line)
+    subprocess.run(["bash", "-c", command.replace("python3", sys.executable, 1)], check=True, cwd=bundle)
+    assert (bundle / "model_int8.plan").stat().st_size > 0
