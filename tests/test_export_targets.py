@@ -220,7 +220,7 @@ def test_tensorrt_bundle_scripts_are_valid_and_build_explicitly_quantized_engine
         targets_run, tmp_path):
     bundle = targets_run["dir"] / "tensorrt"
     assert {p.name for p in bundle.iterdir()} == {"model_fp32.onnx", "model_int8.onnx", "build_engines.sh",
-                                                 "build_engines_python.sh", "build_engine.py"}
+                                                 "build_engines_python.sh", "build_engine.py", "coverage.json"}
     for script in ("build_engines.sh", "build_engines_python.sh"):
         subprocess.run(["bash", "-n", str(bundle / script)], check=True)
     py_compile.compile(str(bundle / "build_engine.py"), cfile=str(tmp_path / "build_engine.pyc"), doraise=True)
@@ -284,3 +284,59 @@ def test_tensorrt_builds_a_real_int8_engine_from_the_qdq_model(targets_run):
     command = next(line for line in (bundle / "build_engines_python.sh").read_text().splitlines() if "int8" in line)
     subprocess.run(["bash", "-c", command.replace("python3", sys.executable, 1)], check=True, cwd=bundle)
     assert (bundle / "model_int8.plan").stat().st_size > 0
+
+
+class _WithDeterminant(nn.Module):
+    """A classifier that also uses ``torch.linalg.det`` (ONNX ``Det``), which none of the targets runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = _cnn(4)[:-1]
+
+    def forward(self, x):
+        features = self.features(x)
+        return features + torch.linalg.det(features.reshape(-1, 2, 2)).unsqueeze(1)
+
+
+def test_coverage_flags_an_operator_each_target_lacks_and_says_what_happens_then(tmp_path):
+    from dms_lightning.export import export_onnx
+    from dms_lightning.export.coverage import TARGETS, check_coverage
+
+    path = export_onnx(_WithDeterminant().eval(), torch.randn(1, 3, 8, 8), tmp_path / "det.onnx")
+    coverage = check_coverage(path)
+    assert set(coverage) == set(TARGETS)
+    for target, result in coverage.items():
+        assert not result.supported and list(result.unsupported) == ["Det"], target
+        assert "Det" in result.describe() and result.fallback in result.describe()
+    assert "CPU" in coverage["qnn_htp"].fallback and "CPU" in coverage["tflite"].fallback
+    # The plain network has nothing any target lacks, and TFLite says which builtins it becomes.
+    plain = check_coverage(export_onnx(_cnn(4), torch.randn(1, 3, 8, 8), tmp_path / "plain.onnx"))
+    assert all(result.supported for result in plain.values())
+    assert plain["tflite"].lowering["Conv"] == "CONV_2D / DEPTHWISE_CONV_2D"
+
+
+def test_coverage_flags_uint8_activations_with_a_zero_point_for_tensorrt_but_not_for_the_htp(targets_run):
+    from dms_lightning.export.coverage import check_coverage
+
+    int8 = check_coverage(targets_run["dir"] / "tiny_int8.onnx")
+    assert int8["qnn_htp"].supported and int8["tflite"].supported
+    assert not int8["tensorrt"].unsupported and any("uint8" in p for p in int8["tensorrt"].quantization)
+    entry = next(a for a in read_manifest(targets_run["dir"])["artifacts"] if a["name"] == "tiny_int8")
+    assert entry["coverage"]["qnn_htp"]["supported"] and not entry["coverage"]["tensorrt"]["supported"]
+    bundle_coverage = json.loads((targets_run["dir"] / "tensorrt" / "coverage.json").read_text())
+    assert bundle_coverage["model_fp32.onnx"]["supported"] and not bundle_coverage["model_int8.onnx"]["supported"]
+
+
+def test_operator_lists_name_their_source_and_tflite_lowerings_are_real_builtins():
+    from dms_lightning.export.coverage import TARGETS, op_support
+
+    for target in TARGETS:
+        data = op_support(target)
+        assert data["source"].startswith(("https://", "BuiltinOperator")) and data["version"] and data["fallback"]
+        assert {"Conv", "Relu", "Gemm", "QuantizeLinear", "DequantizeLinear"} <= set(data["supported"])
+    tflite = op_support("tflite")
+    lowered = {name for builtins in tflite["lowering"].values() for name in builtins.split(" / ") if name}
+    assert lowered <= set(tflite["builtins"]) and len(tflite["builtins"]) > 200
+    assert "Det" in op_support("tensorrt")["unsupported"]
+    with pytest.raises(ValueError, match="target='coreml'"):
+        op_support("coreml")

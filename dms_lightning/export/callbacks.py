@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from dms_lightning.export.coverage import coverage_before_conversion
 from dms_lightning.export.fp16 import DEFAULT_FP16_ATOL, IO_DTYPES, check_fp16_parity, export_fp16_onnx
 from dms_lightning.export.manifest import onnx_record, update_manifest
 from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, export_qdq
@@ -68,8 +69,10 @@ class ONNXExport(Callback):
     TensorBoard) and written to ``manifest.json`` with sha256, size, opset and input shape. A model over
     tolerance raises :class:`~dms_lightning.export.parity.ParityError` with the figures, and is not left
     in the directory. When OpenVINO is installed the files are also run there and compared with ONNX
-    Runtime (``openvino=None``: when installed; ``True``: required). Files are registered as report
-    variants (``dms_lightning.utils.artifacts``).
+    Runtime (``openvino=None``: when installed; ``True``: required). Each file's operators are checked
+    against the published operator lists of QNN HTP, TFLite and TensorRT
+    (:mod:`~dms_lightning.export.coverage`): what a target lacks is warned about and listed under
+    ``coverage`` in the manifest. Files are registered as report variants (``dms_lightning.utils.artifacts``).
 
     Args:
         dirpath: output directory; default ``<log_dir>/export``.
@@ -248,7 +251,7 @@ class ONNXExport(Callback):
             self._record_parity(trainer, path, variant, result, reference, candidate)
             if not result.passed:
                 raise ParityError(f"ONNXExport: {variant} failed the parity check, not written: {result.describe()}")
-            figures = {"parity": result.to_dict()}
+            figures = {"parity": result.to_dict(), "coverage": coverage_before_conversion(tmp, variant)}
             if int8:
                 figures["onnxruntime_int8_kernels"] = self._runtime_kernels_check(tmp, images, reference, variant)
             if self.openvino:
@@ -267,7 +270,8 @@ class ONNXExport(Callback):
             self._record_parity(trainer, path, variant, result, reference, candidate)
             if not result.passed:
                 raise ParityError(f"ONNXExport: {variant} failed the parity check, not written: {result.describe()}")
-            figures = {"parity": result.to_dict(), "io_dtype": self.fp16_io_dtype}
+            figures = {"parity": result.to_dict(), "io_dtype": self.fp16_io_dtype,
+                       "coverage": coverage_before_conversion(tmp, variant)}
             if self.openvino and self.fp16_io_dtype == "float32":
                 # Judged against ONNX Runtime with the FP16 tolerance: OpenVINO may compute in half precision.
                 ov = compare_outputs(candidate, openvino_outputs(tmp, images.numpy()), atol=self.fp16_atol,

@@ -18,6 +18,7 @@ command nobody wrote.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from dms_lightning.export.coverage import coverage_before_conversion
 from dms_lightning.export.manifest import directory_record, update_manifest
 from dms_lightning.export.sdk import check_script_value
 from dms_lightning.utils.artifacts import variants
@@ -201,7 +203,10 @@ def write_tensorrt_bundle(onnx_paths: Mapping[str, str | Path], directory: str |
                           workspace_mib: int = 1024) -> Path:
     """Write ``directory`` (atomically): the ONNX files, ``build_engines.sh`` (trtexec) and ``build_engine.py``.
 
-    ``onnx_paths`` maps ``"fp32"`` and/or ``"int8"`` (a QDQ graph) to ONNX files.
+    ``onnx_paths`` maps ``"fp32"`` and/or ``"int8"`` (a QDQ graph) to ONNX files. Their operators and
+    Q/DQ types are checked against TensorRT's published operator list first: ``coverage.json`` lists
+    what a build would stop at (and a warning says it), e.g. uint8 activations with a non-zero zero
+    point, which TensorRT's explicit quantization does not take.
 
     Example:
         >>> write_tensorrt_bundle({"fp32": "student_fp32.onnx", "int8": "student_int8.onnx"}, "tensorrt")  # doctest: +SKIP
@@ -214,6 +219,9 @@ def write_tensorrt_bundle(onnx_paths: Mapping[str, str | Path], directory: str |
             raise FileNotFoundError(f"onnx_paths[{precision!r}]={str(path)!r} does not exist")
     files = {precision: f"model_{precision}.onnx" for precision in onnx_paths}
     models = {precision: onnx.load(str(path), load_external_data=False) for precision, path in onnx_paths.items()}
+    coverage = {files[precision]: coverage_before_conversion(model, f"TensorRT bundle, {files[precision]}",
+                                                             ("tensorrt",))["tensorrt"]
+                for precision, model in models.items()}
     builds = engine_builds(files, models, precisions=precisions, batch=batch, workspace_mib=workspace_mib)
     if not builds:
         raise ValueError(f"no engine of precisions {list(precisions)} can be built from {list(onnx_paths)}")
@@ -227,6 +235,7 @@ def write_tensorrt_bundle(onnx_paths: Mapping[str, str | Path], directory: str |
             "#!/usr/bin/env bash\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n"
             + "".join(shlex.join(b.script_argv()) + "\n" for b in builds))
         (tmp / BUILD_SCRIPT).write_text(BUILD_ENGINE_PY)
+        (tmp / "coverage.json").write_text(json.dumps(coverage, indent=2) + "\n")
         for script in (TRTEXEC_SCRIPT, "build_engines_python.sh", BUILD_SCRIPT):
             (tmp / script).chmod(0o755)
     return directory
