@@ -16,6 +16,7 @@ _LOCATIONS = {
     "SNPEExport": "dms_lightning.export.snpe",
     "TritonExport": "dms_lightning.export.triton",
     "TensorRTExport": "dms_lightning.export.tensorrt",
+    "TFLiteExport": "dms_lightning.export.tflite",
     "CompressionReport": "dms_lightning.report.callback",
     "PredictionWriter": "dms_lightning.predict",
 }

@@ -22,6 +22,7 @@ PUBLIC = [
     ("dms_lightning.callbacks", "SNPEExport"),
     ("dms_lightning.callbacks", "TritonExport"),
     ("dms_lightning.callbacks", "TensorRTExport"),
+    ("dms_lightning.callbacks", "TFLiteExport"),
     ("dms_lightning.callbacks", "CompressionReport"),
     ("dms_lightning.callbacks", "PredictionWriter"),
     ("dms_lightning.pruning", "remove_pruned_channels"),

@@ -17,7 +17,7 @@ import torch
 from test_export_callbacks import TinyClassifier, _datamodule, _trainer
 from torch import nn
 
-from dms_lightning.callbacks import ONNXExport, TensorRTExport, TritonExport
+from dms_lightning.callbacks import CompressionReport, ONNXExport, TensorRTExport, TritonExport
 from dms_lightning.export.fp16 import check_fp16_parity, export_fp16_onnx, float16_fraction, onnx_input_dtype
 from dms_lightning.export.manifest import read_manifest
 from dms_lightning.export.triton import TritonSettings, triton_config_text, write_triton_repository
@@ -41,9 +41,13 @@ def targets_run(tmp_path_factory):
     triton = TritonExport(max_batch_size=16, preferred_batch_sizes=[4, 8], max_queue_delay_microseconds=200,
                           instance_count=2, instance_kind="KIND_CPU")
     tensorrt = TensorRTExport(min_batch=1, opt_batch=4, max_batch=16)
-    trainer = _trainer(tmp, [onnx_export, triton, tensorrt])
+    report = CompressionReport(output_dir=str(tmp / "report"), baseline="tiny_fp32", print_table=False,
+                               progress_bar=False, log_to_tensorboard=False, warmup_runs=2, latency_runs=10,
+                               throughput_runs=2)
+    trainer = _trainer(tmp, [onnx_export, triton, tensorrt, report])
     trainer.fit(module, datamodule)
-    return dict(trainer=trainer, module=module, datamodule=datamodule, dir=Path(trainer.log_dir) / "export")
+    return dict(trainer=trainer, module=module, datamodule=datamodule, dir=Path(trainer.log_dir) / "export",
+                report=tmp / "report")
 
 
 def test_fp16_export_stores_every_weight_in_half_precision_and_matches_pytorch(tmp_path):
@@ -340,3 +344,33 @@ def test_operator_lists_name_their_source_and_tflite_lowerings_are_real_builtins
     assert "Det" in op_support("tensorrt")["unsupported"]
     with pytest.raises(ValueError, match="target='coreml'"):
         op_support("coreml")
+
+
+def test_report_parity_matrix_has_every_variant_in_every_runtime_it_was_checked_in(targets_run):
+    from dms_lightning.export.runtimes import openvino_available
+
+    rows = json.loads((targets_run["report"] / "parity_matrix.json").read_text())
+    cells = {(r["variant"], r["runtime"]): r for r in rows}
+    for variant in ("tiny_fp32", "tiny_fp16", "tiny_int8"):
+        assert any(v == variant and "onnxruntime" in runtime for v, runtime in cells), variant
+    assert cells[("tiny_fp32", "onnxruntime")]["max_abs_diff"] <= 1e-3
+    assert cells[("tiny_fp16", "onnxruntime (fp16 file)")]["top1_agreement"] >= 0.99
+    int8 = cells[("tiny_int8", "onnxruntime (QDQ unfused)")]
+    assert int8["max_abs_diff"] is None and int8["latency_ms_p50"] > 0 and int8["size_mb"] > 0
+    if openvino_available():
+        assert ("tiny_fp32", "openvino") in cells and cells[("tiny_fp32", "openvino")]["reference"] == "onnxruntime"
+    assert "| tiny_fp16 | fp16 | onnxruntime (fp16 file) | pytorch |" in \
+        (targets_run["report"] / "parity_matrix.md").read_text()
+
+
+def test_parity_matrix_lists_litert_rows_from_the_export_manifest():
+    from dms_lightning.report.measure import Report
+    from dms_lightning.report.parity_matrix import parity_matrix
+
+    manifest = {"artifacts": [{"name": "student_fp32_tflite", "format": "tflite", "precision": "fp32", "bytes": 2_000_000,
+                               "parity": {"runtime": "litert", "reference": "pytorch", "top1_agreement": 1.0,
+                                          "max_abs_diff": 3e-5, "samples": 64}}]}
+    rows = parity_matrix(Report(rows=[], baseline="", machine={}, settings={}), [manifest])
+    assert rows == [{"variant": "student_fp32_tflite", "precision": "fp32", "runtime": "litert", "reference": "pytorch",
+                     "top1_agreement": 1.0, "max_abs_diff": 3e-5, "samples": 64, "latency_ms_p50": None,
+                     "latency_ms_p99": None, "size_mb": 2.0}]

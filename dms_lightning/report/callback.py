@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from dms_lightning.report.measure import STAGES, MeasureSettings, Report, build_report
+from dms_lightning.report.parity_matrix import write_parity_matrix
 from dms_lightning.report.plots import pareto_figure, save_pareto_plots
 from dms_lightning.report.tables import markdown_table, write_tables
 from dms_lightning.utils.artifacts import Variant, variants
@@ -87,8 +88,9 @@ class CompressionReport(Callback):
     ...) plus any ``extra_variants`` (e.g. the teacher's ONNX file) is measured in ONNX Runtime on the
     data module's test set: file size, parameters, MACs, batch-1 CPU latency p50/p90/p99 with a fixed
     thread count, throughput at a larger batch, accuracy and macro-F1, and ratios against ``baseline``.
-    Written to ``output_dir``: ``report.md``, ``report.csv``, ``report.json``, ``pareto_size.png`` and
-    ``pareto_latency.png``; logged to TensorBoard (text table, the two plots, hparams with the metrics of
+    Written to ``output_dir``: ``report.md``, ``report.csv``, ``report.json``, ``pareto_size.png``,
+    ``pareto_latency.png`` and ``parity_matrix.md`` / ``.json`` (every variant × runtime it was checked in:
+    top-1 agreement, max abs diff, latency, size; :mod:`dms_lightning.report.parity_matrix`); logged to TensorBoard (text table, the two plots, hparams with the metrics of
     each variant); the table is printed. Place it **after** the exporting callbacks: their variants are
     registered in their own ``on_fit_end``.
 
@@ -212,6 +214,7 @@ class CompressionReport(Callback):
         output_dir = self._output_dir(trainer)
         self.written = dict(write_tables(self.report, output_dir))
         self.written.update({f"pareto_{k}": v for k, v in save_pareto_plots(self.report, output_dir).items()})
+        self.written.update(write_parity_matrix(self.report, output_dir))
         if self.log_to_tensorboard:
             log_report_to_tensorboard(tensorboard_writers(trainer), self.report, trainer.global_step)
         if self.print_table:
