@@ -187,6 +187,20 @@ def check_tflite_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor
     return result, reference, candidate
 
 
+def _float_network(model: nn.Module) -> nn.Module:
+    """The float network of a QAT model (its fake-quant wrappers hold data-dependent Python branches that
+    ``torch.export`` cannot trace), else ``model``: these files are the float variants."""
+    from dms_lightning.quant import float_model, is_quantized
+
+    if not is_quantized(model):
+        return model
+    network = float_model(model)
+    if network is None:
+        raise RuntimeError("TFLiteExport: the quantized network does not reference its float network; "
+                           "export it before quantization-aware training starts")
+    return network
+
+
 # FP32 must match PyTorch closely (the issue's bar); FP16 weights move logits by a few half-precision steps.
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 
@@ -257,6 +271,7 @@ class TFLiteExport(Callback):
 
         directory = ensure_writable_dir(self.dirpath or default_export_dir(trainer), "TFLiteExport.dirpath")
         source = export_source(trainer, pl_module, self.checkpoint)
+        network = _float_network(source.model)
         images = sample_images(trainer, self.parity_images, "val")
         info = preprocessing(trainer, pl_module, images[:1])
         exported = {}
@@ -265,9 +280,9 @@ class TFLiteExport(Callback):
             path = directory / f"{self.name}_{precision}.tflite"
             atol = self.atol if precision == "fp32" else DEFAULT_ATOL["fp16"]
             with fake_quant_disabled(), atomic_path(path) as tmp:
-                export_tflite(source.model, images[:1], tmp, precision=precision, layout=self.layout,
+                export_tflite(network, images[:1], tmp, precision=precision, layout=self.layout,
                               metadata=metadata_props(info, precision=precision, variant=variant))
-                result, _, _ = check_tflite_parity(source.model, tmp, images, atol=atol,
+                result, _, _ = check_tflite_parity(network, tmp, images, atol=atol,
                                                    min_top1_agreement=self.min_top1_agreement, raise_on_failure=False)
                 if not result.passed:
                     raise ParityError(f"TFLiteExport: {variant} failed the parity check, not written: "
