@@ -110,6 +110,21 @@ def test_test_after_fit_evaluates_the_quantized_network(ptq_run):
     assert abs(metrics["test/acc"] - ptq.result["int8_accuracy"]) < 1e-6
 
 
+def test_best_checkpoint_from_before_ptq_loads_into_the_float_network(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max")
+    ptq = PostTrainingQuantization(calibration_batches=1, export=False)
+    trainer = _trainer(tmp_path, [ptq, checkpoint], enable_checkpointing=True, limit_train_batches=1)
+    module = DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32)
+    datamodule = _datamodule()
+    trainer.fit(module, datamodule)
+    assert is_quantized(module.model)
+    (metrics,) = trainer.test(module, datamodule, ckpt_path="best", verbose=False)
+    assert not is_quantized(module.model) and abs(metrics["test/acc"] - ptq.result["fp32_accuracy"]) < 1e-6
+
+
 def test_callback_rejects_more_calibration_batches_than_available_before_training(tmp_path):
     trainer = _trainer(tmp_path, [PostTrainingQuantization(calibration_batches=50)])
     with pytest.raises(MisconfigurationException, match="calibration_batches=50 but the calibration data has only 2"):

@@ -22,13 +22,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from dms_lightning.quant import CHECKPOINT_RECORD
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
 from dms_lightning.quant.evaluate import accuracy, top1_agreement, torch_predictions
 from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
 from dms_lightning.quant.prepare import QuantizationConfig
 from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
-from dms_lightning.utils.checkpoint import compression_target
+from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
 CALIBRATION_SPLITS = ("train", "val")
@@ -215,6 +216,13 @@ class PostTrainingQuantization(Callback):
         except ValueError as err:
             raise MisconfigurationException(f"PostTrainingQuantization: {err} ({self.calibration_split} split)") \
                 from err
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The same record QAT writes: checkpoints of the fit are float, one saved after PTQ is quantized; a
+        # later ckpt_path= load (e.g. test(ckpt_path="best") after PTQ) then gets the architecture it was saved with.
+        checkpoint_records(checkpoint)[CHECKPOINT_RECORD] = {
+            "active": target_is_quantized(pl_module), "config": self.config.to_dict()}
 
     # ---------------------------------------------------------------- calibration
     def reestimate_batchnorm(self, network: nn.Module, batches: Sequence[torch.Tensor]) -> None:
