@@ -20,6 +20,7 @@ Writes ``benchmarks/results/serving.md`` and ``serving.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import sys
 import tempfile
@@ -146,6 +147,7 @@ def main() -> None:
                           f"p95 {result['p95_ms']:.2f}, p99 {result['p99_ms']:.2f}, "
                           f"{result['throughput_rps']:.0f} req/s", flush=True)
     machine = machine_info()
+    load = os.getloadavg()[0]
     lines = [
         "# Serving under concurrent clients (ONNX Runtime, one model instance)",
         "",
@@ -154,7 +156,8 @@ def main() -> None:
         f"{max_batch} requests, max queue delay {args.max_queue_delay_us} µs (TritonExport's defaults). No Triton "
         "server here (PyTriton needs numpy < 2 in its own environment): the scheduler is reproduced in "
         "`benchmarks/bench_serving.py`. Latency includes queueing. FP16 runs in float32 after casts on "
-        "ONNX Runtime's CPU provider, so it is no faster on a CPU.",
+        "ONNX Runtime's CPU provider, so it is no faster on a CPU. "
+        f"1-minute load average at the end of the run: {load:.1f} (on 2 cores, above 2 the numbers are noisy).",
         "",
         "| precision | clients | mode | p50 ms | p95 ms | p99 ms | requests/s |",
         "|---|---|---|---|---|---|---|",
