@@ -17,6 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
+import yaml
+
 from lightning.pytorch.utilities import rank_zero_info
 
 from dms_lightning.cli import DMSLightningCLI
@@ -32,15 +34,53 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-config", default=DEFAULT_TEACHER_CONFIG)
     parser.add_argument("--student-config", default=DEFAULT_STUDENT_CONFIG)
     parser.add_argument("--teacher-checkpoint", default=DEFAULT_TEACHER_CHECKPOINT,
-                        help="where the teacher config writes its best checkpoint (and the student reads it)")
+                        help="an existing teacher checkpoint to reuse; when the teacher is trained, the student "
+                             "reads the checkpoint that run wrote")
     parser.add_argument("--retrain-teacher", action="store_true", help="train the teacher even if its checkpoint exists")
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="after '--': LightningCLI overrides given to both fit runs")
     return parser
 
 
+def _teacher_checkpoint_written(teacher_cli: DMSLightningCLI, config: str) -> str:
+    """The checkpoint the teacher run itself wrote (its ModelCheckpoint's best, else its last)."""
+    callback = teacher_cli.trainer.checkpoint_callback
+    written = (getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")) if callback else ""
+    if not written or not Path(written).is_file():
+        raise FileNotFoundError(f"the teacher run ({config}) wrote no checkpoint; it needs a ModelCheckpoint "
+                                "(`checkpoint:` section, `trainer.enable_checkpointing: true`)")
+    return written
+
+
+def _report_baselines(config: str) -> list[str]:
+    """ONNX files the student config's CompressionReport measures as given variants (the teacher's, usually)."""
+    text = yaml.safe_load(Path(config).read_text()) or {}
+    callbacks = (text.get("trainer") or {}).get("callbacks") or []
+    paths = []
+    for callback in callbacks if isinstance(callbacks, list) else []:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("CompressionReport"):
+            extra = (callback.get("init_args") or {}).get("extra_variants") or {}
+            values = extra.values() if isinstance(extra, dict) else [str(v).partition("=")[2] or v for v in extra]
+            paths += [str(v) for v in values]
+    return paths
+
+
+def _check_report_baseline(teacher_cli: DMSLightningCLI, student_config: str) -> None:
+    written = [Path(path).resolve() for callback in teacher_cli.trainer.callbacks
+               for path in (getattr(callback, "exported", None) or {}).values()]
+    baselines = [Path(p).resolve() for p in _report_baselines(student_config)]
+    if written and baselines and not set(written) & set(baselines):
+        raise ValueError(f"the teacher run wrote {[str(p) for p in written]} but {student_config}'s CompressionReport "
+                         f"measures {[str(p) for p in baselines]} as the teacher: the report would compare with "
+                         "another model. Point extra_variants at the teacher run's ONNX file")
+
+
 def run_pipeline(argv: list[str] | None = None) -> dict:
-    """Run the flow; return ``{"teacher": cli or None, "student": cli, "seconds": float}``."""
+    """Run the flow; return ``{"teacher": cli or None, "student": cli, "teacher_checkpoint": str, "seconds": float}``.
+
+    The student distils from exactly the checkpoint the teacher stage wrote (its ModelCheckpoint's
+    ``best_model_path``), never from a path guessed from the config.
+    """
     args = _parser().parse_args(argv)
     overrides = [a for a in args.overrides if a != "--"]
     for path in (args.teacher_config, args.student_config):
@@ -49,22 +89,27 @@ def run_pipeline(argv: list[str] | None = None) -> dict:
                                     "or pass --teacher-config / --student-config)")
     start = time.perf_counter()
     teacher_cli = None
+    teacher_checkpoint = args.teacher_checkpoint
     if args.retrain_teacher or not Path(args.teacher_checkpoint).is_file():
         rank_zero_info(f"[pipeline] 1/2 training the teacher: fit --config {args.teacher_config}")
         teacher_cli = DMSLightningCLI(args=["fit", "--config", args.teacher_config, *overrides])
-        if not Path(args.teacher_checkpoint).is_file():
-            raise FileNotFoundError(f"the teacher run did not write {args.teacher_checkpoint!r}; check "
-                                    f"`checkpoint.dirpath`/`checkpoint.filename` in {args.teacher_config}")
+        teacher_checkpoint = _teacher_checkpoint_written(teacher_cli, args.teacher_config)
+        if Path(teacher_checkpoint).resolve() != Path(args.teacher_checkpoint).resolve():
+            rank_zero_info(f"[pipeline] the teacher run wrote {teacher_checkpoint} (not {args.teacher_checkpoint}); "
+                           "the student distils from it")
+        _check_report_baseline(teacher_cli, args.student_config)
     else:
         rank_zero_info(f"[pipeline] 1/2 teacher checkpoint {args.teacher_checkpoint} exists: not retraining "
                        "(--retrain-teacher to force)")
-    rank_zero_info(f"[pipeline] 2/2 distil + prune + QAT + export + report: fit --config {args.student_config}")
+    rank_zero_info(f"[pipeline] 2/2 distil + prune + QAT + export + report from {teacher_checkpoint}: "
+                   f"fit --config {args.student_config}")
     student_cli = DMSLightningCLI(args=["fit", "--config", args.student_config,
-                                        f"--model.init_args.teacher_checkpoint={args.teacher_checkpoint}", *overrides])
+                                        f"--model.init_args.teacher_checkpoint={teacher_checkpoint}", *overrides])
     seconds = time.perf_counter() - start
     log_root = Path(student_cli.trainer.log_dir or "runs").parent.parent
     rank_zero_info(f"[pipeline] done in {seconds / 60:.1f} min. TensorBoard: tensorboard --logdir {log_root}")
-    return {"teacher": teacher_cli, "student": student_cli, "seconds": seconds}
+    return {"teacher": teacher_cli, "student": student_cli, "teacher_checkpoint": teacher_checkpoint,
+            "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> None:

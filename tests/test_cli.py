@@ -112,3 +112,86 @@ def test_loss_weights_of_an_imbalanced_folder_reach_the_model_and_its_loss(tmp_p
     weighted, logits = cli.model.training_loss(images, labels)
     plain = torch.nn.functional.cross_entropy(logits, labels)
     assert not torch.isclose(weighted, plain)
+
+
+# ----------------------------------------------------------------------------- errors as one message
+def _console(capsys, *argv):
+    from dms_lightning.cli import console_main
+
+    code = console_main(main, list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_an_error_raised_while_building_a_class_is_printed_once_without_the_union_report(tmp_path, capsys):
+    code, err = _console(capsys, "fit", "--config", str(ROOT / "configs/distill.yaml"),
+                         f"--model.init_args.teacher_checkpoint={tmp_path / 'missing.ckpt'}")
+    assert code == 1
+    assert err.count("missing.ckpt' does not exist") == 1
+    assert "Union subtypes" not in err and "Traceback" not in err and "Given value" not in err
+    assert len(err.strip().splitlines()) <= 3
+
+
+def test_a_value_the_parser_refuses_is_one_short_message_naming_the_key(capsys):
+    code, err = _console(capsys, "fit", "--config", str(ROOT / "configs/student.yaml"), "--data.image_size=abc")
+    assert code == 2
+    assert 'Parser key "data.image_size"' in err and "abc" in err
+    assert "usage:" not in err and len(err.strip().splitlines()) <= 4
+
+
+def test_debug_shows_the_full_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DMS_LIGHTNING_DEBUG", "1")
+    code, err = _console(capsys, "fit", "--config", str(ROOT / "configs/distill.yaml"),
+                         f"--model.init_args.teacher_checkpoint={tmp_path / 'missing.ckpt'}")
+    assert code == 1 and "Traceback" in err and "missing.ckpt" in err
+
+
+def test_predict_with_a_checkpoint_of_another_class_count_says_so(fitted, tmp_path, capsys):
+    from PIL import Image
+
+    run_dir, _ = fitted
+    for name in ("alert", "phone"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (32, 32), color=50 * i).save(tmp_path / "data" / name / f"{i}.png")
+    code, err = _console(capsys, "predict", "--config", str(ROOT / "configs/student.yaml"), *TINY,
+                         "--data.source=image_folder", f"--data.data_dir={tmp_path / 'data'}",
+                         f"--ckpt_path={run_dir / 'ckpt' / 'last.ckpt'}", "--trainer.logger=false",
+                         f"--trainer.default_root_dir={tmp_path}")
+    assert code == 1
+    assert "was trained for 5 classes" in err and "the data has 2 classes ['alert', 'phone']" in err
+    assert "size mismatch" not in err
+
+
+def test_a_truncated_checkpoint_given_to_the_cli_is_named(fitted, tmp_path, capsys):
+    run_dir, _ = fitted
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((run_dir / "ckpt" / "last.ckpt").read_bytes()[:4000])
+    code, err = _console(capsys, "predict", "--config", str(ROOT / "configs/student.yaml"), *TINY,
+                         f"--ckpt_path={truncated}", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}")
+    assert code == 1 and f"ckpt_path='{truncated}'" in err and "truncated or corrupted" in err
+
+
+# ----------------------------------------------------------------------------- reruns
+def test_a_rerun_keeps_the_earlier_run_and_the_manifest_lists_only_its_own_artifacts(tmp_path):
+    import json
+
+    art = tmp_path / "art"
+    args = ["fit", "--config", str(ROOT / "configs/student.yaml"), *TINY,
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--checkpoint.dirpath={art}",
+            "--trainer.callbacks+=dms_lightning.callbacks.ONNXExport", f"--trainer.callbacks.dirpath={art}",
+            "--trainer.callbacks.name=student", "--trainer.callbacks.checkpoint=last",
+            "--trainer.callbacks.openvino=false", "--trainer.callbacks.simplify=false"]
+    main(args=args)
+    # As if the earlier run had also trained with QAT: an INT8 model this run will not write.
+    (art / "student_int8.onnx").write_bytes((art / "student_fp32.onnx").read_bytes())
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["artifacts"].append({**manifest["artifacts"][0], "name": "student_int8", "path": "student_int8.onnx"})
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    earlier = {p.name: p.read_bytes() for p in art.iterdir() if p.is_file()}
+
+    main(args=args)
+    names = [entry["name"] for entry in json.loads((art / "manifest.json").read_text())["artifacts"]]
+    assert names == ["student_fp32"]
+    assert not (art / "student_int8.onnx").exists()
+    kept = tmp_path / "art-v1"
+    assert {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()} == earlier

@@ -119,6 +119,17 @@ def test_missing_extra_variant_file_fails_before_training(tmp_path):
     assert trainer.global_step == 0
 
 
+def test_baseline_onnx_at_another_input_size_fails_before_training(tmp_path):
+    # A 48 px teacher ONNX with a 32 px run used to train and export, then fail inside ONNX Runtime.
+    teacher = DMSClassifier("mobilenet_v3_small", image_size=48).model.eval()
+    path = export_onnx(teacher, torch.zeros(1, 1, 48, 48), tmp_path / "teacher48.onnx")
+    trainer = _trainer(tmp_path, [CompressionReport(extra_variants={"teacher": str(path)}, **FAST)])
+
+    with pytest.raises(ValueError, match=r"extra_variants\['teacher'\].*takes input \['N', 1, 48, 48\].*1 × 32 × 32"):
+        trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=IMAGE_SIZE), datamodule=_datamodule())
+    assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(threads=0), "threads=0"),
     (dict(extra_variants="teacher.onnx"), "extra_variants"),

@@ -80,6 +80,43 @@ def log_report_to_tensorboard(writers: Sequence, report: Report, step: int = 0) 
             plt.close(figure)
 
 
+def _data_input_shape(trainer: Trainer, pl_module: LightningModule) -> tuple[int, ...] | None:
+    """``(C, H, W)`` of the images the report will feed: the data module's, else the module's example input."""
+    datamodule = getattr(trainer, "datamodule", None)
+    example = datamodule.example_input() if callable(getattr(datamodule, "example_input", None)) else None
+    if example is None:
+        example = getattr(pl_module, "example_input_array", None)
+    shape = getattr(example, "shape", None)
+    return tuple(int(d) for d in shape[1:]) if shape is not None and len(shape) == 4 else None
+
+
+def _check_input_shape(variant: Variant, data_shape: tuple[int, ...]) -> None:
+    import onnx
+
+    try:
+        graph = onnx.load(variant.onnx_path, load_external_data=False).graph
+    except Exception as err:  # noqa: BLE001 - any reason the file is not a model is the user's to know now
+        raise ValueError(f"extra_variants[{variant.name!r}]={variant.onnx_path!r} is not a readable ONNX model: "
+                         f"{err}") from err
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if not inputs:
+        return
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise ValueError(f"extra_variants[{variant.name!r}]={variant.onnx_path!r} takes a {len(dims)}-d input "
+                         f"{dims}; the report feeds N × C × H × W images")
+    mismatch = [(axis, want, have) for axis, want, have in zip("CHW", dims[1:], data_shape)
+                if want is not None and want != have]
+    if mismatch:
+        channels, size = data_shape[0], data_shape[1]
+        raise ValueError(f"extra_variants[{variant.name!r}]={variant.onnx_path!r} takes input "
+                         f"{['N' if d is None else d for d in dims]} but the data gives {channels} × {size} × "
+                         f"{data_shape[2]} images (data.channels={channels}, data.image_size={size}): it would fail "
+                         "in ONNX Runtime at the end of the run. Export it at the data's size, or set "
+                         "data.image_size / data.channels to match it")
+
+
 class CompressionReport(Callback):
     """Measure every model the run exported and write the size / latency / accuracy table.
 
@@ -167,10 +204,14 @@ class CompressionReport(Callback):
             raise MisconfigurationException(
                 f"CompressionReport is placed before {late} in trainer callbacks: it would run before they export. "
                 "Put CompressionReport last in the callbacks list.")
-        # Fail now, not after hours of training, on a missing file the user named.
+        # Fail now, not after hours of training, on a missing file the user named or one the data cannot feed.
         for variant in self.extra_variants:
             if not Path(variant.onnx_path).is_file():
                 raise FileNotFoundError(f"extra_variants[{variant.name!r}]={variant.onnx_path!r} does not exist")
+        data_shape = _data_input_shape(trainer, pl_module)
+        if data_shape is not None:
+            for variant in self.extra_variants:
+                _check_input_shape(variant, data_shape)
         if trainer.is_global_zero:
             ensure_writable_dir(self._output_dir(trainer), "output_dir")
 
