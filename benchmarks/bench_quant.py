@@ -42,11 +42,10 @@ import lightning as L  # noqa: E402
 from dms_lightning import DMSClassifier, DMSDataModule  # noqa: E402
 from dms_lightning.callbacks import QuantizationAwareTraining  # noqa: E402
 from dms_lightning.export import export_onnx  # noqa: E402
-from dms_lightning.quant.evaluate import accuracy, ort_predictions, ort_session  # noqa: E402
 from dms_lightning.export.ort_quantize import quantize_onnx  # noqa: E402
+from dms_lightning.export.qdq import export_qdq_onnx  # noqa: E402
+from dms_lightning.export.runtimes import accuracy, loader_logits, ort_session, top1_agreement, torch_logits  # noqa: E402
 from dms_lightning.quant import CalibrationConfig, QuantizationConfig, post_training_quantize  # noqa: E402
-from dms_lightning.quant.evaluate import top1_agreement, torch_predictions  # noqa: E402
-from dms_lightning.quant.onnx_qdq import export_qdq_onnx  # noqa: E402
 from dms_lightning.quant.spec import QuantSpec  # noqa: E402
 from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
 
@@ -113,7 +112,7 @@ def latencies(paths: dict[str, Path], rounds: int, runs: int, image_size: int) -
 
 
 def ort_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
-    logits, labels = ort_predictions(ort_session(path, threads=2), loader)
+    logits, labels = loader_logits(ort_session(path, threads=2), loader)
     return accuracy(logits, labels), logits
 
 
@@ -169,9 +168,9 @@ def compare_ptq(network: torch.nn.Module, fp32_path: Path, calibration, batches:
     for method in ("minmax", "percentile", "entropy", "mse"):
         model, seconds = torch_ptq(network, calibration, batches, method)
         ours = export_qdq_onnx(model, example, work / f"resnet18_torch_ptq_{method}.onnx")
-        fake_quant, _ = torch_predictions(model, test_loader)
-        graph, labels = ort_predictions(ort_session(ours, threads=2, fuse_qdq=False), test_loader)
-        fused, _ = ort_predictions(ort_session(ours, threads=2), test_loader)
+        fake_quant, _ = torch_logits(model, test_loader)
+        graph, labels = loader_logits(ort_session(ours, threads=2, fuse_qdq=False), test_loader)
+        fused, _ = loader_logits(ort_session(ours, threads=2), test_loader)
         row = {"method": method, "fp32": fp32_acc, "ours_onnxruntime": accuracy(fused, labels),
                "ours_fake_quant": accuracy(fake_quant, labels), "agreement_qdq_graph": top1_agreement(graph, fake_quant),
                "agreement_fused_kernels": top1_agreement(fused, fake_quant), "ours_seconds": seconds,

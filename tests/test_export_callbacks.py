@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -387,7 +387,7 @@ def test_bundle_takes_encodings_from_a_registered_onnxruntime_ptq_variant(float_
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from dms_lightning.export import export_onnx
-    from dms_lightning.utils.artifacts import register_variant
+    from dms_lightning.utils.artifacts import Variant
 
     trainer, module = float_run["trainer"], float_run["module"]
     images = next(iter(trainer.datamodule.val_dataloader()))[0]
@@ -402,12 +402,17 @@ def test_bundle_takes_encodings_from_a_registered_onnxruntime_ptq_variant(float_
 
     quantize_static(str(fp32), str(tmp_path / "ptq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-    register_variant(trainer, "ptq_test_int8", tmp_path / "ptq.onnx", "int8", "PostTrainingQuantization")
+
+    class Producer(Callback):
+        produces_variants = True
+        variants = [Variant("ptq_test_int8", str(tmp_path / "ptq.onnx"), "int8", "PostTrainingQuantization")]
+
+    trainer.callbacks.append(producer := Producer())
     try:
         bundle = SNPEExport(dirpath=str(tmp_path / "out"), checkpoint="last", calibration_images=4,
                             int8_variant="ptq_test_int8").export(trainer, module)
     finally:
-        trainer.__dict__["_dms_lightning_variants"].pop("ptq_test_int8")
+        trainer.callbacks.remove(producer)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and "ptq_test_int8" in manifest["encodings_source"]
     assert manifest["encodings_coverage"]["missing"] == [] and manifest["parity"]["top1_agreement"] == 1.0

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     from lightning.pytorch import LightningModule, Trainer, seed_everything
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-    from dms_lightning.callbacks import QuantizationAwareTraining
+    from dms_lightning.callbacks import ONNXExport, QuantizationAwareTraining
 
 
     class Net(LightningModule):
@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent('''
         seed_everything(0)
         module = Net()
         qat = QuantizationAwareTraining(start_epoch=1, freeze_bn_epoch=2, dirpath=sys.argv[1] + "/quant")
-        trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, callbacks=[qat],
+        writer = ONNXExport(export_fp32=False, export_int8=False, openvino=False, dirpath=sys.argv[1] + "/export")
+        trainer = Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=3, callbacks=[qat, writer],
                           logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False)
         trainer.fit(module)
@@ -69,7 +70,7 @@ SCRIPT = textwrap.dedent('''
                 digest.update(key.encode() + value.detach().cpu().numpy().tobytes())
         ranges = {k: v.tolist() for k, v in module.state_dict().items() if "activation_quantizers" in k and "scale" in k}
         result = {"rank": trainer.global_rank, "digest": digest.hexdigest(), "ranges": ranges,
-                  "exported": qat.exported.get("onnx_path"), "quantized_since": qat.quantized_since}
+                  "exported": str(writer.exported["qat_int8"]) if "qat_int8" in writer.exported else None, "quantized_since": qat.quantized_since}
         with open(f"{sys.argv[1]}/rank{trainer.global_rank}.json", "w") as fh:
             json.dump(result, fh)
         if trainer.global_rank == 0:
@@ -97,7 +98,7 @@ def test_ddp_ranks_share_quantization_ranges_and_rank0_exports(tmp_path):
     assert rank0["digest"] == rank1["digest"]  # weights, BN-folded quantizers and ranges identical
     assert rank0["exported"] and rank1["exported"] is None  # written once, by rank 0
 
-    from dms_lightning.quant.evaluate import ort_session
+    from dms_lightning.export.runtimes import ort_session
 
     x, reference = np.load(tmp_path / "input.npy"), np.load(tmp_path / "torch_out.npy")
     logits = ort_session(rank0["exported"]).run(None, {"input": x})[0]

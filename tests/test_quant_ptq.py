@@ -15,21 +15,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from dms_lightning import DMSClassifier, DMSDataModule
-from dms_lightning.callbacks import PostTrainingQuantization, QuantizationAwareTraining
-from dms_lightning.export import export_onnx
+from dms_lightning.callbacks import ONNXExport, PostTrainingQuantization, QuantizationAwareTraining
+from dms_lightning.export import encodings_from_qdq_onnx, export_onnx, export_qdq_onnx
 from dms_lightning.export.ort_quantize import quantize_onnx
-from dms_lightning.quant import (
-    CalibrationConfig,
-    QuantizationConfig,
-    encodings_from_qdq_onnx,
-    float_model,
-    is_quantized,
-    post_training_quantize,
-)
-from dms_lightning.quant.evaluate import ort_predictions, ort_session, top1_agreement, torch_predictions
+from dms_lightning.export.runtimes import loader_logits, ort_session, top1_agreement, torch_logits
+from dms_lightning.quant import CalibrationConfig, QuantizationConfig, float_model, is_quantized, post_training_quantize
 from dms_lightning.quant.fake_quant import named_activation_quantizers
 from dms_lightning.quant.observers import RANGE_ESTIMATORS
-from dms_lightning.quant.onnx_qdq import export_qdq_onnx
 from dms_lightning.quant.spec import QuantSpec
 from dms_lightning.utils.artifacts import variants
 
@@ -67,7 +59,8 @@ def ptq_run(tmp_path_factory):
     L.seed_everything(0)
     root = tmp_path_factory.mktemp("ptq_run")
     ptq = PostTrainingQuantization(calibration_batches=2, calibration_split="train", dirpath=str(root / "q"))
-    trainer = _trainer(root, [ptq], limit_train_batches=2)
+    writer = ONNXExport(export_fp32=False, export_int8=False, openvino=False, dirpath=str(root / "export"))
+    trainer = _trainer(root, [ptq, writer], limit_train_batches=2)
     module = DMSClassifier("resnet18", image_size=IMAGE)
     datamodule = _datamodule()
     trainer.fit(module, datamodule)
@@ -91,17 +84,17 @@ def test_callback_leaves_the_network_fake_quantized_with_calibrated_frozen_range
 def test_callback_exports_an_int8_model_that_onnxruntime_runs_like_the_fake_quant_model(ptq_run):
     trainer, module, ptq, datamodule = ptq_run
     result = ptq.result
-    assert "QuantizeLinear" in _ops(Path(result["onnx_path"]))
-    assert result["agreement"] >= 0.98 and result["parity_samples"] == 64
     assert 0.0 <= result["int8_accuracy"] <= 1.0 and result["agreement_with_fp32"] >= 0.5
-    logits, _ = ort_predictions(ort_session(result["onnx_path"], fuse_qdq=False), datamodule.test_dataloader())
-    reference, _ = torch_predictions(module.model, datamodule.test_dataloader())
-    assert top1_agreement(logits, reference) >= 0.98
-    encodings = json.loads(Path(result["encodings_path"]).read_text())
-    assert encodings == encodings_from_qdq_onnx(result["onnx_path"])
-    (variant,) = variants(trainer)
+    (variant,) = variants(trainer)  # handed down to ONNXExport, which wrote and listed it
     assert (variant.name, variant.precision, variant.producer) == ("ptq_int8", "int8", "PostTrainingQuantization")
     assert variant.info["calibration_method"] == "minmax"
+    assert Path(variant.onnx_path).parent.name == "q" and "QuantizeLinear" in _ops(Path(variant.onnx_path))
+    assert variant.info["parity"]["top1_agreement"] >= 0.98 and variant.info["parity"]["samples"] == 64
+    logits, _ = loader_logits(ort_session(variant.onnx_path, fuse_qdq=False), datamodule.test_dataloader())
+    reference, _ = torch_logits(module.model, datamodule.test_dataloader())
+    assert top1_agreement(logits, reference) >= 0.98
+    encodings = json.loads(Path(variant.info["encodings_path"]).read_text())
+    assert encodings == encodings_from_qdq_onnx(variant.onnx_path)
 
 
 def test_test_after_fit_evaluates_the_quantized_network(ptq_run):
@@ -263,8 +256,8 @@ def test_onnxruntime_runs_the_exported_ptq_model_like_the_fake_quant_model(tmp_p
     path = export_qdq_onnx(int8, torch.zeros(1, 1, IMAGE, IMAGE), tmp_path / "ptq.onnx")
     images = torch.randn(64, 1, IMAGE, IMAGE)
     loader = [(images[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 64, 16)]
-    graph, _ = ort_predictions(ort_session(path, fuse_qdq=False), loader)
-    reference, _ = torch_predictions(int8, loader)
+    graph, _ = loader_logits(ort_session(path, fuse_qdq=False), loader)
+    reference, _ = torch_logits(int8, loader)
     assert top1_agreement(graph, reference) >= 0.98
     assert np.abs(graph - reference).max() < 0.1 * np.abs(reference).max()
 

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from dms_lightning import DMSClassifier, DMSDataModule
-from dms_lightning.callbacks import QuantizationAwareTraining
+from dms_lightning.callbacks import ONNXExport, QuantizationAwareTraining
 from dms_lightning.quant import is_quantized
 from dms_lightning.quant.fake_quant import FakeQuantizer
 from dms_lightning.quant.modules import QuantConvBn2d
@@ -59,8 +59,9 @@ def qat_run(tmp_path_factory):
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", filename="e{epoch}", save_top_k=-1, monitor="val/acc",
                                  mode="max", save_last=True, auto_insert_metric_name=False)
     qat = QuantizationAwareTraining(start_epoch=1, dirpath=str(root / "quant"))
+    writer = ONNXExport(export_fp32=False, export_int8=False, openvino=False, dirpath=str(root / "export"))
     model, datamodule = _model(), _datamodule()
-    trainer = _trainer(root, 2, [qat, checkpoint])
+    trainer = _trainer(root, 2, [qat, checkpoint, writer])
     trainer.fit(model, datamodule)
     return dict(root=root, trainer=trainer, model=model, datamodule=datamodule, qat=qat, checkpoint=checkpoint)
 
@@ -74,13 +75,23 @@ def test_model_is_float_before_start_epoch_and_quantized_after(qat_run):
 
 
 def test_fit_end_exports_int8_onnx_that_agrees_with_fake_quant_model(qat_run):
-    exported = qat_run["qat"].exported
-    assert Path(exported["onnx_path"]).is_file()
-    assert exported["agreement"] >= 0.99 and exported["parity_samples"] == 64
     (variant,) = [v for v in variants(qat_run["trainer"]) if v.producer == "QuantizationAwareTraining"]
-    assert variant.precision == "int8" and variant.onnx_path == exported["onnx_path"]
-    encodings = json.loads(Path(exported["encodings_path"]).read_text())
+    assert variant.precision == "int8" and Path(variant.onnx_path) == qat_run["root"] / "quant" / "qat_int8.onnx"
+    assert Path(variant.onnx_path).is_file()
+    parity = variant.info["parity"]
+    assert parity["top1_agreement"] >= 0.99 and parity["samples"] == 64  # the whole test split
+    encodings = json.loads(Path(variant.info["encodings_path"]).read_text())
     assert encodings["activation_encodings"] and encodings["param_encodings"]
+
+
+def test_quantization_callback_writes_no_file_itself(tmp_path):
+    # quant/ is torch-only: without an exporter the network is handed down to nobody, and the run says so.
+    L.seed_everything(0)
+    qat = QuantizationAwareTraining(start_epoch=0, dirpath=str(tmp_path / "quant"))
+    with pytest.warns(UserWarning, match="add dms_lightning.callbacks.ONNXExport"):
+        _trainer(tmp_path, 1, [qat], limit_val_batches=1).fit(_model(), _datamodule())
+    assert not (tmp_path / "quant").exists()
+    assert [n.name for n in qat.int8_networks] == ["qat_int8"] and is_quantized(qat.int8_networks[0].network)
 
 
 def test_validation_and_test_do_not_move_ranges(qat_run):
@@ -194,8 +205,10 @@ def pruned_qat_run(tmp_path_factory):
                                min_channels=4)
     qat = QuantizationAwareTraining(start_epoch=2, dirpath=str(root / "quant"))
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
-    _trainer(root, 3, [pruning, qat, checkpoint], limit_val_batches=1).fit(model, _datamodule())
-    return dict(root=root, model=model, widths=widths, pruning=pruning, qat=qat)
+    writer = ONNXExport(export_fp32=False, export_int8=False, openvino=False, dirpath=str(root / "export"))
+    trainer = _trainer(root, 3, [pruning, qat, checkpoint, writer], limit_val_batches=1)
+    trainer.fit(model, _datamodule())
+    return dict(root=root, model=model, widths=widths, pruning=pruning, qat=qat, trainer=trainer)
 
 
 def test_pruning_then_qat_in_one_run(pruned_qat_run):
@@ -204,7 +217,8 @@ def test_pruning_then_qat_in_one_run(pruned_qat_run):
     convs = [m.conv for m in model.modules() if isinstance(m, QuantConvBn2d)]
     assert pruned_qat_run["pruning"].removed and is_quantized(model.model)
     assert sum(c.out_channels for c in convs) < pruned_qat_run["widths"]  # QAT wrapped the pruned network
-    assert qat.exported["agreement"] >= 0.99
+    (variant,) = [v for v in variants(pruned_qat_run["trainer"]) if v.producer == "QuantizationAwareTraining"]
+    assert variant.info["parity"]["top1_agreement"] >= 0.99
 
 
 def test_pruned_qat_checkpoint_reloads(pruned_qat_run):

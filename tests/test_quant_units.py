@@ -11,8 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from dms_lightning.quant import QuantizationConfig, QuantSpec, encodings_from_qdq_onnx, export_qdq_onnx, prepare_qat
-from dms_lightning.quant.evaluate import ort_session
+from dms_lightning.export import encodings_from_qdq_onnx, export_qdq_onnx
+from dms_lightning.export.runtimes import ort_session
+from dms_lightning.quant import QuantizationConfig, QuantSpec, prepare_qat
 from dms_lightning.quant.fake_quant import FakeQuantizer
 from dms_lightning.quant.modules import QuantConvBn2d, fold_batch_norm
 from dms_lightning.quant.spec import activation_spec, weight_spec
@@ -208,7 +209,7 @@ def test_narrow_weights_export_and_encode_with_their_bit_width(tmp_path, bits):
 
 
 def test_write_encodings_is_json_with_both_sections(resnet_qdq, tmp_path):
-    from dms_lightning.quant import write_encodings
+    from dms_lightning.export import write_encodings
 
     _, path = resnet_qdq
     out = write_encodings(encodings_from_qdq_onnx(path), tmp_path / "enc.json")

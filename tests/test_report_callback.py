@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from dms_lightning import DMSClassifier, DMSDataModule
 from dms_lightning.callbacks import CompressionReport
 from dms_lightning.export import export_onnx
-from dms_lightning.utils.artifacts import register_variant
+from dms_lightning.utils.artifacts import Variant
 from dms_lightning.utils.checkpoint import compression_target
 
 IMAGE_SIZE = 32
@@ -22,17 +22,18 @@ FAST = dict(warmup_runs=2, latency_runs=20, throughput_batch=8, throughput_runs=
 
 
 class ExportAtFitEnd(Callback):
-    """Stand-in for an exporting callback: writes the trained network to ONNX and registers it."""
+    """Stand-in for a user's exporting callback: writes the trained network to ONNX and lists it."""
 
     produces_variants = True
 
     def __init__(self, path: Path, name: str = "student_fp32") -> None:
         self.path, self.name = path, name
+        self.variants: list[Variant] = []
 
     def on_fit_end(self, trainer, pl_module):
         network = compression_target(pl_module)
         export_onnx(network, torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE), self.path)
-        register_variant(trainer, self.name, self.path, precision="fp32", producer="ExportAtFitEnd")
+        self.variants = [Variant(self.name, str(self.path), precision="fp32", producer="ExportAtFitEnd")]
 
 
 def _datamodule() -> DMSDataModule:

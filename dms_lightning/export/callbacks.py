@@ -5,31 +5,43 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
 from dms_lightning.export.coverage import coverage_before_conversion
 from dms_lightning.export.fp16 import DEFAULT_FP16_ATOL, IO_DTYPES, check_fp16_parity, export_fp16_onnx
+from dms_lightning.export.int8 import NotQuantizedError, export_int8
 from dms_lightning.export.manifest import onnx_record, update_manifest
-from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, export_qdq
+from dms_lightning.export.metadata import onnx_metadata
+from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
 from dms_lightning.export.parity import ParityError, ParityResult, check_parity, compare_outputs, parity_figure
 from dms_lightning.export.qdq import fake_quant_disabled, has_qdq
-from dms_lightning.export.runtimes import onnxruntime_outputs, openvino_available, openvino_outputs
+from dms_lightning.export.runtimes import openvino_available, openvino_outputs
 from dms_lightning.export.source import (
     CHECKPOINT_CHOICES,
+    detached_copy,
     export_source,
-    metadata_props,
-    preprocessing,
-    sample_images,
+    model_preprocessing,
+    parity_images,
     uses_fake_quant,
 )
-from dms_lightning.utils.artifacts import register_variant, variants
+from dms_lightning.utils.artifacts import (
+    ParityRule,
+    QuantizedNetwork,
+    Variant,
+    callbacks_after,
+    has_role,
+    quantized_networks,
+    variants,
+)
 from dms_lightning.utils.checkpoint import compression_target
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 from dms_lightning.utils.tensorboard import log_figure, log_text
@@ -58,21 +70,28 @@ class ONNXExport(Callback):
     metric (or the last weights) is exported as
 
     * ``<name>_fp32.onnx``: FP32, dynamic batch axis, input ``input`` (N×C×H×W), output ``logits``;
-    * ``<name>_int8.onnx``: the INT8 QDQ graph, when the network carries fake-quant modules (QAT). Its
-      FP32 sibling is then the same network with fake quantization bypassed;
+    * ``<name>_int8.onnx`` and ``<name>_int8.encodings.json``: the INT8 QDQ graph and its AIMET encodings, when
+      the network carries fake-quant modules (QAT). Its FP32 sibling is then the same network with fake
+      quantization bypassed;
     * ``<name>_fp16.onnx`` (``export_fp16=True``): weights and activations in float16, float32 input and
       output unless ``fp16_io_dtype="float16"`` (:func:`~dms_lightning.export.fp16.export_fp16_onnx`).
 
-    Each file carries the class names and preprocessing (image size, channels, mean, std) in its
-    ``metadata_props``, passes ``onnx.checker``, and is compared with PyTorch on real validation images:
-    max |logit difference| and top-1 agreement are logged, drawn (``<variant>_parity.png`` and
-    TensorBoard) and written to ``manifest.json`` with sha256, size, opset and input shape. A model over
+    It also writes the fake-quantized networks that quantization callbacks placed before it hand down
+    (``QuantizationAwareTraining(export=True)`` → ``<log_dir>/quantization/<filename>.onnx`` + encodings), each
+    judged by that callback's parity rule. Every INT8 file goes through
+    :func:`~dms_lightning.export.int8.export_int8`.
+
+    Each file carries the class names and preprocessing in its ``metadata_props``
+    (:mod:`dms_lightning.export.metadata`), passes ``onnx.checker``, and is compared with PyTorch on real
+    validation images: max |logit difference| and top-1 agreement are logged, drawn (``<variant>_parity.png``
+    and TensorBoard) and written to ``manifest.json`` with sha256, size, opset and input shape. A model over
     tolerance raises :class:`~dms_lightning.export.parity.ParityError` with the figures, and is not left
     in the directory. When OpenVINO is installed the files are also run there and compared with ONNX
     Runtime (``openvino=None``: when installed; ``True``: required). Each file's operators are checked
     against the published operator lists of QNN HTP, TFLite and TensorRT
     (:mod:`~dms_lightning.export.coverage`): what a target lacks is warned about and listed under
-    ``coverage`` in the manifest. Files are registered as report variants (``dms_lightning.utils.artifacts``).
+    ``coverage`` in the manifest. The files are listed in ``variants`` for
+    :class:`~dms_lightning.callbacks.CompressionReport`.
 
     Args:
         dirpath: output directory; default ``<log_dir>/export``.
@@ -87,7 +106,8 @@ class ONNXExport(Callback):
         min_top1_agreement: FP32 minimum top-1 agreement.
         int8_atol: INT8 tolerance on the max absolute difference (``None``: reported, not judged).
         int8_min_top1_agreement: INT8 minimum top-1 agreement with the fake-quant PyTorch model.
-        export_fp32 / export_int8 / export_fp16: which precisions to write (FP16 is off by default).
+        export_fp32 / export_int8 / export_fp16: which precisions of the network to write (FP16 is off by
+            default; all ``False``: only the networks quantization callbacks hand down).
         fp16_io_dtype: ``"float32"`` (casts inside the FP16 graph) or ``"float16"`` input and output.
         fp16_atol: FP16 tolerance on the max absolute logit difference vs the float32 PyTorch model.
         openvino: ``None`` (check when installed), ``True`` (must be installed), ``False`` (skip).
@@ -96,6 +116,9 @@ class ONNXExport(Callback):
         >>> from lightning.pytorch import Trainer
         >>> trainer = Trainer(max_epochs=1, callbacks=[ONNXExport(checkpoint="last", opset=18)])  # doctest: +SKIP
     """
+
+    produces_variants: ClassVar[bool] = True
+    writes_int8_networks: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -138,8 +161,6 @@ class ONNXExport(Callback):
                              ("int8_min_top1_agreement", int8_min_top1_agreement)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ONNXExport.{field}={value!r} must be in [0, 1]")
-        if not (export_fp32 or export_int8 or export_fp16):
-            raise ValueError("ONNXExport: export_fp32, export_int8 and export_fp16 all False leaves nothing to export")
         if openvino is True and not openvino_available():
             raise ValueError("ONNXExport.openvino=True but openvino is not installed: "
                              "pip install 'dms_lightning[openvino]'")
@@ -152,16 +173,33 @@ class ONNXExport(Callback):
         self.simplify = simplify
         self.parity_batches = parity_batches
         self.atol, self.min_top1_agreement = atol, min_top1_agreement
-        self.int8_atol, self.int8_min_top1_agreement = int8_atol, int8_min_top1_agreement
+        self.int8_rule = ParityRule(split="val", batches=parity_batches, min_top1_agreement=int8_min_top1_agreement,
+                                    atol=int8_atol, owner="ONNXExport")
         self.export_fp32, self.export_int8 = export_fp32, export_int8
         self.export_fp16, self.fp16_io_dtype, self.fp16_atol = export_fp16, fp16_io_dtype, fp16_atol
         self.openvino = openvino_available() if openvino is None else openvino
         self.exported: dict[str, Path] = {}
+        self.variants: list[Variant] = []
+        self._log_dir: Path | None = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        late = callbacks_after(trainer, self, "hands_down_int8")
+        if not (self.export_fp32 or self.export_int8 or self.export_fp16) and not any(
+                has_role(cb, "hands_down_int8") for cb in trainer.callbacks):
+            raise MisconfigurationException(
+                "ONNXExport: export_fp32, export_int8 and export_fp16 all False leaves nothing to export: no "
+                "quantization callback hands an INT8 network down in this run")
+        if late:
+            raise MisconfigurationException(
+                f"ONNXExport is placed before {late} in trainer callbacks: their INT8 networks are handed down at "
+                "the end of fit, after ONNXExport would have run. Put ONNXExport after them.")
+        # Resolved on every rank: trainer.log_dir is a collective call under DDP, the export runs on rank 0 only.
+        self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         # Fail before training, not after it, when the directory cannot be written.
-        if stage == "fit" and trainer.is_global_zero and self.dirpath is not None:
+        if trainer.is_global_zero and self.dirpath is not None:
             ensure_writable_dir(self.dirpath, "ONNXExport.dirpath")
 
     @override
@@ -170,12 +208,14 @@ class ONNXExport(Callback):
             self.export(trainer, pl_module)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Path]:
-        """Export, check and record every precision; returns ``{variant name: path}``."""
-        directory = ensure_writable_dir(self.dirpath or default_export_dir(trainer), "ONNXExport.dirpath")
+        """Export, check and record every precision and handed-down network; returns ``{variant name: path}``."""
+        self.variants = []
+        log_dir = self._log_dir or Path(trainer.log_dir or trainer.default_root_dir)
+        directory = ensure_writable_dir(self.dirpath or log_dir / "export", "ONNXExport.dirpath")
         source = export_source(trainer, pl_module, self.checkpoint)
-        images = self._parity_images(trainer)
+        images = parity_images(trainer, ParityRule(split="val", batches=self.parity_batches))
         example = images[:1]
-        info = preprocessing(trainer, pl_module, example)
+        info = model_preprocessing(trainer, pl_module, example)
         # This eager forward also settles weight quantization ranges, which follow the weights on every
         # eager forward but are frozen while the exporter traces.
         quantized = uses_fake_quant(source.model, example)
@@ -188,27 +228,44 @@ class ONNXExport(Callback):
             rank_zero_warn("[dms_lightning] ONNXExport: export_int8 only, but the exported network has no "
                            "fake-quant modules (QAT not active in the chosen checkpoint): nothing exported")
         entries, exported = [], {}
-        plan = []
         if self.export_fp32:
-            plan.append(("fp32", fake_quant_disabled() if quantized else contextlib.nullcontext()))
-        if quantized and self.export_int8:
-            plan.append(("int8", contextlib.nullcontext()))
-        if self.export_fp16:
-            plan.append(("fp16", fake_quant_disabled() if quantized else contextlib.nullcontext()))
-        for precision, mode in plan:
-            variant = f"{self.name}_{precision}"
+            variant = f"{self.name}_fp32"
             path = directory / f"{variant}.onnx"
-            with mode:
-                figures = self._export_checked(trainer, source.model, example, images, path, variant, precision,
-                                               metadata_props(info, precision=precision, variant=variant))
-            if figures is None:
-                continue
-            entries.append(onnx_record(path, directory, name=variant, precision=precision, producer="ONNXExport",
-                                       source=source.origin, parameters=_parameters(source.model), **figures))
-            # Recorded as soon as written: should a later precision fail, the manifest still matches the files.
-            update_manifest(directory, entries[-1:])
-            register_variant(trainer, variant, path, precision, "ONNXExport", **figures, source=source.origin)
+            metadata = onnx_metadata(info, variant=variant, precision="fp32", source=source.origin)
+            with fake_quant_disabled() if quantized else contextlib.nullcontext():
+                figures = self._export_fp32(trainer, source.model, example, images, path, variant, metadata)
+            if figures is not None:
+                entries.append(self._record(trainer, directory, path, variant, "fp32", "ONNXExport", source.origin,
+                                            source.model, figures))
+                exported[variant] = path
+        if quantized and self.export_int8:
+            variant = f"{self.name}_int8"
+            path = directory / f"{variant}.onnx"
+            metadata = onnx_metadata(info, variant=variant, precision="int8", source=source.origin)
+            try:
+                figures = self._export_int8(trainer, source.model, example, images, path, variant, metadata,
+                                            self.int8_rule, self.opset)
+            except NotQuantizedError as err:
+                rank_zero_warn(f"[dms_lightning] {err}: skipped")
+            else:
+                entries.append(self._record(trainer, directory, path, variant, "int8", "ONNXExport", source.origin,
+                                            source.model, figures))
+                exported[variant] = path
+        if self.export_fp16:
+            variant = f"{self.name}_fp16"
+            path = directory / f"{variant}.onnx"
+            metadata = onnx_metadata(info, variant=variant, precision="fp16", source=source.origin)
+            with fake_quant_disabled() if quantized else contextlib.nullcontext():
+                figures = self._export_fp16(trainer, source.model, example, images, path, variant, metadata)
+            entries.append(self._record(trainer, directory, path, variant, "fp16", "ONNXExport", source.origin,
+                                        source.model, figures))
             exported[variant] = path
+        for network in quantized_networks(trainer):
+            path, figures, origin = self._export_handed_down(trainer, network, info, log_dir / "quantization")
+            root = path.parent
+            entries.append(self._record(trainer, root, path, network.name, "int8", network.producer, origin,
+                                        network.network, {**figures, **network.info}, manifest_dir=directory))
+            exported[network.name] = path
         others = self._other_producers(trainer, directory, exported)
         update_manifest(directory, others)
         entries += others
@@ -220,46 +277,43 @@ class ONNXExport(Callback):
         self.exported = exported
         return exported
 
-    def _parity_images(self, trainer: Trainer) -> torch.Tensor:
-        datamodule = getattr(trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None) or 64
-        return sample_images(trainer, self.parity_batches * batch_size, "val")
+    def _record(self, trainer: Trainer, root: Path, path: Path, variant: str, precision: str, producer: str,
+                origin: dict, model: nn.Module, figures: dict, manifest_dir: Path | None = None) -> dict:
+        """Manifest entry and report variant of a written file (recorded at once, so they match the files)."""
+        directory = manifest_dir or root
+        entry = onnx_record(path, root, name=variant, precision=precision, producer=producer, source=origin,
+                            parameters=_parameters(model), **figures)
+        if root != directory:
+            entry["path"] = str(path.resolve())
+        # Recorded as soon as written: should a later export fail, the manifest still matches the files.
+        update_manifest(directory, [entry])
+        self.variants.append(Variant(variant, str(path), precision, producer, {**figures, "source": origin}))
+        return entry
 
-    def _export_checked(self, trainer: Trainer, model: nn.Module, example: torch.Tensor, images: torch.Tensor,
-                        path: Path, variant: str, precision: str, metadata: dict[str, str]) -> dict | None:
+    def _export_fp32(self, trainer: Trainer, model: nn.Module, example: torch.Tensor, images: torch.Tensor,
+                     path: Path, variant: str, metadata: dict[str, str]) -> dict | None:
         """Export to a temporary, check it, and rename it onto ``path`` only if every check passes."""
-        int8 = precision == "int8"
-        if precision == "fp16":
-            return self._export_checked_fp16(trainer, model, example, images, path, variant, metadata)
         with atomic_path(path) as tmp:
-            if int8:
-                export_qdq(model, example, tmp, opset=self.opset, metadata=metadata, exporter=self.exporter)
-            else:
-                export_onnx(model, example, tmp, opset=self.opset, dynamic_batch=self.dynamic_batch,
-                            metadata=metadata, exporter=self.exporter, simplify=self.simplify)
-            if has_qdq(onnx.load(str(tmp), load_external_data=False)) != int8:
-                rank_zero_warn(f"[dms_lightning] ONNXExport: the {precision} export of {variant} "
-                               f"{'has no' if int8 else 'still has'} QuantizeLinear/DequantizeLinear nodes (the "
-                               "network quantizes with ops other than torch's fake_quantize_*): skipped")
+            export_onnx(model, example, tmp, opset=self.opset, dynamic_batch=self.dynamic_batch,
+                        metadata=metadata, exporter=self.exporter, simplify=self.simplify)
+            if has_qdq(onnx.load(str(tmp), load_external_data=False)):
+                rank_zero_warn(f"[dms_lightning] ONNXExport: the fp32 export of {variant} still has "
+                               "QuantizeLinear/DequantizeLinear nodes (the network quantizes with ops other than "
+                               "torch's fake_quantize_*): skipped")
                 return None
-            # INT8: the graph's own semantics are judged (Q/DQ computed exactly); ORT's fused integer kernels
-            # are a property of the runtime and CPU, reported below.
             result, reference, candidate = check_parity(
-                model, tmp, images, atol=self.int8_atol if int8 else self.atol,
-                min_top1_agreement=self.int8_min_top1_agreement if int8 else self.min_top1_agreement,
-                raise_on_failure=False, fuse_qdq=not int8)
+                model, tmp, images, atol=self.atol, min_top1_agreement=self.min_top1_agreement,
+                raise_on_failure=False)
             self._record_parity(trainer, path, variant, result, reference, candidate)
             if not result.passed:
                 raise ParityError(f"ONNXExport: {variant} failed the parity check, not written: {result.describe()}")
             figures = {"parity": result.to_dict(), "coverage": coverage_before_conversion(tmp, variant)}
-            if int8:
-                figures["onnxruntime_int8_kernels"] = self._runtime_kernels_check(tmp, images, reference, variant)
             if self.openvino:
-                figures["openvino"] = self._openvino_check(tmp, images, candidate, variant, int8).to_dict()
+                figures["openvino"] = self._openvino_check(tmp, images, candidate, variant, False).to_dict()
         return figures
 
-    def _export_checked_fp16(self, trainer: Trainer, model: nn.Module, example: torch.Tensor, images: torch.Tensor,
-                             path: Path, variant: str, metadata: dict[str, str]) -> dict:
+    def _export_fp16(self, trainer: Trainer, model: nn.Module, example: torch.Tensor, images: torch.Tensor,
+                     path: Path, variant: str, metadata: dict[str, str]) -> dict:
         with atomic_path(path) as tmp:
             export_fp16_onnx(model, example, tmp, io_dtype=self.fp16_io_dtype, opset=self.opset,
                              dynamic_batch=self.dynamic_batch, metadata=metadata, exporter=self.exporter,
@@ -283,17 +337,33 @@ class ONNXExport(Callback):
                 figures["openvino"] = ov.to_dict()
         return figures
 
-    def _runtime_kernels_check(self, path: Path, images: torch.Tensor, reference: np.ndarray, variant: str) -> dict:
-        result = compare_outputs(reference, onnxruntime_outputs(path, images.numpy()), atol=None,
-                                 min_top1_agreement=self.int8_min_top1_agreement,
-                                 runtime="onnxruntime (fused INT8 kernels)")
-        if not result.passed:
-            rank_zero_warn(f"[dms_lightning] ONNXExport: {variant}: the graph matches PyTorch, but ONNX Runtime's "
-                           f"fused INT8 kernels on this CPU do not: {result.describe()}. On x86 CPUs without VNNI "
-                           "the u8s8 kernels can saturate (ONNX Runtime recommends reduce_range or symmetric "
-                           "activations); "
-                           "an NPU runs the graph's semantics")
-        return result.to_dict()
+    def _export_int8(self, trainer: Trainer, model: nn.Module, example: torch.Tensor, images: torch.Tensor,
+                     path: Path, variant: str, metadata: dict[str, str], rule: ParityRule, opset: int) -> dict:
+        def record(result: ParityResult, reference: np.ndarray, candidate: np.ndarray) -> None:
+            self._record_parity(trainer, path, variant, result, reference, candidate)
+
+        written = export_int8(model, example, path, images, rule=rule, metadata=metadata, opset=opset,
+                              exporter=self.exporter, label=f"ONNXExport: {variant}", on_checked=record)
+        figures = {"parity": written.parity.to_dict(), "coverage": coverage_before_conversion(path, variant),
+                   "onnxruntime_int8_kernels": written.fused_kernels.to_dict(),
+                   "encodings_path": str(written.encodings_path)}
+        if self.openvino:
+            figures["openvino"] = self._openvino_check(path, images, written.candidate, variant, True).to_dict()
+        return figures
+
+    def _export_handed_down(self, trainer: Trainer, network: QuantizedNetwork, info: dict,
+                            default_dir: Path) -> tuple[Path, dict, dict]:
+        """Write a network a quantization callback handed down: ``<dirpath>/<name>.onnx`` + encodings."""
+        directory = ensure_writable_dir(network.dirpath or default_dir, f"{network.producer}.dirpath")
+        model = detached_copy(network.network, trainer).cpu().float().eval()
+        images = parity_images(trainer, network.parity)
+        origin = {"checkpoint": "last", "epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                  "producer": network.producer}
+        path = directory / f"{network.name}.onnx"
+        metadata = onnx_metadata(info, variant=network.name, precision="int8", source=origin)
+        figures = self._export_int8(trainer, model, images[:1], images, path, network.name, metadata,
+                                    network.parity, network.opset)
+        return path, figures, origin
 
     def _record_parity(self, trainer: Trainer, path: Path, variant: str, result: ParityResult,
                        reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -310,8 +380,9 @@ class ONNXExport(Callback):
             logits = openvino_outputs(path, images.numpy())
         except Exception as err:
             raise ParityError(f"ONNXExport: OpenVINO cannot load or run {variant}: {err}") from err
-        result = compare_outputs(ort_logits, logits, atol=self.int8_atol if int8 else self.atol,
-                                 min_top1_agreement=self.int8_min_top1_agreement if int8 else self.min_top1_agreement,
+        result = compare_outputs(ort_logits, logits, atol=self.int8_rule.atol if int8 else self.atol,
+                                 min_top1_agreement=self.int8_rule.min_top1_agreement if int8
+                                 else self.min_top1_agreement,
                                  reference_name="onnxruntime", runtime="openvino")
         if not result.passed:
             message = f"ONNXExport: {variant} disagrees between OpenVINO and ONNX Runtime: {result.describe()}"
@@ -321,9 +392,8 @@ class ONNXExport(Callback):
             rank_zero_warn(f"[dms_lightning] {message}")
         return result
 
-    @staticmethod
-    def _other_producers(trainer: Trainer, directory: Path, exported: dict) -> list[dict]:
-        """Manifest entries for ONNX files other callbacks registered (PTQ / QAT INT8), so one manifest lists all."""
+    def _other_producers(self, trainer: Trainer, directory: Path, exported: dict) -> list[dict]:
+        """Manifest entries for ONNX files other producers wrote (e.g. PTQ INT8), so one manifest lists all."""
         entries = []
         for variant in variants(trainer):
             path = Path(variant.onnx_path)

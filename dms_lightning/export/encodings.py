@@ -1,12 +1,18 @@
-"""AIMET-style encodings JSON (SNPE / QNN ``--quantization_overrides``) and its coverage check.
+"""The one encodings writer: AIMET-style JSON (SNPE / QNN ``--quantization_overrides``) and its coverage check.
 
-An encoding names a tensor of the *float* graph given to the converter and its quantization grid::
+Encodings are read from the ``QuantizeLinear``/``DequantizeLinear`` pairs of an exported QDQ graph (rather than
+from PyTorch quantizer objects), so QAT, PTQ and a QDQ model from elsewhere share one code path and one
+format, with its ``"version"``. An encoding names a tensor of the *float* graph given to the converter
+(:func:`~dms_lightning.export.qdq.strip_qdq`) and its quantization grid::
 
-    {"activation_encodings": {"/conv/Relu_output_0": [{"bitwidth": 8, "dtype": "int", "is_symmetric": "False",
+    {"version": "0.6.1",
+     "activation_encodings": {"/conv/Relu_output_0": [{"bitwidth": 8, "dtype": "int", "is_symmetric": "False",
                                                        "min": 0.0, "max": 6.0, "offset": 0, "scale": 0.0235}]},
      "param_encodings": {"conv.weight": [{...one per output channel...}]}}
 
-A tensor the converter quantizes without an encoding gets a range calibrated from the calibration raws
+Each entry is ``{bitwidth, min, max, scale, offset, is_symmetric, dtype}`` (``is_symmetric`` as the strings
+``"True"``/``"False"``, as SNPE / QNN examples write it) with AIMET's convention
+``real = (q_unsigned + offset) · scale``. A tensor the converter quantizes without an encoding gets a range calibrated from the calibration raws
 instead of the one learned in QAT / measured in PTQ; a name that matches no tensor is silently ignored.
 Both are the classic causes of an on-device accuracy drop, so :func:`check_encodings_coverage` lists them.
 """
@@ -19,7 +25,11 @@ from pathlib import Path
 
 import onnx
 
-from dms_lightning.quant.encodings import encodings_from_qdq_onnx  # noqa: F401 - re-exported
+from dms_lightning.export.qdq import ENCODINGS_VERSION, strip_qdq
+from dms_lightning.utils.io import write_json_atomic
+
+__all__ = ["ENCODINGS_VERSION", "EncodingsCoverage", "check_encodings_coverage", "encodings_from_qdq_model",
+           "encodings_from_qdq_onnx", "invalid_encodings", "write_encodings", "write_encodings_for_onnx"]
 
 _REQUIRED_FIELDS = ("bitwidth", "min", "max", "scale", "offset")
 # Layers that run as integer matmuls on the NPU: their inputs and weights need a grid.
@@ -101,3 +111,50 @@ def check_encodings_coverage(float_model: onnx.ModelProto, encodings: dict,
                 not_overridden.append(name)
     return EncodingsCoverage(missing=missing, not_overridden=not_overridden,
                              covered=len(encoded - invalid - set(missing)))
+
+
+def encodings_from_qdq_model(model: onnx.ModelProto) -> dict:
+    """Encodings of every quantized tensor of a QDQ ``ModelProto``, keyed by the tensor names of its float graph."""
+    return strip_qdq(model).encodings
+
+
+def encodings_from_qdq_onnx(onnx_path: str | Path | onnx.ModelProto) -> dict:
+    """AIMET-style encodings of a QDQ ONNX model (a file or a ``ModelProto``), keyed by ONNX tensor names.
+
+    Works for the models the package exports and for ONNX Runtime ``quantize_static`` output.
+
+    Example:
+        >>> enc = encodings_from_qdq_onnx("model_int8.onnx")  # doctest: +SKIP
+        >>> enc["param_encodings"]["conv1.weight"][0]["bitwidth"]  # doctest: +SKIP
+        8
+    """
+    if isinstance(onnx_path, onnx.ModelProto):
+        model, label = onnx_path, "the model"
+    else:
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"onnx_path={str(path)!r} does not exist")
+        model, label = onnx.load(str(path)), f"onnx_path={str(path)!r}"
+    encodings = encodings_from_qdq_model(model)
+    if not encodings["activation_encodings"] and not encodings["param_encodings"]:
+        raise ValueError(f"{label} has no QuantizeLinear/DequantizeLinear with constant scales: "
+                         "it is not a QDQ-quantized model")
+    return encodings
+
+
+def write_encodings(encodings: dict, path: str | Path) -> Path:
+    """Write an encodings document (``StrippedQDQ.encodings``) as JSON to ``path``, atomically."""
+    if encodings.get("version") != ENCODINGS_VERSION:
+        raise ValueError(f"encodings['version']={encodings.get('version')!r} must be {ENCODINGS_VERSION!r}: build "
+                         "the document with strip_qdq(...).encodings or encodings_from_qdq_onnx(...)")
+    for key in ("activation_encodings", "param_encodings"):
+        if not isinstance(encodings.get(key), dict):
+            raise ValueError(f"encodings[{key!r}] must be a dict of tensor name -> list of entries")
+    return write_json_atomic(path, encodings)
+
+
+def write_encodings_for_onnx(onnx_path: str | Path, path: str | Path | None = None) -> Path:
+    """Derive the encodings of ``onnx_path`` and write them beside it (``<model>.encodings.json`` by default)."""
+    onnx_path = Path(onnx_path)
+    target = Path(path) if path is not None else onnx_path.with_suffix(".encodings.json")
+    return write_encodings(encodings_from_qdq_onnx(onnx_path), target)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
-from dms_lightning.export.parity import ParityError, ParityResult, compare_outputs, torch_outputs
+from dms_lightning.export.parity import ParityError, ParityResult, compare_outputs
+from dms_lightning.export.runtimes import torch_outputs
 
 IO_DTYPES = ("float32", "float16")
 # Logits of a float16 network differ from float32 by a few half-precision steps (2**-10 relative):

@@ -31,13 +31,17 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     exporter: str = "torchscript",
     simplify: bool = False,
+    distinct_initializers: bool = False,
 ) -> Path:
     """Export ``model`` to ``path`` atomically and return the path.
 
     Fake-quantized layers (``torch.fake_quantize_per_*_affine``) become QuantizeLinear/DequantizeLinear
-    pairs, so a QAT model exports as an INT8 QDQ graph. ``exporter="torchscript"`` (default) is the
+    pairs (``dms_lightning.export.qdq.export_qdq_onnx`` also stores their weights as integers). ``exporter="torchscript"`` (default) is the
     fast tracing exporter; ``"dynamo"`` uses ``torch.export``. ``metadata`` lands in the model's
     ``metadata_props``; ``simplify=True`` runs onnxslim / onnxsim when one is installed (else nothing).
+    ``distinct_initializers=True`` (TorchScript exporter) keeps every parameter and buffer as its own
+    initializer named by its module path, even when two hold equal values (the exporter otherwise merges
+    them): the QDQ export traces each weight to its layer through these names.
     The graph passes ``onnx.checker`` before it is renamed onto ``path``; an operator the exporter cannot
     express at ``opset`` raises :class:`UnsupportedOperatorError` naming the operator and the layer.
 
@@ -62,8 +66,11 @@ def export_onnx(
             warnings.simplefilter("ignore")
             tmp_file = tmp.with_suffix(".onnx")
             try:
-                _export(model, example_input, tmp_file, exporter, opset, dynamic_batch, input_name, output_name)
+                _export(model, example_input, tmp_file, exporter, opset, dynamic_batch, input_name, output_name,
+                        distinct_initializers)
                 proto = onnx.load(str(tmp_file))
+                if distinct_initializers:
+                    _drop_initializer_inputs(proto)
             finally:
                 # The exporter writes beside the temporary (plus external-data files): never leave them.
                 tmp_file.unlink(missing_ok=True)
@@ -83,8 +90,16 @@ def export_onnx(
     return path
 
 
+def _drop_initializer_inputs(proto: onnx.ModelProto) -> None:
+    """Remove the graph inputs that only expose initializers (what ``keep_initializers_as_inputs`` adds)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    kept = [value for value in proto.graph.input if value.name not in initializers]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+
+
 def _export(model: nn.Module, example_input: torch.Tensor, file: Path, exporter: str, opset: int,
-            dynamic_batch: bool, input_name: str, output_name: str) -> None:
+            dynamic_batch: bool, input_name: str, output_name: str, distinct_initializers: bool = False) -> None:
     try:
         if exporter == "dynamo":
             shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
@@ -93,8 +108,11 @@ def _export(model: nn.Module, example_input: torch.Tensor, file: Path, exporter:
                               verbose=False)
         else:
             axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+            # keep_initializers_as_inputs skips the exporter's merging of equal initializers (the extra inputs
+            # are dropped again by the caller).
             torch.onnx.export(model, (example_input,), str(file), dynamo=False, opset_version=opset,
-                              input_names=[input_name], output_names=[output_name], dynamic_axes=axes)
+                              input_names=[input_name], output_names=[output_name], dynamic_axes=axes,
+                              keep_initializers_as_inputs=distinct_initializers)
     except torch.onnx.errors.UnsupportedOperatorError as err:
         raise _explain_unsupported(model, example_input, opset, err) from err
 
@@ -134,17 +152,3 @@ def _layers_using(model: nn.Module, example_input: torch.Tensor, operator: str) 
             names.append(scope)
     return names
 
-
-def export_qdq(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, opset: int = DEFAULT_OPSET,
-               metadata: dict[str, str] | None = None, exporter: str = "torchscript") -> Path:
-    """Export a fake-quantized ``model`` as an INT8 QDQ graph (dynamic batch), atomically.
-
-    Uses ``dms_lightning.quant.onnx_qdq.export_qdq_onnx`` when that package is present: it stores weights as
-    integer initializers feeding DequantizeLinear (the layout ONNX Runtime's QDQ fusions and the SNPE
-    converter expect, 4x smaller) and records sub-8-bit weight widths. Otherwise plain :func:`export_onnx`.
-    """
-    try:
-        from dms_lightning.quant.onnx_qdq import export_qdq_onnx
-    except ImportError:
-        return export_onnx(model, example_input, path, opset=opset, metadata=metadata, exporter=exporter)
-    return export_qdq_onnx(model, example_input, path, metadata=metadata, opset=opset)

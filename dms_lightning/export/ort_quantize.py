@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dms_lightning.quant.calibration import check_calibration_batches
-from dms_lightning.quant.onnx_qdq import materialize_constant_identities
+from dms_lightning.export.qdq import materialize_constant_identities
 from dms_lightning.utils.io import atomic_path
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy"]

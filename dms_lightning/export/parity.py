@@ -16,7 +16,7 @@ import onnx
 import torch
 from torch import nn
 
-from dms_lightning.export.runtimes import onnxruntime_outputs
+from dms_lightning.export.runtimes import onnxruntime_outputs, top1_agreement, torch_outputs
 
 
 class ParityError(ValueError):
@@ -54,19 +54,6 @@ class ParityResult:
         return {**asdict(self), "passed": self.passed}
 
 
-def torch_outputs(model: nn.Module, inputs: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Logits of ``model`` in eval mode on CPU-side ``inputs`` (the model's device is used)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            batch = torch.as_tensor(np.asarray(inputs), dtype=torch.float32, device=device)
-            return model(batch).float().cpu().numpy()
-    finally:
-        model.train(was_training)
-
-
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, *, atol: float | None,
                     min_top1_agreement: float, reference_name: str = "pytorch",
                     runtime: str = "onnxruntime") -> ParityResult:
@@ -74,7 +61,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, *, atol: float
     if reference.shape != candidate.shape:
         raise ParityError(f"{runtime} output shape {candidate.shape} differs from {reference_name} {reference.shape}")
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    agreement = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1))) if len(reference) else 1.0
+    agreement = top1_agreement(reference, candidate)
     return ParityResult(float(diff.max(initial=0.0)), float(diff.mean()) if diff.size else 0.0, agreement,
                         int(len(reference)), atol, min_top1_agreement, reference_name, runtime)
 

@@ -1,11 +1,21 @@
-"""QuantizeLinear/DequantizeLinear graphs: detect them, strip them into a float graph + encodings, fix the batch.
+"""The one home of QuantizeLinear/DequantizeLinear (QDQ) graphs: write them from a fake-quant network, detect
+them, strip them into a float graph + encodings, fix the batch.
 
-SNPE and QNN take a quantized network as two files: a float ONNX graph and an AIMET-style encodings
+Writing. The TorchScript exporter turns each ``torch.fake_quantize_*`` into ``QuantizeLinear →
+DequantizeLinear`` but keeps weights as float initializers feeding a ``QuantizeLinear``.
+:func:`export_qdq_onnx` stores them as integer initializers feeding ``DequantizeLinear`` directly (the layout
+ONNX Runtime's quantizer writes, that its QDQ fusions ``QLinearConv`` / ``QGemm`` and SNPE's converter
+expect, 4x smaller), named after the torch layer that owns them. The layer is found by *name*: a weight's
+``QuantizeLinear`` reads its scale from the layer's ``weight_quantizer.scale`` buffer, exported as its own
+initializer under that name (equal values are not merged), so two layers whose scales happen to be equal stay
+two layers.
+
+Reading. SNPE and QNN take a quantized network as two files: a float ONNX graph and an AIMET-style encodings
 JSON keyed by the tensor names *of that float graph* (``--quantization_overrides``). :func:`strip_qdq`
-produces exactly that pair from a QDQ model (ours from QAT fake-quant, or ONNX Runtime's PTQ output):
-every Q→DQ pair is removed and its scale / zero-point becomes the encoding of the tensor it quantized;
-weights are replaced by their dequantized values, which lie on the quantization grid, so the SDK's
-re-quantization with ``--override_params`` reproduces the trained integers exactly.
+produces exactly that pair from a QDQ model (ours, or ONNX Runtime's PTQ output): every Q→DQ pair is removed
+and its scale / zero-point becomes the encoding of the tensor it quantized; weights are replaced by their
+dequantized values, which lie on the quantization grid, so the SDK's re-quantization with
+``--override_params`` reproduces the trained integers exactly.
 """
 
 from __future__ import annotations
@@ -14,24 +24,37 @@ import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
+from dms_lightning.export.runtimes import ort_session
+from dms_lightning.quant.fake_quant import FakeQuantizer
+from dms_lightning.quant.modules import QUANTIZED_LAYERS
+from dms_lightning.utils.io import atomic_path
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
-#: Metadata key (written by ``dms_lightning.quant``) with ``{integer weight initializer: bits}`` below 8 bits.
+#: Version of the AIMET encodings format written (``"version"`` of every encodings JSON of the package).
+ENCODINGS_VERSION = "0.6.1"
+
+#: Metadata key of a QDQ model with ``{integer weight initializer: bits}`` for weights below 8 bits (their
+#: container is int8; the encodings carry the real width).
 NARROW_WEIGHTS_KEY = "dms_lightning.narrow_weight_bits"
 
 # Core torch fake-quant ops, the ones that export to QuantizeLinear/DequantizeLinear.
-_FAKE_QUANT_FUNCTIONS = (
+_FAKE_QUANT_FUNCTIONS = tuple(getattr(torch, name) for name in (
     "fake_quantize_per_tensor_affine",
     "fake_quantize_per_channel_affine",
     "_fake_quantize_learnable_per_tensor_affine",
     "_fake_quantize_learnable_per_channel_affine",
-)
+) if hasattr(torch, name))
 
 _BITWIDTH = {
     onnx.TensorProto.UINT8: (8, False), onnx.TensorProto.INT8: (8, True),
@@ -48,26 +71,198 @@ def has_qdq(model: onnx.ModelProto) -> bool:
     return any(node.op_type in QDQ_OPS for node in model.graph.node)
 
 
+class _FakeQuantBypass(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _FAKE_QUANT_FUNCTIONS:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def fake_quant_disabled() -> Iterator[None]:
-    """Make torch's fake-quant ops the identity inside the block: the float twin of a QAT network.
+    """Make torch's fake-quant ops the identity inside the block: the float twin of a fake-quant network.
 
-    Used to export and parity-check the FP32 graph of a model that carries fake-quant modules. A
-    module that calls another quantization primitive is not affected; callers check the exported
-    graph with :func:`has_qdq`.
+    A ``TorchFunctionMode``, so it holds only for code run inside the block on this thread (eager forwards and
+    the exporter's trace alike) and changes no attribute of ``torch``; it covers our ``FakeQuantizer`` modules
+    and a user's own calls to ``torch.fake_quantize_*``. A module that quantizes with other primitives is not
+    affected; callers check the exported graph with :func:`has_qdq`.
     """
-    originals = {name: getattr(torch, name) for name in _FAKE_QUANT_FUNCTIONS if hasattr(torch, name)}
-
-    def identity(x, *args, **kwargs):
-        return x
-
-    try:
-        for name in originals:
-            setattr(torch, name, identity)
+    with _FakeQuantBypass():
         yield
+
+
+def export_qdq_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
+                    metadata: dict[str, str] | None = None, opset: int = DEFAULT_OPSET,
+                    exporter: str = "torchscript", dynamic_batch: bool = True) -> Path:
+    """Export a fake-quantized ``model`` to ``path`` as an INT8 QDQ ONNX model, atomically.
+
+    Weights become integer initializers ``<torch layer path>.weight_quantized`` feeding DequantizeLinear; weights
+    fake-quantized below 8 bits are listed under :data:`NARROW_WEIGHTS_KEY` in the metadata. With
+    ``dynamic_batch=False`` the batch is fixed to 1 and every shape inferred (what SNPE / QNN converters need).
+
+    Example:
+        >>> import torchvision, tempfile, os
+        >>> from dms_lightning.quant.prepare import prepare_qat
+        >>> qat = prepare_qat(torchvision.models.resnet18(num_classes=5))
+        >>> _ = qat.train()(torch.randn(4, 3, 64, 64))
+        >>> out = export_qdq_onnx(qat, torch.zeros(1, 3, 64, 64), os.path.join(tempfile.mkdtemp(), "q.onnx"))
+    """
+    path = Path(path)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        # Weight ranges follow the weights in every eager forward; refresh them after the last optimizer step.
+        model(example_input.to(next(model.parameters()).device))
+    try:
+        with atomic_path(path) as tmp:
+            float_qdq = tmp.with_name(tmp.name + ".fq.onnx")
+            try:
+                export_onnx(model, example_input, float_qdq, opset=opset, metadata=metadata, exporter=exporter,
+                            distinct_initializers=True)
+                proto, folded = fold_weight_quantize(onnx.load(str(float_qdq)), weight_layers(model))
+            finally:
+                float_qdq.unlink(missing_ok=True)
+            narrow = {name: bits for name, bits in folded.items() if bits < 8}
+            if narrow:
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = NARROW_WEIGHTS_KEY, json.dumps(narrow)
+            if not dynamic_batch:
+                proto = make_static_batch(proto)
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
     finally:
-        for name, function in originals.items():
-            setattr(torch, name, function)
+        model.train(was_training)
+    return path
+
+
+def weight_layers(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """``{name of a weight quantizer's scale buffer: (torch layer path, weight bits)}`` of a fake-quant model.
+
+    The exporter names a buffer initializer by its module path, so this is how a weight ``QuantizeLinear`` is
+    traced back to the layer it belongs to.
+    """
+    layers = {}
+    for layer_path, layer in model.named_modules():
+        if isinstance(layer, QUANTIZED_LAYERS):
+            quantizer = layer.weight_quantizer
+            prefix = f"{layer_path}." if layer_path else ""
+            layers[f"{prefix}weight_quantizer.scale"] = (layer_path, quantizer.spec.bits)
+    for quantizer_path, quantizer in model.named_modules():
+        if isinstance(quantizer, FakeQuantizer) and quantizer.is_weight and f"{quantizer_path}.scale" not in layers:
+            layer_path = quantizer_path.rpartition(".")[0]
+            layers[f"{quantizer_path}.scale"] = (layer_path, quantizer.spec.bits)
+    return layers
+
+
+def fold_weight_quantize(model: onnx.ModelProto, layers: dict[str, tuple[str, int]] | None = None
+                         ) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Replace ``float initializer → QuantizeLinear`` by the integer initializer it computes.
+
+    The integer weight is named ``<torch layer path>.weight_quantized`` (the exporter's folded constants have
+    names like ``onnx::QuantizeLinear_88``), so encodings read ``layer1.0.conv1.weight``. The layer comes from
+    ``layers`` (:func:`weight_layers`: the scale buffer's name → layer path and bits); a weight whose scale
+    is not a known buffer (a user's own ``fake_quantize`` call) is named after the node's scope, or keeps the
+    exporter's name.
+
+    Returns the model (changed in place) and ``{integer initializer: bits}``.
+    """
+    layers = layers or {}
+    _constant_identities(model, materialize=False)
+    constants = _constant_values(model.graph)
+    folded: dict[str, int] = {}
+    taken = {init.name for init in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in constants:
+            continue
+        if len(node.input) < 3 or node.input[1] not in constants or node.input[2] not in constants:
+            continue
+        weight, scale, zero_point = constants[node.input[0]], constants[node.input[1]], constants[node.input[2]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.size > 1:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+        layer_path, bits = layers.get(node.input[1], (None, 8))
+        base = f"{layer_path}.weight" if layer_path else _scope_weight_name(model, node) or node.input[0]
+        name = _unique(f"{base}_quantized", taken)
+        taken.add(name)
+        info = np.iinfo(zero_point.dtype)
+        # np.rint rounds half to even, like QuantizeLinear and torch.fake_quantize_*.
+        values = np.clip(np.rint(weight / scale) + zero_point.astype(np.int64), info.min, info.max)
+        model.graph.initializer.append(numpy_helper.from_array(values.astype(zero_point.dtype), name))
+        for other in model.graph.node:
+            for i, consumed in enumerate(other.input):
+                if consumed == node.output[0]:
+                    other.input[i] = name
+        model.graph.node.remove(node)
+        folded[name] = bits
+    _prune(model.graph)
+    return model, folded
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    index = 1
+    while f"{name}_{index}" in taken:
+        index += 1
+    return f"{name}_{index}"
+
+
+def module_path(node_name: str) -> str:
+    """The torch module path of a TorchScript-exported node name.
+
+    ``/features/features.1/block/block.1/fc1/Conv`` → ``features.1.block.1.fc1``: each scope component
+    is an attribute name, Sequential children appear as ``parent.index``.
+    """
+    path: list[str] = []
+    for component in node_name.strip("/").split("/")[:-1]:
+        if path and component.startswith(path[-1] + "."):
+            path[-1] = component
+        else:
+            path.append(component)
+    return ".".join(path)
+
+
+def _scope_weight_name(model: onnx.ModelProto, quantize: onnx.NodeProto) -> str | None:
+    """``<module path>.weight`` of the one layer reading ``quantize`` through its DequantizeLinear, if any."""
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] == quantize.output[0]}
+    layers = [n for n in model.graph.node if n.op_type != "DequantizeLinear" and dequantized & set(n.input)]
+    path = module_path(layers[0].name) if len(layers) == 1 and layers[0].name.startswith("/") else ""
+    return f"{path}.weight" if path else None
+
+
+def materialize_constant_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each ``Identity`` of an initializer by a copy of that initializer under the Identity's output name.
+
+    The TorchScript exporter deduplicates equal initializers (e.g. BatchNorm-folded conv biases) behind
+    ``Identity`` nodes. ONNX Runtime's quantizer then sees a conv bias that is not an initializer,
+    quantizes it like an activation (uint8) and the conv can no longer fuse into ``QLinearConv``.
+    """
+    _constant_identities(model, materialize=True)
+    _prune(model.graph)
+    return model
+
+
+def _constant_identities(model: onnx.ModelProto, materialize: bool) -> None:
+    """Remove ``Identity`` nodes of initializers: readers read the initializer (or, ``materialize``, a copy)."""
+    initializers = {init.name: init for init in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in list(model.graph.node):
+        if node.op_type != "Identity" or node.input[0] not in initializers or node.output[0] in graph_outputs:
+            continue
+        if materialize:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+        else:
+            for other in model.graph.node:
+                for i, name in enumerate(other.input):
+                    if name == node.output[0]:
+                        other.input[i] = node.input[0]
+        model.graph.node.remove(node)
 
 
 def make_static_batch(model: onnx.ModelProto, batch: int = 1) -> onnx.ModelProto:
@@ -104,8 +299,9 @@ class StrippedQDQ:
 
     @property
     def encodings(self) -> dict:
-        """The AIMET / SNPE ``--quantization_overrides`` JSON document."""
-        return {"activation_encodings": self.activation_encodings, "param_encodings": self.param_encodings}
+        """The AIMET / SNPE ``--quantization_overrides`` JSON document (the one format every producer writes)."""
+        return {"version": ENCODINGS_VERSION, "activation_encodings": self.activation_encodings,
+                "param_encodings": self.param_encodings}
 
 
 def encoding_entries(scale: np.ndarray, zero_point: np.ndarray, elem_type: int,
@@ -255,35 +451,34 @@ def _evaluate(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]
     """Values of constant tensors ``names``, computed by ONNX Runtime on the constant subgraph alone."""
     if not names:
         return {}
-    import onnxruntime as ort
-
     constants = _constant_tensors(model.graph)
     nodes = [node for node in model.graph.node
              if node.op_type == "Constant" or (node.input and all(not n or n in constants for n in node.input))]
     sub = helper.make_graph(nodes, "constants", [], [helper.make_empty_tensor_value_info(n) for n in names],
                             initializer=list(model.graph.initializer))
     sub_model = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    options = ort.SessionOptions()
     # Unoptimised: the values must be those the graph computes, not ones rewritten by fusions.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(sub_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(sub_model, optimize=False)
     outputs = session.run(None, {})
     return dict(zip(names, (np.asarray(v) for v in outputs)))
 
 
-def _lookup(values: dict[str, np.ndarray], graph: onnx.GraphProto, name: str) -> np.ndarray:
-    return values[name] if name in values else _value_of(graph, name)
-
-
-def _value_of(graph: onnx.GraphProto, name: str) -> np.ndarray:
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values of the initializers and ``Constant`` nodes of ``graph``."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            return numpy_helper.to_array(node.attribute[0].t)
-    raise ValueError(f"quantization parameter {name!r} is not a constant of the graph")
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _lookup(values: dict[str, np.ndarray], graph: onnx.GraphProto, name: str) -> np.ndarray:
+    if name in values:
+        return values[name]
+    constants = _constant_values(graph)
+    if name not in constants:
+        raise ValueError(f"quantization parameter {name!r} is not a constant of the graph")
+    return constants[name]
 
 
 def _elem_type(array: np.ndarray) -> int:

@@ -1,46 +1,93 @@
-"""Run an ONNX model in ONNX Runtime or (when installed) OpenVINO on a batch of NCHW float inputs."""
+"""The one runtime module: ONNX Runtime sessions, logits of ONNX models over inputs or a loader, batch
+splitting; OpenVINO when installed. The PyTorch side and the figures (top-1 agreement, accuracy) come from
+:mod:`dms_lightning.utils.predictions` and are re-exported here.
+
+Every place that runs an exported model (parity checks, the INT8 export, PTQ, the SNPE bundle, benchmarks)
+goes through :func:`ort_session` and :func:`onnxruntime_outputs`, so a session is configured one way.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from dms_lightning.utils.predictions import accuracy, batch_images, top1_agreement, torch_logits, torch_outputs
 
-def _as_bytes(model: str | Path | onnx.ModelProto) -> bytes | str:
-    return model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+__all__ = ["accuracy", "batches_of", "loader_logits", "onnxruntime_outputs", "openvino_available", "openvino_outputs",
+           "ort_session", "session_outputs", "static_batch", "top1_agreement", "torch_logits", "torch_outputs"]
+
+ModelLike = str | Path | onnx.ModelProto
 
 
-def _static_batch(model: str | Path | onnx.ModelProto) -> int | None:
+def ort_session(model: ModelLike, threads: int | None = None, fuse_qdq: bool = True, optimize: bool = True):
+    """A CPU ONNX Runtime session for an ONNX file or ``ModelProto``.
+
+    Args:
+        model: path or ``ModelProto``.
+        threads: intra-op threads (one inter-op thread); ``None``: ONNX Runtime's default.
+        fuse_qdq: ``False`` keeps QuantizeLinear/DequantizeLinear as float ops (the QDQ graph's exact ONNX
+            semantics, what an NPU converter reads) instead of ORT's fused integer kernels (QLinearConv ...),
+            whose u8s8 arithmetic on x86 CPUs without VNNI can flip near-tied predictions.
+        optimize: all graph optimisations (``False``: none, the graph's values exactly as written).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if not fuse_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def static_batch(model: ModelLike) -> int | None:
+    """The fixed batch size of ``model``'s first input, or ``None`` when the batch axis is dynamic."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     dim = proto.graph.input[0].type.tensor_type.shape.dim
     return dim[0].dim_value if dim and dim[0].HasField("dim_value") else None
 
 
-def onnxruntime_outputs(model: str | Path | onnx.ModelProto, inputs: np.ndarray, threads: int = 0,
+def batches_of(inputs: np.ndarray, step: int | None) -> Iterator[np.ndarray]:
+    """``inputs`` in chunks of ``step`` samples (all at once when ``step`` is ``None``)."""
+    step = step or len(inputs) or 1
+    for start in range(0, len(inputs), step):
+        yield inputs[start:start + step]
+
+
+def session_outputs(session, inputs: np.ndarray, step: int | None = None) -> np.ndarray:
+    """First output of ``session`` for ``inputs``, run ``step`` samples at a time."""
+    name = session.get_inputs()[0].name
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+    return np.concatenate([session.run(None, {name: chunk})[0] for chunk in batches_of(inputs, step)], axis=0)
+
+
+def onnxruntime_outputs(model: ModelLike, inputs: np.ndarray, threads: int | None = None,
                         fuse_qdq: bool = True) -> np.ndarray:
     """First output of ``model`` in ONNX Runtime (CPU) for ``inputs``; a static-batch model runs in chunks.
 
-    ``fuse_qdq=False`` keeps QuantizeLinear/DequantizeLinear as separate ops computed in float (the
-    graph's exact ONNX semantics) instead of ORT's fused integer kernels (QLinearConv ...), whose u8s8
-    arithmetic can differ, notably on x86 CPUs without VNNI.
+    ``fuse_qdq=False``: see :func:`ort_session`.
     """
-    import onnxruntime as ort
+    return session_outputs(ort_session(model, threads, fuse_qdq), inputs, static_batch(model))
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not fuse_qdq:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(_as_bytes(model), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    step = _static_batch(model) or len(inputs)
-    chunks = [session.run(None, {name: inputs[i:i + step]})[0] for i in range(0, len(inputs), step)]
-    return np.concatenate(chunks, axis=0)
+
+def loader_logits(session, batches: Iterable, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, labels)`` of an ONNX Runtime ``session`` over ``(images, labels, ...)`` batches (first ``limit``)."""
+    logits, labels = [], []
+    for i, batch in enumerate(batches):
+        if limit is not None and i >= limit:
+            break
+        logits.append(session_outputs(session, batch_images(batch).numpy()))
+        labels.append(np.asarray(batch[1]))
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 def openvino_available() -> bool:
@@ -54,6 +101,5 @@ def openvino_outputs(model: str | Path, inputs: np.ndarray) -> np.ndarray:
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(model)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
-    step = _static_batch(model) or len(inputs)
-    chunks = [np.asarray(compiled(inputs[i:i + step])[0]) for i in range(0, len(inputs), step)]
+    chunks = [np.asarray(compiled(chunk)[0]) for chunk in batches_of(inputs, static_batch(model))]
     return np.concatenate(chunks, axis=0)

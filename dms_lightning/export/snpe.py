@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
 import torch
@@ -15,9 +16,11 @@ from typing_extensions import override
 
 from dms_lightning.export.calibration import INPUT_LIST, write_calibration_raws
 from dms_lightning.export.callbacks import default_export_dir, log_parity
-from dms_lightning.export.encodings import check_encodings_coverage
+from dms_lightning.export.encodings import check_encodings_coverage, write_encodings
+from dms_lightning.export.int8 import export_int8
 from dms_lightning.export.manifest import directory_record, file_record, update_manifest
-from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx, export_qdq
+from dms_lightning.export.metadata import onnx_metadata
+from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
 from dms_lightning.export.parity import ParityError, check_parity, compare_outputs
 from dms_lightning.export.qdq import has_qdq, make_static_batch, strip_qdq
 from dms_lightning.export.runtimes import onnxruntime_outputs
@@ -35,12 +38,11 @@ from dms_lightning.export.sdk import (
 from dms_lightning.export.source import (
     CHECKPOINT_CHOICES,
     export_source,
-    metadata_props,
-    preprocessing,
+    model_preprocessing,
     sample_images,
     uses_fake_quant,
 )
-from dms_lightning.utils.artifacts import variants
+from dms_lightning.utils.artifacts import ParityRule, variants
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,9 @@ class SNPEExport(Callback):
         >>> trainer = Trainer(callbacks=callbacks)  # doctest: +SKIP
     """
 
+    #: Writes a deployable artifact (the bundle; it lists no report variant): CompressionReport comes after it.
+    produces_variants: ClassVar[bool] = True
+
     def __init__(
         self,
         dirpath: str | None = None,
@@ -153,6 +158,7 @@ class SNPEExport(Callback):
         self.atol, self.min_top1_agreement = atol, min_top1_agreement
         self.int8_min_top1_agreement = int8_min_top1_agreement
         self.bundle: Path | None = None
+        self.variants: list = []
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -171,7 +177,7 @@ class SNPEExport(Callback):
         bundle = export_dir / self.bundle_name
         source = export_source(trainer, pl_module, self.checkpoint)
         images = sample_images(trainer, self.calibration_images, self.calibration_split)
-        info = preprocessing(trainer, pl_module, images[:1])
+        info = model_preprocessing(trainer, pl_module, images[:1])
         roots = {t: r for t, r in sdk_roots(self.sdk_root).items() if t in self.toolchains}
         with atomic_path(bundle) as staging:
             staging.mkdir()
@@ -200,20 +206,15 @@ class SNPEExport(Callback):
         example = images[:1]
         # Also settles weight quantization ranges (they follow the weights on every eager forward).
         quantized = uses_fake_quant(source.model, example)
-        qdq_proto, origin, parity = None, None, None
+        qdq_proto, origin, parity, stripped = None, None, None, None
         if quantized:
-            metadata = metadata_props(info, precision="int8", variant=f"{self.bundle_name}_qdq")
-            dynamic = staging / ".qdq_dynamic.onnx"
-            export_qdq(source.model, example, dynamic, opset=self.opset, metadata=metadata)
-            qdq_proto = make_static_batch(onnx.load(str(dynamic)))
-            dynamic.unlink()
-            if not has_qdq(qdq_proto):
-                raise ValueError("the network runs fake-quant ops but its ONNX export has no QuantizeLinear/"
-                                 "DequantizeLinear: it quantizes with ops other than torch.fake_quantize_*")
-            onnx.save(qdq_proto, str(staging / QDQ_MODEL))
-            parity, _, _ = check_parity(source.model, staging / QDQ_MODEL, images, atol=None,
-                                        min_top1_agreement=self.int8_min_top1_agreement,
-                                        label=f"{self.bundle_name}/{QDQ_MODEL}", fuse_qdq=False)
+            metadata = onnx_metadata(info, variant=f"{self.bundle_name}_qdq", precision="int8", source=source.origin)
+            rule = ParityRule(split=self.calibration_split, batches=None, owner="SNPEExport",
+                              min_top1_agreement=self.int8_min_top1_agreement)
+            written = export_int8(source.model, example, staging / QDQ_MODEL, images, rule=rule, metadata=metadata,
+                                  encodings_path=staging / ENCODINGS, opset=self.opset, dynamic_batch=False,
+                                  label=f"{self.bundle_name}/{QDQ_MODEL}")
+            qdq_proto, parity, stripped = onnx.load(str(staging / QDQ_MODEL)), written.parity, written.stripped
             origin = "network fake-quant (QAT)"
         else:
             variant = self._registered_int8(trainer)
@@ -229,7 +230,7 @@ class SNPEExport(Callback):
                                       f"differs from it: {parity.describe()}")
                 origin = f"registered variant {variant.name} ({variant.producer})"
         if qdq_proto is None:
-            metadata = metadata_props(info, precision="fp32", variant=f"{self.bundle_name}_fp32")
+            metadata = onnx_metadata(info, variant=f"{self.bundle_name}_fp32", precision="fp32", source=source.origin)
             export_onnx(source.model, example, staging / MODEL, opset=self.opset, dynamic_batch=False,
                         metadata=metadata)
             parity, _, _ = check_parity(source.model, staging / MODEL, images, atol=self.atol,
@@ -238,9 +239,10 @@ class SNPEExport(Callback):
             return {"precision": "fp32", "encodings": None, "encodings_source": None,
                     "parity": parity.to_dict(), "coverage": None}
         log_parity(trainer, f"{self.bundle_name}_int8", parity)
-        stripped = strip_qdq(qdq_proto)
+        if stripped is None:
+            stripped = strip_qdq(qdq_proto)
+            write_encodings(stripped.encodings, staging / ENCODINGS)
         onnx.save(stripped.model, str(staging / MODEL))
-        write_json_atomic(staging / ENCODINGS, stripped.encodings)
         coverage = check_encodings_coverage(stripped.model, stripped.encodings, stripped.quantized_tensors)
         self._report_coverage(coverage)
         return {"precision": "int8", "encodings": ENCODINGS, "encodings_source": origin,

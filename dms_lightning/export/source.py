@@ -1,9 +1,8 @@
-"""What the export callbacks export: the network of the chosen checkpoint, real images, and its metadata."""
+"""What the export callbacks export: the network of the chosen checkpoint, real images, and its preprocessing."""
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dms_lightning.export.metadata import preprocessing_info
+from dms_lightning.utils.artifacts import ParityRule
 from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
+from dms_lightning.utils.predictions import batch_images
 
 CHECKPOINT_CHOICES = ("best", "last")
 
@@ -50,7 +52,7 @@ def export_source(trainer: Trainer, pl_module: LightningModule, checkpoint: str 
         if checkpoint == "best":
             rank_zero_warn("[dms_lightning] export: no best checkpoint was saved (no ModelCheckpoint, or it "
                            "monitors nothing); exporting the final weights")
-        model = _detached_copy(target, trainer)
+        model = detached_copy(target, trainer)
         origin = {"checkpoint": "last", "epoch": trainer.current_epoch, "global_step": trainer.global_step}
     return ExportSource(model.cpu().float().eval(), origin)
 
@@ -64,7 +66,7 @@ def _load_checkpoint_target(pl_module: LightningModule, target: nn.Module, path:
     same_architecture = state.keys() == current.keys() and all(
         getattr(state[k], "shape", None) == getattr(current[k], "shape", None) for k in state)
     if same_architecture:
-        model = _detached_copy(target, pl_module._trainer)
+        model = detached_copy(target, pl_module._trainer)
         model.load_state_dict(state)
         return model
     try:
@@ -77,7 +79,8 @@ def _load_checkpoint_target(pl_module: LightningModule, target: nn.Module, path:
     return compression_target(restored)
 
 
-def _detached_copy(module: nn.Module, trainer: Trainer | None) -> nn.Module:
+def detached_copy(module: nn.Module, trainer: Trainer | None) -> nn.Module:
+    """A deep copy of ``module`` that does not copy the Trainer a LightningModule holds."""
     # A LightningModule holds its Trainer: map it to None instead of deep-copying the whole run.
     memo = {id(trainer): None} if trainer is not None else {}
     return copy.deepcopy(module, memo)
@@ -108,70 +111,55 @@ def uses_fake_quant(model: nn.Module, example_input: torch.Tensor) -> bool:
     return bool(recorder.seen)
 
 
-def _batch_images(batch) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("image", "images", "input", "inputs", "x"):
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}: expected a tensor, "
-                    "(images, labels, ...) or a dict with an 'image(s)' / 'input(s)' key")
-
-
-def _loaders(trainer: Trainer, split: str) -> list:
+def _split_loaders(trainer: Trainer, split: str):
     loaders = trainer.val_dataloaders if split == "val" else None
     if loaders is None:
         datamodule = getattr(trainer, "datamodule", None)
         method = getattr(datamodule, f"{split}_dataloader", None)
         if method is not None:
             loaders = method()
-    if loaders is None and split == "val":
+    if loaders is None and split == "train":
         loaders = trainer.train_dataloader
-    if loaders is None:
+    return loaders
+
+
+def _loaders(trainer: Trainer, split: str) -> list:
+    """The ``split`` dataloaders; without them (a module that brings only its own loaders) val, then train."""
+    for candidate in dict.fromkeys((split, "val", "train")):
+        loaders = _split_loaders(trainer, candidate)
+        if loaders is not None:
+            break
+    else:
         raise ValueError(f"no {split} data to export with: give the Trainer a datamodule (or val_dataloaders)")
+    if candidate != split:
+        rank_zero_warn(f"[dms_lightning] export: the run has no {split} dataloader; checking on {candidate} images")
     if isinstance(loaders, dict):
         return list(loaders.values())
     return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
 
-def sample_images(trainer: Trainer, count: int, split: str = "val") -> torch.Tensor:
-    """Up to ``count`` preprocessed images (``N × C × H × W``, CPU float32) from the ``split`` dataloader."""
+def sample_images(trainer: Trainer, count: int | None, split: str = "val") -> torch.Tensor:
+    """Up to ``count`` (``None``: all) preprocessed images (``N × C × H × W``, CPU float32) of the ``split`` loader."""
     chunks, total = [], 0
     for loader in _loaders(trainer, split):
         for batch in loader:
-            images = _batch_images(batch).detach().cpu().float()
+            images = batch_images(batch).detach().cpu().float()
             chunks.append(images)
             total += len(images)
-            if total >= count:
+            if count is not None and total >= count:
                 return torch.cat(chunks)[:count]
     if not chunks:
         raise ValueError(f"the {split} dataloader yielded no batches to export with")
     return torch.cat(chunks)[:count]
 
 
-def preprocessing(trainer: Trainer, pl_module: LightningModule, example_input: torch.Tensor) -> dict:
-    """Class names and input preprocessing: the datamodule's ``preprocessing`` dict, else module attributes."""
-    info: dict = {}
+def parity_images(trainer: Trainer, rule: ParityRule) -> torch.Tensor:
+    """The images ``rule`` judges an export on: ``rule.batches`` batches of its split (all when ``None``)."""
     datamodule = getattr(trainer, "datamodule", None)
-    if isinstance(getattr(datamodule, "preprocessing", None), dict):
-        info.update(datamodule.preprocessing)
-    for key, attribute in (("class_names", "class_names"), ("image_size", "image_size"), ("channels", "in_channels")):
-        if key not in info and getattr(pl_module, attribute, None) is not None:
-            info[key] = getattr(pl_module, attribute)
-    info.setdefault("channels", int(example_input.shape[1]))
-    info.setdefault("image_size", int(example_input.shape[-1]))
-    info.setdefault("layout", "NCHW")
-    if "class_names" in info:
-        info["class_names"] = list(info["class_names"])
-    return info
+    batch_size = getattr(datamodule, "batch_size", None) or 64
+    return sample_images(trainer, None if rule.batches is None else rule.batches * batch_size, rule.split)
 
 
-def metadata_props(info: dict, **extra) -> dict[str, str]:
-    """ONNX ``metadata_props`` (strings) from a preprocessing dict: one key per field plus the whole as JSON."""
-    props = {key: value if isinstance(value, str) else json.dumps(value) for key, value in {**info, **extra}.items()}
-    props["preprocessing"] = json.dumps(info)
-    props.setdefault("producer", "dms_lightning")
-    return props
+def model_preprocessing(trainer: Trainer, pl_module: LightningModule, example_input: torch.Tensor) -> dict:
+    """The preprocessing fields of the run's model for its ONNX metadata (see ``export.metadata``)."""
+    return preprocessing_info(getattr(trainer, "datamodule", None), pl_module, example_input)

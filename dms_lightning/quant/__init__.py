@@ -1,11 +1,13 @@
-"""Quantization: fake-quant modules on core torch ops, BatchNorm folding, QAT and PTQ callbacks, encodings.
+"""Quantization, torch only: fake-quant modules on core torch ops, BatchNorm folding, QAT and PTQ callbacks.
 
 Public API::
 
-    from dms_lightning.quant import prepare_qat, QuantizationConfig, export_qdq_onnx
-    from dms_lightning.quant import encodings_from_qdq_onnx, write_encodings
+    from dms_lightning.quant import prepare_qat, QuantizationConfig
     from dms_lightning.quant import post_training_quantize, CalibrationConfig   # PTQ without a Trainer
     from dms_lightning.callbacks import QuantizationAwareTraining, PostTrainingQuantization
+
+Nothing here writes a file: the fake-quantized network flows down to ``dms_lightning.export``
+(``export_qdq_onnx``, ``export_int8``, ``encodings_from_qdq_onnx``), which never imports quantization back.
 
 Importing this package registers the checkpoint restorer (order 20, after pruning's 10) that re-applies
 fake-quant wrappers to a freshly built model before a QAT checkpoint's weights load.
@@ -37,17 +39,5 @@ def _restore_quantization(pl_module: nn.Module, record: dict) -> None:
 register_architecture_restorer(CHECKPOINT_RECORD, _restore_quantization, order=20)
 
 
-def __getattr__(name: str):
-    # Kept lazy: restoring a checkpoint imports this package and should not pay for onnx / onnxruntime.
-    if name == "export_qdq_onnx":
-        from dms_lightning.quant.onnx_qdq import export_qdq_onnx
-        return export_qdq_onnx
-    if name in ("encodings_from_qdq_onnx", "write_encodings", "encodings_from_qdq_model", "write_encodings_for_onnx"):
-        from dms_lightning.quant import encodings
-        return getattr(encodings, name)
-    raise AttributeError(f"module 'dms_lightning.quant' has no attribute {name!r}")
-
-
 __all__ = ["CHECKPOINT_RECORD", "CalibrationConfig", "QuantSpec", "QuantizationConfig", "calibrate", "prepare_qat",
-           "post_training_quantize", "is_quantized", "float_model",
-           "export_qdq_onnx", "encodings_from_qdq_onnx", "write_encodings"]
+           "post_training_quantize", "is_quantized", "float_model"]

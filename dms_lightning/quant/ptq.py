@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -24,12 +24,13 @@ from typing_extensions import override
 
 from dms_lightning.quant import CHECKPOINT_RECORD
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
-from dms_lightning.quant.evaluate import accuracy, top1_agreement, torch_predictions
 from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
 from dms_lightning.quant.prepare import QuantizationConfig
 from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
+from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, callbacks_after
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
+from dms_lightning.utils.predictions import accuracy, top1_agreement, torch_logits
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
 CALIBRATION_SPLITS = ("train", "val")
@@ -74,10 +75,12 @@ class PostTrainingQuantization(Callback):
     INT8 model (``trainer.test()`` after ``fit`` tests it too). **List it before** ``ONNXExport``,
     ``SNPEExport`` and ``CompressionReport``: Lightning runs ``on_fit_end`` in callback order.
 
-    Calibration runs on every rank (same batches, same ranges); the INT8 QDQ ONNX model and its encodings
-    are written on rank 0 (``<dirpath>/<filename>.onnx`` and ``.encodings.json``), checked against the
-    fake-quant model in ONNX Runtime on the test split, and registered as a report variant. The float
-    and INT8 accuracies of the PyTorch models on the test split are in :attr:`result`.
+    Calibration runs on every rank (same batches, same ranges). Like QAT it writes no file itself: with
+    ``export=True`` it hands the fake-quant network down to :class:`~dms_lightning.callbacks.ONNXExport`
+    (placed after it), which writes the INT8 QDQ ONNX model and its encodings on rank 0
+    (``<dirpath>/<filename>.onnx`` and ``.encodings.json``), checks them against the fake-quant model on the
+    test split (``min_agreement``, else ``ParityError``) and lists the report variant. The float and INT8
+    accuracies of the PyTorch models on the test split are in :attr:`result`.
 
     Args:
         calibration_batches: batches of ``calibration_split`` used for calibration.
@@ -96,12 +99,12 @@ class PostTrainingQuantization(Callback):
         quantize_linear: also quantize ``Linear`` layers.
         exclude: ``fnmatch`` patterns of layer names (within the network) kept in float.
         include: if given, only layers matching these patterns are quantized.
-        export: write the INT8 ONNX model and encodings at fit end.
+        export: hand the network down at fit end for an INT8 ONNX model and encodings (needs ONNXExport after
+            this callback; without one a warning says nothing will be written).
         dirpath: output folder (default ``<trainer.log_dir>/quantization``).
         filename: file stem of the INT8 model.
         evaluate_batches: test batches for the accuracy and parity figures (``None``: all).
-        min_agreement: a warning is raised when ONNX Runtime and the fake-quant model agree on fewer
-            top-1 predictions.
+        min_agreement: minimum top-1 agreement of the QDQ graph with the fake-quant model on the test split.
         exclude_op_types, exclude_nodes, include_nodes: arguments of the former ONNX Runtime-based
             callback (they named ONNX nodes); a non-empty value is an error naming its replacement.
 
@@ -110,6 +113,9 @@ class PostTrainingQuantization(Callback):
         >>> ptq = PostTrainingQuantization(calibration_batches=8, calibration_method="percentile")
         >>> trainer = Trainer(callbacks=[ptq, ONNXExport(checkpoint="last")])  # doctest: +SKIP
     """
+
+    #: Hands its fake-quantized network down to export (``int8_networks``) instead of writing files.
+    hands_down_int8: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -173,8 +179,11 @@ class PostTrainingQuantization(Callback):
         self.calibration_batches, self.calibration_split = calibration_batches, calibration_split
         self.export, self.dirpath, self.filename = export, dirpath, filename
         self.evaluate_batches, self.min_agreement = evaluate_batches, min_agreement
+        self.parity = ParityRule(split="test", batches=evaluate_batches, min_top1_agreement=min_agreement,
+                                 owner="PostTrainingQuantization")
         self.ranges: dict[str, tuple[float, float]] = {}
         self.result: dict[str, Any] = {}
+        self.int8_networks: list[QuantizedNetwork] = []
 
     # ---------------------------------------------------------------- checks before training
     def _calibration_loader(self, trainer: Trainer):
@@ -207,6 +216,10 @@ class PostTrainingQuantization(Callback):
                 f"{type(compression_target(pl_module)).__name__} with include={list(self.config.include)}, "
                 f"exclude={list(self.config.exclude)}, quantize_depthwise={self.config.quantize_depthwise}, "
                 f"quantize_linear={self.config.quantize_linear}")
+        if self.export and not callbacks_after(trainer, self, "writes_int8_networks"):
+            rank_zero_warn("PostTrainingQuantization(export=True): no callback after it writes INT8 networks, so no "
+                           "INT8 model will be written at the end of fit; add dms_lightning.callbacks.ONNXExport after "
+                           "it (or set export=False)")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -255,31 +268,16 @@ class PostTrainingQuantization(Callback):
             rank_zero_info(f"[PostTrainingQuantization] {self.calibration.method} calibration on {len(batches)} "
                            f"{self.calibration_split} batches: test accuracy FP32 {self.result['fp32_accuracy']:.4f}"
                            f" -> INT8 (fake-quant) {self.result['int8_accuracy']:.4f}")
-        if self.export and trainer.is_global_zero:
-            self._export(trainer, pl_module)
+        if self.export:
+            # quant/ writes no file: the network flows down to ONNXExport, which runs after this hook.
+            self.int8_networks = [QuantizedNetwork(
+                name=self.filename, network=target, producer=type(self).__name__, dirpath=self.dirpath,
+                parity=self.parity, info={k: v for k, v in self.result.items() if k != "config"})]
 
     def _predictions(self, pl_module: LightningModule, loader) -> tuple[np.ndarray, np.ndarray] | None:
         if loader is None or (hasattr(loader, "__len__") and len(loader) == 0):
             return None
-        return torch_predictions(compression_target(pl_module), loader, self.evaluate_batches)
-
-    def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Until export/ owns the one INT8 export routine, PTQ writes its model the way QAT does.
-        from dms_lightning.quant.export import export_quantized_variant
-        from dms_lightning.quant.qat import _example_input
-
-        example = _example_input(trainer, pl_module)
-        if example is None:
-            rank_zero_warn("PostTrainingQuantization: no single-tensor example input (pl_module.example_input_array "
-                           "or a datamodule with example_input()); skipping the ONNX export")
-            return
-        root = Path(trainer.log_dir or trainer.default_root_dir)
-        dirpath = Path(self.dirpath) if self.dirpath else root / "quantization"
-        exported = export_quantized_variant(
-            trainer, compression_target(pl_module), example, dirpath, self.filename, producer=type(self).__name__,
-            parity_split="test", parity_batches=self.evaluate_batches, min_agreement=self.min_agreement,
-            info={k: v for k, v in self.result.items() if k != "config"})
-        self.result.update(exported)
+        return torch_logits(compression_target(pl_module), loader, self.evaluate_batches)
 
 
 def _split_loader(trainer: Trainer, split: str):

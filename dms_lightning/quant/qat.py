@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -16,6 +14,7 @@ from dms_lightning.quant.fake_quant import sync_activation_ranges
 from dms_lightning.quant.prepare import QuantizationConfig, set_quantizers_state
 from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
+from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, callbacks_after
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
 
 
@@ -39,10 +38,12 @@ class QuantizationAwareTraining(Callback):
     running statistics at ``freeze_bn_epoch``. Checkpoints record the quantized architecture, so
     ``trainer.test(ckpt_path="best")``, ``fit(ckpt_path=...)`` and ``load_from_checkpoint`` rebuild it.
 
-    At the end of ``fit`` (rank 0) it writes ``<dirpath>/<filename>.onnx`` (INT8 QDQ: ONNX Runtime runs it
-    as QLinearConv / QLinearAdd / QGemm) and ``<filename>.encodings.json`` (SNPE / QNN
-    ``--quantization_overrides``), checks that ONNX Runtime agrees with the fake-quant model on the test
-    split, and registers the variant for the report.
+    It writes no file itself: at the end of ``fit`` (with ``export=True``) it hands the fake-quantized network
+    down to :class:`~dms_lightning.callbacks.ONNXExport` (placed after it), which writes
+    ``<dirpath>/<filename>.onnx`` (INT8 QDQ: ONNX Runtime runs it as QLinearConv / QLinearAdd / QGemm) and
+    ``<filename>.encodings.json`` (SNPE / QNN ``--quantization_overrides``), checks that the QDQ graph agrees
+    with the fake-quant model on ``parity_split`` (at least ``min_agreement`` top-1, else ``ParityError`` and
+    nothing written), and lists the variant for the report.
 
     Args:
         start_epoch: first epoch trained with fake quantization (after pruning's ``end_epoch``).
@@ -58,19 +59,23 @@ class QuantizationAwareTraining(Callback):
         exclude: ``fnmatch`` patterns of layer names (within the network) kept in float.
         include: if given, only layers matching these patterns are quantized (e.g. the heavy 1x1 convs
             and the head of MobileNetV3 on CPUs where its depthwise / hardswish layers run faster in float).
-        export: write the ONNX model and encodings at fit end.
+        export: hand the network down at fit end for an INT8 ONNX model and encodings (needs ONNXExport
+            after this callback; without one a warning says nothing will be written).
         dirpath: output folder (default ``<trainer.log_dir>/quantization``).
-        filename: file stem of the ONNX model and encodings.
+        filename: file stem of the ONNX model and encodings, and the report's variant name.
         parity_split: ``"test"`` or ``"val"`` split of ``trainer.datamodule`` used for the agreement check.
         parity_batches: number of batches of that split to compare (``None``: all).
-        min_agreement: a warning is raised when ONNX Runtime and PyTorch agree on fewer top-1 predictions.
+        min_agreement: minimum top-1 agreement of the QDQ graph with the fake-quant PyTorch model.
         opset: ONNX opset of the export.
 
     Example:
         >>> from dms_lightning.callbacks import QuantizationAwareTraining
         >>> qat = QuantizationAwareTraining(start_epoch=3, freeze_bn_epoch=5, freeze_observers_epoch=6)
-        >>> trainer = Trainer(max_epochs=8, callbacks=[qat])  # doctest: +SKIP
+        >>> trainer = Trainer(max_epochs=8, callbacks=[qat, ONNXExport(export_fp32=False)])  # doctest: +SKIP
     """
+
+    #: Hands its fake-quantized network down to export (``int8_networks``) instead of writing files.
+    hands_down_int8: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -121,8 +126,10 @@ class QuantizationAwareTraining(Callback):
         self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
         self.export, self.dirpath, self.filename, self.opset = export, dirpath, filename, opset
         self.parity_split, self.parity_batches, self.min_agreement = parity_split, parity_batches, min_agreement
+        self.parity = ParityRule(split=parity_split, batches=parity_batches, min_top1_agreement=min_agreement,
+                                 owner="QuantizationAwareTraining")
         self.quantized_since: int | None = None
-        self.exported: dict[str, Any] = {}
+        self.int8_networks: list[QuantizedNetwork] = []
 
     # ---------------------------------------------------------------- phase
     @override
@@ -141,6 +148,10 @@ class QuantizationAwareTraining(Callback):
                 f"{type(compression_target(pl_module)).__name__} with include={list(self.config.include)}, "
                 f"exclude={list(self.config.exclude)}, "
                 f"quantize_depthwise={self.config.quantize_depthwise}, quantize_linear={self.config.quantize_linear}")
+        if self.export and not callbacks_after(trainer, self, "writes_int8_networks"):
+            rank_zero_warn("QuantizationAwareTraining(export=True): no callback after it writes INT8 networks, so no "
+                           "INT8 model will be written at the end of fit; add dms_lightning.callbacks.ONNXExport after "
+                           "it (or set export=False)")
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -179,30 +190,13 @@ class QuantizationAwareTraining(Callback):
         # The phase itself is a function of the epoch; the architecture comes back through the restorer.
         self.quantized_since = state_dict.get("quantized_since")
 
-    # ---------------------------------------------------------------- export
+    # ---------------------------------------------------------------- hand-down to export
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.export or not target_is_quantized(pl_module) or not trainer.is_global_zero:
-            return
-        example = _example_input(trainer, pl_module)
-        if example is None:
-            rank_zero_warn("QuantizationAwareTraining: no single-tensor example input (pl_module.example_input_array "
-                           "or a datamodule with example_input()); skipping the ONNX export")
-            return
-        from dms_lightning.quant.export import export_quantized_variant
-
-        dirpath = Path(self.dirpath) if self.dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "quantization"
-        self.exported = export_quantized_variant(
-            trainer, compression_target(pl_module), example, dirpath, self.filename, producer=type(self).__name__,
-            parity_split=self.parity_split, parity_batches=self.parity_batches, min_agreement=self.min_agreement,
-            opset=self.opset, info={"config": self.config.to_dict(), "start_epoch": self.start_epoch})
-
-
-def _example_input(trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
-    example = getattr(pl_module, "example_input_array", None)
-    if isinstance(example, torch.Tensor):
-        return example[:1].cpu()
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "example_input"):
-        return datamodule.example_input(1)
-    return None
+        # quant/ writes no file: the network flows down to ONNXExport, which runs after this hook.
+        self.int8_networks = []
+        if self.export and target_is_quantized(pl_module):
+            self.int8_networks = [QuantizedNetwork(
+                name=self.filename, network=compression_target(pl_module), producer=type(self).__name__,
+                dirpath=self.dirpath, parity=self.parity, opset=self.opset,
+                info={"config": self.config.to_dict(), "start_epoch": self.start_epoch})]

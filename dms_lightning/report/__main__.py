@@ -63,11 +63,12 @@ def _import_class(path: str):
 
 
 def export_checkpoint(ckpt: str | Path, onnx_path: str | Path, model_class: str = "dms_lightning.DMSClassifier",
-                      opset: int = 18, image_size: int | None = None, channels: int | None = None) -> Path:
+                      opset: int = 18, image_size: int | None = None, channels: int | None = None,
+                      datamodule=None) -> Path:
     """Load a Lightning checkpoint and export its deployable network (``compression_target``) to ONNX."""
     import torch
 
-    from dms_lightning.export import export_onnx
+    from dms_lightning.export import export_onnx, onnx_metadata, preprocessing_info
     from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
 
     ckpt = Path(ckpt)
@@ -79,9 +80,9 @@ def export_checkpoint(ckpt: str | Path, onnx_path: str | Path, model_class: str 
         if image_size is None or channels is None:
             raise ValueError(f"{model_class} has no example_input_array: give --data.image_size and --data.channels")
         example = torch.zeros(1, channels, image_size, image_size)
-    metadata = {"source_checkpoint": ckpt.name}
-    if getattr(module, "class_names", None):
-        metadata["class_names"] = ",".join(module.class_names)
+    info = preprocessing_info(datamodule, module, example)
+    metadata = onnx_metadata(info, variant=Path(onnx_path).stem, precision="fp32",
+                             source={"checkpoint": ckpt.name})
     return export_onnx(compression_target(module), example[:1], onnx_path, opset=opset, metadata=metadata)
 
 
@@ -97,7 +98,7 @@ def run(config) -> Report:
     for spec in parse_variant_specs(config.ckpt, "--ckpt"):
         target = output_dir / "onnx" / f"{spec.name}.onnx"
         export_checkpoint(spec.onnx_path, target, config.model_class, config.opset, datamodule.image_size,
-                          datamodule.channels)
+                          datamodule.channels, datamodule)
         variants.append(Variant(spec.name, str(target), precision="", producer=f"export of {spec.onnx_path}"))
     if not variants:
         raise ValueError("nothing to measure: give --onnx NAME=PATH ... and/or --ckpt NAME=PATH ...")

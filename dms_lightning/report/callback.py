@@ -15,14 +15,10 @@ from dms_lightning.report.measure import STAGES, MeasureSettings, Report, build_
 from dms_lightning.report.parity_matrix import write_parity_matrix
 from dms_lightning.report.plots import pareto_figure, save_pareto_plots
 from dms_lightning.report.tables import markdown_table, write_tables
-from dms_lightning.utils.artifacts import Variant, variants
+from dms_lightning.utils.artifacts import Variant, callbacks_after, variants
 from dms_lightning.utils.io import ensure_writable_dir
 from dms_lightning.utils.plotting import plt
 from dms_lightning.utils.tensorboard import tensorboard_writers
-
-#: Callbacks that register variants at fit end; CompressionReport must come after them.
-VARIANT_PRODUCERS: tuple[str, ...] = ("ONNXExport", "PostTrainingQuantization", "SNPEExport")
-
 
 def parse_variant_specs(specs: Mapping[str, str] | Sequence[str] | None, field: str = "extra_variants") -> list[Variant]:
     """``{"teacher": "a.onnx"}`` or ``["teacher=a.onnx", "b.onnx"]`` → variants (name defaults to the file stem)."""
@@ -120,16 +116,17 @@ def _check_input_shape(variant: Variant, data_shape: tuple[int, ...]) -> None:
 class CompressionReport(Callback):
     """Measure every model the run exported and write the size / latency / accuracy table.
 
-    At the end of ``fit`` (on rank zero), every variant registered by the exporting callbacks
-    (:class:`~dms_lightning.callbacks.ONNXExport`, :class:`~dms_lightning.callbacks.PostTrainingQuantization`
-    ...) plus any ``extra_variants`` (e.g. the teacher's ONNX file) is measured in ONNX Runtime on the
+    At the end of ``fit`` (on rank zero), every variant listed by the producing callbacks (those whose class
+    sets ``produces_variants = True``: :class:`~dms_lightning.callbacks.ONNXExport`,
+    :class:`~dms_lightning.callbacks.PostTrainingQuantization` ...; see :mod:`dms_lightning.utils.artifacts`) plus any ``extra_variants`` (e.g. the teacher's ONNX file) is measured in ONNX Runtime on the
     data module's test set: file size, parameters, MACs, batch-1 CPU latency p50/p90/p99 with a fixed
     thread count, throughput at a larger batch, accuracy and macro-F1, and ratios against ``baseline``.
     Written to ``output_dir``: ``report.md``, ``report.csv``, ``report.json``, ``pareto_size.png``,
     ``pareto_latency.png`` and ``parity_matrix.md`` / ``.json`` (every variant × runtime it was checked in:
-    top-1 agreement, max abs diff, latency, size; :mod:`dms_lightning.report.parity_matrix`); logged to TensorBoard (text table, the two plots, hparams with the metrics of
-    each variant); the table is printed. Place it **after** the exporting callbacks: their variants are
-    registered in their own ``on_fit_end``.
+    top-1 agreement, max abs diff, latency, size; :mod:`dms_lightning.report.parity_matrix`); logged to
+    TensorBoard (text table, the two plots, hparams with the metrics of each variant); the table is printed.
+    Place it **after** the producing callbacks (checked in ``setup``): they list their variants in their own
+    ``on_fit_end``.
 
     Args:
         output_dir: where the report goes; default ``<log_dir>/compression_report`` (or
@@ -197,9 +194,8 @@ class CompressionReport(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        position = next(i for i, cb in enumerate(trainer.callbacks) if cb is self)
-        late = [type(cb).__name__ for cb in trainer.callbacks[position + 1:]
-                if type(cb).__name__ in VARIANT_PRODUCERS or getattr(cb, "produces_variants", False)]
+        # Producers declare themselves with a class attribute (dms_lightning.utils.artifacts).
+        late = callbacks_after(trainer, self, "produces_variants") + callbacks_after(trainer, self, "hands_down_int8")
         if late:
             raise MisconfigurationException(
                 f"CompressionReport is placed before {late} in trainer callbacks: it would run before they export. "

@@ -1,0 +1,63 @@
+"""Logits of a PyTorch model over inputs or a dataloader, and the two figures compared everywhere.
+
+The torch half of every comparison (quantization's own accuracy report, export parity checks): it lives
+here, below ``quant`` and ``export``, so both use the same loop. ONNX Runtime's half is
+:mod:`dms_lightning.export.runtimes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def batch_images(batch) -> torch.Tensor:
+    """The image tensor of a batch: a tensor, ``(images, labels, ...)`` or a dict with an image key."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}: expected a tensor, "
+                    "(images, labels, ...) or a dict with an 'image(s)' / 'input(s)' key")
+
+
+def torch_outputs(model: nn.Module, inputs: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Logits of ``model`` in eval mode for CPU-side ``inputs`` (on the model's device; its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            batch = torch.as_tensor(np.asarray(inputs), dtype=torch.float32, device=device)
+            return model(batch).float().cpu().numpy()
+    finally:
+        model.train(was_training)
+
+
+def torch_logits(model: nn.Module, batches: Iterable, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, labels)`` of ``model`` in eval mode over ``(images, labels, ...)`` batches (first ``limit``)."""
+    logits, labels = [], []
+    for i, batch in enumerate(batches):
+        if limit is not None and i >= limit:
+            break
+        logits.append(torch_outputs(model, batch_images(batch).cpu()))
+        labels.append(np.asarray(batch[1]))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Fraction of samples on which two sets of logits predict the same class (1.0 for no samples)."""
+    if not len(reference):
+        return 1.0
+    return float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1)))
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == labels).mean())

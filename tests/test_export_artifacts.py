@@ -1,0 +1,143 @@
+"""One home per written file: every ONNX file has one metadata layout, every INT8 file one encodings format, and
+Q/DQ weights are traced to their layer by name, never by value."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import onnx
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from dms_lightning import DMSClassifier, DMSDataModule
+from dms_lightning.callbacks import ONNXExport, PostTrainingQuantization, QuantizationAwareTraining, SNPEExport
+from dms_lightning.export import (
+    ENCODINGS_VERSION,
+    METADATA_KEYS,
+    encodings_from_qdq_onnx,
+    export_qdq_onnx,
+    fake_quant_disabled,
+    has_qdq,
+    read_metadata,
+)
+from dms_lightning.export.qdq import NARROW_WEIGHTS_KEY
+from dms_lightning.export.runtimes import onnxruntime_outputs
+from dms_lightning.quant import prepare_qat
+from dms_lightning.report.__main__ import export_checkpoint
+
+IMAGE = 32
+
+
+class TwoConvs(nn.Module):
+    """Two convs whose weights are each other's negation: their symmetric per-channel scales are equal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        with torch.no_grad():
+            self.b.weight.copy_(-self.a.weight)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean(dim=(2, 3))
+
+
+def test_weights_with_equal_scales_stay_two_layers_in_the_qdq_graph(tmp_path):
+    # The weights used to be matched to their layer by the bytes of their scale: equal scales collided and the
+    # export failed onnx.checker ("b.weight_quantized initializer name is not unique").
+    torch.manual_seed(0)
+    prepared = prepare_qat(TwoConvs())
+    prepared.train()(torch.randn(8, 4, 8, 8))
+    assert torch.equal(prepared.a.weight_quantizer.scale, prepared.b.weight_quantizer.scale)
+    path = export_qdq_onnx(prepared.eval(), torch.zeros(1, 4, 8, 8), tmp_path / "two.onnx")
+    model = onnx.load(str(path))
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer
+               if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1}
+    assert set(weights) == {"a.weight_quantized", "b.weight_quantized"}
+    np.testing.assert_array_equal(weights["a.weight_quantized"], -weights["b.weight_quantized"])
+    assert set(encodings_from_qdq_onnx(path)["param_encodings"]) == {"a.weight", "b.weight"}
+    x = torch.randn(4, 4, 8, 8)
+    reference = prepared(x).detach().numpy()
+    np.testing.assert_allclose(onnxruntime_outputs(path, x.numpy(), fuse_qdq=False), reference, atol=1e-4)
+
+
+def test_the_float_twin_block_leaves_torch_and_other_threads_alone():
+    x = torch.linspace(-1, 1, 11)
+    original = torch.fake_quantize_per_tensor_affine
+    seen = {}
+
+    def other_thread():
+        seen["other"] = torch.fake_quantize_per_tensor_affine(x, 0.5, 0, -128, 127)
+
+    with fake_quant_disabled():
+        assert torch.fake_quantize_per_tensor_affine is original  # no global patch
+        inside = torch.fake_quantize_per_tensor_affine(x, 0.5, 0, -128, 127)
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+    torch.testing.assert_close(inside, x)  # bypassed in the block
+    assert len(torch.unique(seen["other"])) == 5  # still quantized on another thread: grid -1, -0.5, 0, 0.5, 1
+
+
+@pytest.fixture(scope="module")
+def quantized_run(tmp_path_factory):
+    """One fit with QAT handing its network down, ONNXExport, ORT PTQ and the SNPE bundle, all at fit end."""
+    L.seed_everything(0)
+    root = tmp_path_factory.mktemp("artifacts")
+    datamodule = DMSDataModule(image_size=IMAGE, train_size=48, val_size=32, test_size=32, batch_size=16,
+                               augment=False)
+    model = DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
+    callbacks = [checkpoint,
+                 QuantizationAwareTraining(start_epoch=0, freeze_bn_epoch=1, dirpath=str(root / "quant"),
+                                           parity_split="val"),
+                 PostTrainingQuantization(calibration_batches=1, dirpath=str(root / "ptq"), evaluate_batches=1),
+                 ONNXExport(dirpath=str(root / "export"), name="student", checkpoint="last", openvino=False),
+                 SNPEExport(dirpath=str(root / "export"), checkpoint="last", calibration_images=4)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=str(root), callbacks=callbacks)
+    trainer.fit(model, datamodule)
+    cli_export = export_checkpoint(root / "ckpt" / "last.ckpt", root / "cli" / "last.onnx", datamodule=datamodule)
+    return dict(root=root, datamodule=datamodule, cli_export=cli_export)
+
+
+def _written_onnx_files(run) -> dict[str, Path]:
+    root = run["root"]
+    return {"ONNXExport fp32": root / "export/student_fp32.onnx", "ONNXExport int8": root / "export/student_int8.onnx",
+            "QAT int8": root / "quant/qat_int8.onnx", "PTQ fp32": root / "ptq/ptq_int8_fp32.onnx",
+            "PTQ int8": root / "ptq/ptq_int8.onnx", "SNPE static model": root / "export/snpe_bundle/model.onnx",
+            "SNPE static QDQ": root / "export/snpe_bundle/model_qdq.onnx", "report CLI": run["cli_export"]}
+
+
+def test_every_onnx_file_the_package_writes_carries_the_same_metadata(quantized_run):
+    files = _written_onnx_files(quantized_run)
+    expected = quantized_run["datamodule"].preprocessing
+    keys = {}
+    for label, path in files.items():
+        metadata = read_metadata(path)  # the one reader raises on a missing key
+        assert metadata["producer"] == "dms_lightning", label
+        assert metadata["preprocessing"] == {k: expected[k] for k in metadata["preprocessing"]}, label
+        assert metadata["class_names"] == expected["class_names"] and metadata["image_size"] == IMAGE, label
+        keys[label] = {p.key for p in onnx.load(str(path), load_external_data=False).metadata_props} - {
+            NARROW_WEIGHTS_KEY}
+    assert all(found == set(METADATA_KEYS) for found in keys.values()), keys
+    precisions = {label: read_metadata(path)["precision"] for label, path in files.items()}
+    assert precisions["ONNXExport int8"] == precisions["QAT int8"] == precisions["SNPE static QDQ"] == "int8"
+    assert precisions["ONNXExport fp32"] == precisions["report CLI"] == "fp32"
+
+
+def test_qat_onnx_export_and_bundle_write_identical_encodings_for_the_same_network(quantized_run):
+    root = quantized_run["root"]
+    qat = json.loads((root / "quant/qat_int8.encodings.json").read_text())
+    onnx_export = json.loads((root / "export/student_int8.encodings.json").read_text())
+    bundle = json.loads((root / "export/snpe_bundle/encodings.json").read_text())
+    assert qat["version"] == ENCODINGS_VERSION and qat["param_encodings"] and qat["activation_encodings"]
+    assert qat == onnx_export == bundle
+    assert has_qdq(onnx.load(str(root / "quant/qat_int8.onnx")))
