@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning as L  # noqa: E402
 
 from dms_lightning import DMSClassifier, DMSDataModule  # noqa: E402
-from dms_lightning.callbacks import QuantizationAwareTraining  # noqa: E402
+from dms_lightning.callbacks import ONNXExport, QuantizationAwareTraining  # noqa: E402
 from dms_lightning.export import export_onnx  # noqa: E402
 from dms_lightning.export.ort_quantize import quantize_onnx  # noqa: E402
 from dms_lightning.export.qdq import export_qdq_onnx  # noqa: E402
@@ -353,11 +353,14 @@ def main() -> None:
         qat = QuantizationAwareTraining(start_epoch=0, freeze_bn_epoch=args.qat_epochs - 1,
                                         freeze_observers_epoch=args.qat_epochs - 1, dirpath=str(work / "qat"),
                                         filename=f"mobilenet_qat_{policy}", **POLICIES[policy][1])
+        writer = ONNXExport(export_fp32=False, export_int8=False, openvino=False, dirpath=str(work / "qat_export"))
         start = time.time()
-        trainer(work / "qat_run", args.qat_epochs, [qat], limit_train_batches=limit).fit(qat_model, datamodule)
-        log(f"QAT ({policy}): {args.qat_epochs} epochs in {time.time() - start:.0f} s; "
-            f"parity {qat.exported.get('agreement')}")
-        qat_runs[policy] = qat.exported
+        trainer(work / "qat_run", args.qat_epochs, [qat, writer], limit_train_batches=limit).fit(qat_model, datamodule)
+        (variant,) = [v for v in writer.variants if v.producer == "QuantizationAwareTraining"]
+        exported = {"onnx_path": variant.onnx_path, "encodings_path": variant.info["encodings_path"],
+                    "agreement": variant.info["parity"]["top1_agreement"]}
+        log(f"QAT ({policy}): {args.qat_epochs} epochs in {time.time() - start:.0f} s; parity {exported['agreement']}")
+        qat_runs[policy] = exported
     qat_paths = {policy: Path(result["onnx_path"]) for policy, result in qat_runs.items()}
     qat_lat = latencies({"fp32": m_fp32, **qat_paths}, rounds * 2, runs, args.image_size)
     for policy, path in qat_paths.items():

@@ -13,6 +13,7 @@ import onnx
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from dms_lightning import DMSClassifier, DMSDataModule
@@ -85,40 +86,46 @@ def test_the_float_twin_block_leaves_torch_and_other_threads_alone():
     assert len(torch.unique(seen["other"])) == 5  # still quantized on another thread: grid -1, -0.5, 0, 0.5, 1
 
 
-@pytest.fixture(scope="module")
-def quantized_run(tmp_path_factory):
-    """One fit with QAT handing its network down, ONNXExport, ORT PTQ and the SNPE bundle, all at fit end."""
+def _fit(root: Path, quantization) -> DMSDataModule:
+    """A short fit whose quantization callback hands its network down to ONNXExport; the SNPE bundle follows."""
     L.seed_everything(0)
-    root = tmp_path_factory.mktemp("artifacts")
     datamodule = DMSDataModule(image_size=IMAGE, train_size=48, val_size=32, test_size=32, batch_size=16,
                                augment=False)
     model = DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32)
-    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
-    callbacks = [checkpoint,
-                 QuantizationAwareTraining(start_epoch=0, freeze_bn_epoch=1, dirpath=str(root / "quant"),
-                                           parity_split="val"),
-                 PostTrainingQuantization(calibration_batches=1, dirpath=str(root / "ptq"), evaluate_batches=1),
+    callbacks = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True), quantization,
                  ONNXExport(dirpath=str(root / "export"), name="student", checkpoint="last", openvino=False),
                  SNPEExport(dirpath=str(root / "export"), checkpoint="last", calibration_images=4)]
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=2, limit_val_batches=1,
                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         default_root_dir=str(root), callbacks=callbacks)
     trainer.fit(model, datamodule)
-    cli_export = export_checkpoint(root / "ckpt" / "last.ckpt", root / "cli" / "last.onnx", datamodule=datamodule)
-    return dict(root=root, datamodule=datamodule, cli_export=cli_export)
+    return datamodule
 
 
-def _written_onnx_files(run) -> dict[str, Path]:
-    root = run["root"]
-    return {"ONNXExport fp32": root / "export/student_fp32.onnx", "ONNXExport int8": root / "export/student_int8.onnx",
-            "QAT int8": root / "quant/qat_int8.onnx", "PTQ fp32": root / "ptq/ptq_int8_fp32.onnx",
-            "PTQ int8": root / "ptq/ptq_int8.onnx", "SNPE static model": root / "export/snpe_bundle/model.onnx",
-            "SNPE static QDQ": root / "export/snpe_bundle/model_qdq.onnx", "report CLI": run["cli_export"]}
+@pytest.fixture(scope="module")
+def quantized_runs(tmp_path_factory):
+    """One run with QAT and one with PTQ (the two refuse to share a run), each exported and bundled."""
+    qat_root, ptq_root = tmp_path_factory.mktemp("qat"), tmp_path_factory.mktemp("ptq")
+    datamodule = _fit(qat_root, QuantizationAwareTraining(start_epoch=0, freeze_bn_epoch=1, parity_split="val",
+                                                          dirpath=str(qat_root / "quant")))
+    _fit(ptq_root, PostTrainingQuantization(calibration_batches=1, dirpath=str(ptq_root / "quant"),
+                                            evaluate_batches=1, min_agreement=0.9))
+    cli_export = export_checkpoint(qat_root / "ckpt" / "last.ckpt", qat_root / "cli" / "last.onnx",
+                                   datamodule=datamodule)
+    return dict(qat=qat_root, ptq=ptq_root, datamodule=datamodule, cli_export=cli_export)
 
 
-def test_every_onnx_file_the_package_writes_carries_the_same_metadata(quantized_run):
-    files = _written_onnx_files(quantized_run)
-    expected = quantized_run["datamodule"].preprocessing
+def _written_onnx_files(runs) -> dict[str, Path]:
+    qat, ptq = runs["qat"], runs["ptq"]
+    return {"ONNXExport fp32": qat / "export/student_fp32.onnx", "ONNXExport int8": qat / "export/student_int8.onnx",
+            "QAT int8": qat / "quant/qat_int8.onnx", "PTQ int8": ptq / "quant/ptq_int8.onnx",
+            "SNPE static model": qat / "export/snpe_bundle/model.onnx",
+            "SNPE static QDQ": qat / "export/snpe_bundle/model_qdq.onnx", "report CLI": runs["cli_export"]}
+
+
+def test_every_onnx_file_the_package_writes_carries_the_same_metadata(quantized_runs):
+    files = _written_onnx_files(quantized_runs)
+    expected = quantized_runs["datamodule"].preprocessing
     keys = {}
     for label, path in files.items():
         metadata = read_metadata(path)  # the one reader raises on a missing key
@@ -129,15 +136,39 @@ def test_every_onnx_file_the_package_writes_carries_the_same_metadata(quantized_
             NARROW_WEIGHTS_KEY}
     assert all(found == set(METADATA_KEYS) for found in keys.values()), keys
     precisions = {label: read_metadata(path)["precision"] for label, path in files.items()}
-    assert precisions["ONNXExport int8"] == precisions["QAT int8"] == precisions["SNPE static QDQ"] == "int8"
+    assert {precisions[k] for k in ("ONNXExport int8", "QAT int8", "PTQ int8", "SNPE static QDQ")} == {"int8"}
     assert precisions["ONNXExport fp32"] == precisions["report CLI"] == "fp32"
 
 
-def test_qat_onnx_export_and_bundle_write_identical_encodings_for_the_same_network(quantized_run):
-    root = quantized_run["root"]
-    qat = json.loads((root / "quant/qat_int8.encodings.json").read_text())
+@pytest.mark.parametrize("run, handed_down", [("qat", "qat_int8"), ("ptq", "ptq_int8")])
+def test_quantization_onnx_export_and_bundle_write_identical_encodings_for_the_same_network(quantized_runs, run,
+                                                                                           handed_down):
+    root = quantized_runs[run]
+    quantized = json.loads((root / f"quant/{handed_down}.encodings.json").read_text())
     onnx_export = json.loads((root / "export/student_int8.encodings.json").read_text())
     bundle = json.loads((root / "export/snpe_bundle/encodings.json").read_text())
-    assert qat["version"] == ENCODINGS_VERSION and qat["param_encodings"] and qat["activation_encodings"]
-    assert qat == onnx_export == bundle
-    assert has_qdq(onnx.load(str(root / "quant/qat_int8.onnx")))
+    assert quantized["version"] == ENCODINGS_VERSION
+    assert quantized["param_encodings"] and quantized["activation_encodings"]
+    assert quantized == onnx_export == bundle
+    assert has_qdq(onnx.load(str(root / f"quant/{handed_down}.onnx")))
+
+
+def _setup_only(tmp_path, callbacks) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=callbacks)
+    datamodule = DMSDataModule(image_size=16, train_size=16, val_size=16, test_size=16, batch_size=16)
+    with pytest.raises(MisconfigurationException) as raised:
+        trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=16), datamodule)
+    assert trainer.global_step == 0
+    return raised
+
+
+def test_onnx_export_placed_before_a_quantization_callback_is_rejected_before_training(tmp_path):
+    raised = _setup_only(tmp_path, [ONNXExport(), QuantizationAwareTraining(start_epoch=0)])
+    assert "Put ONNXExport after them" in str(raised.value) and "QuantizationAwareTraining" in str(raised.value)
+
+
+def test_onnx_export_with_nothing_to_write_is_rejected_before_training(tmp_path):
+    raised = _setup_only(tmp_path, [ONNXExport(export_fp32=False, export_int8=False)])
+    assert "leaves nothing to export" in str(raised.value)

@@ -28,7 +28,8 @@ from typing_extensions import override
 from dms_lightning.export.manifest import file_record, update_manifest
 from dms_lightning.export.parity import ParityError, ParityResult, compare_outputs, torch_outputs
 from dms_lightning.export.qdq import fake_quant_disabled
-from dms_lightning.export.source import CHECKPOINT_CHOICES, export_source, metadata_props, preprocessing, sample_images
+from dms_lightning.export.metadata import onnx_metadata
+from dms_lightning.export.source import CHECKPOINT_CHOICES, export_source, model_preprocessing, sample_images
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class TFLiteExport(Callback):
         source = export_source(trainer, pl_module, self.checkpoint)
         network = _float_network(source.model)
         images = sample_images(trainer, self.parity_images, "val")
-        info = preprocessing(trainer, pl_module, images[:1])
+        info = model_preprocessing(trainer, pl_module, images[:1])
         exported = {}
         for precision in self.precisions:
             variant = f"{self.name}_{precision}_tflite"
@@ -281,7 +282,8 @@ class TFLiteExport(Callback):
             atol = self.atol if precision == "fp32" else DEFAULT_ATOL["fp16"]
             with fake_quant_disabled(), atomic_path(path) as tmp:
                 export_tflite(network, images[:1], tmp, precision=precision, layout=self.layout,
-                              metadata=metadata_props(info, precision=precision, variant=variant))
+                              metadata=onnx_metadata(info, variant=variant, precision=precision,
+                                                      source=source.origin))
                 result, _, _ = check_tflite_parity(network, tmp, images, atol=atol,
                                                    min_top1_agreement=self.min_top1_agreement, raise_on_failure=False)
                 if not result.passed:
