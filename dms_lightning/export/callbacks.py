@@ -228,36 +228,27 @@ class ONNXExport(Callback):
             rank_zero_warn("[dms_lightning] ONNXExport: export_int8 only, but the exported network has no "
                            "fake-quant modules (QAT not active in the chosen checkpoint): nothing exported")
         entries, exported = [], {}
-        if self.export_fp32:
-            variant = f"{self.name}_fp32"
-            path = directory / f"{variant}.onnx"
-            metadata = onnx_metadata(info, variant=variant, precision="fp32", source=source.origin)
-            with fake_quant_disabled() if quantized else contextlib.nullcontext():
-                figures = self._export_fp32(trainer, source.model, example, images, path, variant, metadata)
-            if figures is not None:
-                entries.append(self._record(trainer, directory, path, variant, "fp32", "ONNXExport", source.origin,
-                                            source.model, figures))
-                exported[variant] = path
+        float_exports = [(precision, write) for precision, wanted, write in (
+            ("fp32", self.export_fp32, self._export_fp32), ("fp16", self.export_fp16, self._export_fp16)) if wanted]
         if quantized and self.export_int8:
-            variant = f"{self.name}_int8"
+            float_exports.insert(1, ("int8", None))
+        for precision, write in float_exports:
+            variant = f"{self.name}_{precision}"
             path = directory / f"{variant}.onnx"
-            metadata = onnx_metadata(info, variant=variant, precision="int8", source=source.origin)
+            metadata = onnx_metadata(info, variant=variant, precision=precision, source=source.origin)
             try:
-                figures = self._export_int8(trainer, source.model, example, images, path, variant, metadata,
-                                            self.int8_rule, self.opset)
+                if write is None:
+                    figures = self._export_int8(trainer, source.model, example, images, path, variant, metadata,
+                                                self.int8_rule, self.opset)
+                else:  # the float precisions of a fake-quant network are its float twin
+                    with fake_quant_disabled() if quantized else contextlib.nullcontext():
+                        figures = write(trainer, source.model, example, images, path, variant, metadata)
             except NotQuantizedError as err:
                 rank_zero_warn(f"[dms_lightning] {err}: skipped")
-            else:
-                entries.append(self._record(trainer, directory, path, variant, "int8", "ONNXExport", source.origin,
-                                            source.model, figures))
-                exported[variant] = path
-        if self.export_fp16:
-            variant = f"{self.name}_fp16"
-            path = directory / f"{variant}.onnx"
-            metadata = onnx_metadata(info, variant=variant, precision="fp16", source=source.origin)
-            with fake_quant_disabled() if quantized else contextlib.nullcontext():
-                figures = self._export_fp16(trainer, source.model, example, images, path, variant, metadata)
-            entries.append(self._record(trainer, directory, path, variant, "fp16", "ONNXExport", source.origin,
+                continue
+            if figures is None:
+                continue
+            entries.append(self._record(trainer, directory, path, variant, precision, "ONNXExport", source.origin,
                                         source.model, figures))
             exported[variant] = path
         for network in quantized_networks(trainer):

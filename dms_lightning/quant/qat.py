@@ -14,7 +14,7 @@ from dms_lightning.quant.fake_quant import sync_activation_ranges
 from dms_lightning.quant.prepare import QuantizationConfig, set_quantizers_state
 from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
-from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, callbacks_after
+from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
 
 
@@ -148,10 +148,8 @@ class QuantizationAwareTraining(Callback):
                 f"{type(compression_target(pl_module)).__name__} with include={list(self.config.include)}, "
                 f"exclude={list(self.config.exclude)}, "
                 f"quantize_depthwise={self.config.quantize_depthwise}, quantize_linear={self.config.quantize_linear}")
-        if self.export and not callbacks_after(trainer, self, "writes_int8_networks"):
-            rank_zero_warn("QuantizationAwareTraining(export=True): no callback after it writes INT8 networks, so no "
-                           "INT8 model will be written at the end of fit; add dms_lightning.callbacks.ONNXExport after "
-                           "it (or set export=False)")
+        if self.export:
+            warn_without_int8_writer(trainer, self)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -114,6 +114,17 @@ def callbacks_after(trainer, callback, role: str) -> list[str]:
     return [type(cb).__name__ for cb in trainer.callbacks[position + 1:] if has_role(cb, role)]
 
 
+def warn_without_int8_writer(trainer, callback) -> None:
+    """Warn when ``callback`` hands INT8 networks down but no callback after it writes them."""
+    if callbacks_after(trainer, callback, "writes_int8_networks"):
+        return
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    name = type(callback).__name__
+    rank_zero_warn(f"{name}(export=True): no callback after it writes INT8 networks, so no INT8 model will be written "
+                   f"at the end of fit; add dms_lightning.callbacks.ONNXExport after it (or set export=False)")
+
+
 def variants(trainer) -> list[Variant]:
     """Every variant the producers of ``trainer`` list, in callback order (a later name replaces an earlier)."""
     found: dict[str, Variant] = {}
