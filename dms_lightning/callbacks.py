@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 _LOCATIONS = {
+    "BatchNormReestimation": "dms_lightning.models.batchnorm",
     "IterativePruning": "dms_lightning.pruning.callback",
     "QuantizationAwareTraining": "dms_lightning.quant.qat",
     "PostTrainingQuantization": "dms_lightning.quant.ptq",

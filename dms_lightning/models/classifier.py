@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 from typing_extensions import override
 
 from dms_lightning.models.backbones import Head, build_backbone
+from dms_lightning.models.batchnorm import BatchNormReestimation, find_reestimation
 from dms_lightning.utils.checkpoint import restore_architecture
 from dms_lightning.utils.plotting import confusion_matrix_figure
 from dms_lightning.utils.tensorboard import log_figure
@@ -50,8 +51,12 @@ class ClassificationModule(LightningModule):
 
     def __init__(self, num_classes: int, class_names: Sequence[str] | None, in_channels: int, image_size: int,
                  optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None,
-                 label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None) -> None:
+                 label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
+                 bn_reestimation: bool = True) -> None:
         super().__init__()
+        if not isinstance(bn_reestimation, bool):
+            raise ValueError(f"model.bn_reestimation={bn_reestimation!r} must be true or false")
+        self.bn_reestimation = bn_reestimation
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names {list(class_names)} but "
                              f"model.num_classes={num_classes}")
@@ -168,6 +173,15 @@ class ClassificationModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     @override
+    def configure_callbacks(self) -> list:
+        # Running BatchNorm averages lag the weights (badly so in a short run) and go stale where the network
+        # changes; the run's own BatchNormReestimation, if it has one, takes precedence over this default.
+        trainer = self._trainer
+        if not self.bn_reestimation or trainer is None or find_reestimation(trainer) is not None:
+            return []
+        return [BatchNormReestimation()]
+
+    @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Pruned / quantized checkpoints hold a changed architecture: rebuild it before weights load.
         restore_architecture(self, checkpoint)
@@ -193,6 +207,9 @@ class DMSClassifier(ClassificationModule):
         bn_momentum: momentum of every BatchNorm's running statistics (default 0.1). torchvision's
             MobileNets use 0.01, which leaves evaluation at chance level after a short run; ``None``
             keeps torchvision's value.
+        bn_reestimation: add a :class:`~dms_lightning.callbacks.BatchNormReestimation` with its defaults to
+            a run that has none (BatchNorm statistics recomputed at the end of training, and after every
+            epoch when epochs are too short for the running averages to settle).
 
     Example:
         >>> model = DMSClassifier("mobilenet_v3_small", num_classes=5, image_size=64)
@@ -216,9 +233,10 @@ class DMSClassifier(ClassificationModule):
         label_smoothing: float = 0.0,
         bn_momentum: float | None = 0.1,
         class_weights: list[float] | None = None,
+        bn_reestimation: bool = True,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
-                         class_weights)
+                         class_weights, bn_reestimation)
         self.save_hyperparameters()
         self.model = build_backbone(backbone, num_classes, in_channels, head, head_hidden, dropout, weights,
                                     bn_momentum)

@@ -14,6 +14,8 @@ from typing_extensions import override
 from dms_lightning.report.measure import STAGES, MeasureSettings, Report, build_report
 from dms_lightning.report.parity_matrix import write_parity_matrix
 from dms_lightning.report.plots import pareto_figure, save_pareto_plots
+from dms_lightning.report.plots import confusion_figures, pareto_figure, save_confusion_matrices, save_pareto_plots
+from dms_lightning.report.safety import SafetyGateError, SafetyPolicy, check_safety
 from dms_lightning.report.tables import markdown_table, write_tables
 from dms_lightning.utils.artifacts import Variant, callbacks_after, variants
 from dms_lightning.utils.io import ensure_writable_dir
@@ -48,11 +50,14 @@ def log_report_to_tensorboard(writers: Sequence, report: Report, step: int = 0) 
         return
     table = markdown_table(report)
     figures = {axis: pareto_figure(report, axis) for axis in ("size", "latency")}
+    confusions = confusion_figures(report)
     for writer in writers:
         writer.add_text("compression/report", table, global_step=step)
         for axis, figure in figures.items():
             if figure is not None:
                 writer.add_figure(f"compression/pareto_{axis}", figure, global_step=step, close=False)
+        for name, figure in confusions.items():
+            writer.add_figure(f"compression/confusion_matrix/{name}", figure, global_step=step, close=False)
         for row in report.rows:
             metrics = {
                 "compression/accuracy": row.accuracy, "compression/macro_f1": row.macro_f1,
@@ -70,8 +75,13 @@ def log_report_to_tensorboard(writers: Sequence, report: Report, step: int = 0) 
             writer.add_hparams(hparams, metrics, run_name=f"compression_{row.name}", global_step=step)
             for key, value in metrics.items():
                 writer.add_scalar(f"{key}/{row.name}", value, global_step=step)
+            for cls, values in row.per_class.items():
+                for metric in ("recall", "precision"):
+                    if values.get(metric) is not None:
+                        writer.add_scalar(f"compression/{metric}/{cls}/{row.name}", float(values[metric]),
+                                          global_step=step)
         writer.flush()
-    for figure in figures.values():
+    for figure in [*figures.values(), *confusions.values()]:
         if figure is not None:
             plt.close(figure)
 
@@ -120,13 +130,19 @@ class CompressionReport(Callback):
     sets ``produces_variants = True``: :class:`~dms_lightning.callbacks.ONNXExport`,
     :class:`~dms_lightning.callbacks.PostTrainingQuantization` ...; see :mod:`dms_lightning.utils.artifacts`) plus any ``extra_variants`` (e.g. the teacher's ONNX file) is measured in ONNX Runtime on the
     data module's test set: file size, parameters, MACs, batch-1 CPU latency p50/p90/p99 with a fixed
-    thread count, throughput at a larger batch, accuracy and macro-F1, and ratios against ``baseline``.
-    Written to ``output_dir``: ``report.md``, ``report.csv``, ``report.json``, ``pareto_size.png``,
-    ``pareto_latency.png`` and ``parity_matrix.md`` / ``.json`` (every variant × runtime it was checked in:
-    top-1 agreement, max abs diff, latency, size; :mod:`dms_lightning.report.parity_matrix`); logged to
-    TensorBoard (text table, the two plots, hparams with the metrics of each variant); the table is printed.
-    Place it **after** the producing callbacks (checked in ``setup``): they list their variants in their own
-    ``on_fit_end``.
+    thread count, throughput at a larger batch, accuracy and macro-F1, per-class recall and precision, and
+    ratios / changes against ``baseline``. Written to ``output_dir``: ``report.md`` (with the per-class
+    tables), ``report.csv``, ``report.json``, ``pareto_size.png``, ``pareto_latency.png``,
+    ``confusion_<variant>.png`` per variant and ``parity_matrix.md`` / ``.json`` (every variant × runtime it
+    was checked in: top-1 agreement, max abs diff, latency, size; :mod:`dms_lightning.report.parity_matrix`);
+    logged to TensorBoard (text table, the plots, the confusion matrices, hparams with the metrics of each
+    variant); the table is printed. Place it **after** the producing callbacks (checked in ``setup``): they
+    list their variants in their own ``on_fit_end``.
+
+    **Safety gate**: with ``safety_classes``, a variant whose recall on any of them is more than
+    ``max_recall_drop_pt`` points below the baseline's is flagged in the report (even when its top-1
+    holds) and, with ``on_safety_violation="fail"``, the run raises
+    :class:`~dms_lightning.report.safety.SafetyGateError` once everything is written.
 
     Args:
         output_dir: where the report goes; default ``<log_dir>/compression_report`` (or
@@ -144,6 +160,10 @@ class CompressionReport(Callback):
         log_to_tensorboard: log the table, plots and hparams to every TensorBoard logger of the run.
         print_table: print the markdown table at the end.
         progress_bar: show a progress bar while measuring.
+        safety_classes: class names whose recall must hold, e.g. ``[eyes_closed, phone, looking_away]``
+            (checked against the data module's classes before training).
+        max_recall_drop_pt: allowed recall drop on a safety class against the baseline, in points.
+        on_safety_violation: ``"fail"`` (raise at the end of ``fit``) or ``"warn"``.
 
     Example::
 
@@ -167,8 +187,13 @@ class CompressionReport(Callback):
         log_to_tensorboard: bool = True,
         print_table: bool = True,
         progress_bar: bool = True,
+        safety_classes: Sequence[str] | None = None,
+        max_recall_drop_pt: float = 2.0,
+        on_safety_violation: str = "fail",
     ) -> None:
         super().__init__()
+        self.safety = SafetyPolicy(safety_classes if isinstance(safety_classes, str) else list(safety_classes or []),
+                                   max_recall_drop_pt, on_safety_violation)
         self.settings = MeasureSettings(threads=threads, warmup_runs=warmup_runs, latency_runs=latency_runs,
                                         throughput_batch=throughput_batch, throughput_runs=throughput_runs,
                                         max_test_batches=max_test_batches)
@@ -208,6 +233,13 @@ class CompressionReport(Callback):
         if data_shape is not None:
             for variant in self.extra_variants:
                 _check_input_shape(variant, data_shape)
+        class_names = getattr(getattr(trainer, "datamodule", None), "class_names", None) \
+            or getattr(pl_module, "class_names", None)
+        if self.safety.safety_classes and class_names:
+            try:
+                self.safety.check_names(list(class_names), "the data module")
+            except ValueError as err:
+                raise MisconfigurationException(f"CompressionReport: {err}") from err
         if trainer.is_global_zero:
             ensure_writable_dir(self._output_dir(trainer), "output_dir")
 
@@ -247,18 +279,41 @@ class CompressionReport(Callback):
         if dataloader is None:
             rank_zero_warn("CompressionReport: the run has no data module with a test_dataloader; "
                            "accuracy is not measured")
-        self.report = self._measure(found, dataloader)
+        class_names = getattr(datamodule, "class_names", None) or getattr(pl_module, "class_names", None)
+        self.report = self._measure(found, dataloader, class_names)
+        violations = self._apply_safety_gate(self.report)
         output_dir = self._output_dir(trainer)
         self.written = dict(write_tables(self.report, output_dir))
         self.written.update({f"pareto_{k}": v for k, v in save_pareto_plots(self.report, output_dir).items()})
         self.written.update(write_parity_matrix(self.report, output_dir))
+        self.written.update({f"confusion_{k}": v for k, v in save_confusion_matrices(self.report, output_dir).items()})
         if self.log_to_tensorboard:
             log_report_to_tensorboard(tensorboard_writers(trainer), self.report, trainer.global_step)
         if self.print_table:
             rank_zero_info(f"\nCompression report (baseline {self.report.baseline}), written to {output_dir}:\n"
                            + markdown_table(self.report))
+        if violations:
+            text = "; ".join(v.message(self.safety.max_recall_drop_pt) for v in violations)
+            if self.safety.on_violation == "fail":
+                raise SafetyGateError(f"CompressionReport safety gate: {text}. The report is in {output_dir}; set "
+                                      "on_safety_violation='warn' to only flag it")
+            rank_zero_warn(f"CompressionReport safety gate: {text}")
 
-    def _measure(self, found: list[Variant], dataloader) -> Report:
+    def _apply_safety_gate(self, report: Report) -> list:
+        if not self.safety.safety_classes:
+            return []
+        measured = next((row.class_names for row in report.rows if row.class_names), [])
+        missing = [c for c in self.safety.safety_classes if measured and c not in measured]
+        if missing:
+            rank_zero_warn(f"CompressionReport: safety_classes {missing} are not among the measured classes {measured}")
+        violations = check_safety(report, self.safety)
+        report.safety = {"safety_classes": list(self.safety.safety_classes),
+                         "max_recall_drop_pt": self.safety.max_recall_drop_pt,
+                         "on_violation": self.safety.on_violation, "passed": not violations,
+                         "violations": [v.to_dict() for v in violations]}
+        return violations
+
+    def _measure(self, found: list[Variant], dataloader, class_names=None) -> Report:
         bar = None
         if self.progress_bar:
             from tqdm.auto import tqdm
@@ -272,7 +327,7 @@ class CompressionReport(Callback):
 
         try:
             return build_report(found, dataloader, baseline=self._baseline(found), settings=self.settings,
-                                progress=progress)
+                                progress=progress, class_names=list(class_names) if class_names else None)
         finally:
             if bar is not None:
                 bar.close()

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -115,6 +116,9 @@ class VariantMetrics:
     throughput_ratio: float | None = None
     accuracy_delta_pt: float | None = None
     macro_f1_delta_pt: float | None = None
+    class_names: list[str] = field(default_factory=list)
+    per_class: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
+    per_class_delta_pt: dict[str, dict[str, float | None]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
@@ -136,6 +140,8 @@ class Report:
     baseline: str
     machine: dict
     settings: dict
+    #: The safety gate's policy and verdict (``report.safety``), filled in by the caller that applies it.
+    safety: dict | None = None
 
     def row(self, name: str) -> VariantMetrics:
         for row in self.rows:
@@ -144,8 +150,11 @@ class Report:
         raise KeyError(f"no variant named {name!r} in the report; variants: {[r.name for r in self.rows]}")
 
     def to_dict(self) -> dict:
-        return {"baseline": self.baseline, "machine": self.machine, "settings": self.settings,
-                "variants": [row.to_dict() for row in self.rows]}
+        result = {"baseline": self.baseline, "machine": self.machine, "settings": self.settings,
+                  "variants": [row.to_dict() for row in self.rows]}
+        if self.safety is not None:
+            result["safety"] = self.safety
+        return result
 
 
 def onnx_file_size(path: str | Path) -> int:
@@ -270,6 +279,40 @@ def macro_f1(matrix: np.ndarray) -> float:
     return float(f1[present].mean())
 
 
+def per_class_metrics(matrix: np.ndarray | Sequence[Sequence[int]], class_names: Sequence[str] | None = None
+                      ) -> dict[str, dict[str, float | int | None]]:
+    """Recall, precision and support of each class from a ``[true, predicted]`` confusion matrix.
+
+    Recall is ``None`` for a class without test images, precision ``None`` for a class never predicted.
+
+    Example:
+        >>> per_class_metrics([[8, 2], [1, 9]], ["alert", "phone"])["phone"]
+        {'recall': 0.9, 'precision': 0.8181818181818182, 'support': 10}
+    """
+    matrix = np.asarray(matrix, dtype=np.int64)
+    names = list(class_names) if class_names is not None else []
+    names += [f"class_{i}" for i in range(len(names), matrix.shape[0])]
+    result = {}
+    for index in range(matrix.shape[0]):
+        support, predicted = int(matrix[index].sum()), int(matrix[:, index].sum())
+        hits = int(matrix[index, index])
+        result[names[index]] = {"recall": hits / support if support else None,
+                                "precision": hits / predicted if predicted else None, "support": support}
+    return result
+
+
+def onnx_class_names(model: onnx.ModelProto) -> list[str] | None:
+    """The ``class_names`` an exporter wrote into ``metadata_props`` (a JSON list or comma-separated)."""
+    value = next((p.value for p in model.metadata_props if p.key == "class_names"), None)
+    if not value:
+        return None
+    try:
+        names = json.loads(value)
+    except ValueError:
+        names = value.split(",")
+    return [str(n).strip() for n in names] if isinstance(names, list) else None
+
+
 def evaluate_onnx(runner: _Runner, dataloader: Iterable, max_batches: int | None = None) -> dict:
     """Accuracy, macro-F1 and the confusion matrix of the model's argmax on ``dataloader``."""
     labels_all, predictions_all, num_outputs = [], [], 0
@@ -341,6 +384,7 @@ def measure_onnx(
     input_shape: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
     info: dict | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> VariantMetrics:
     """Measure one ONNX file; see the module docstring for what each field means.
 
@@ -355,6 +399,8 @@ def measure_onnx(
         input_shape: per-sample ``(C, H, W)`` when the graph has dynamic spatial dims and no dataloader.
         progress: called with each finished stage name of :data:`STAGES`.
         info: extra facts copied into the row.
+        class_names: names of the model's outputs, for the per-class table (default: the ``class_names``
+            in the file's metadata, else ``class_0``, ``class_1`` ...).
     """
     path = Path(path)
     if not path.is_file():
@@ -369,6 +415,7 @@ def measure_onnx(
     row.macs = count_macs(model, batch_size=1)
     row.quantized_weight_fraction = quantized_weight_fraction(model)
     qdq = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+    names = list(class_names) if class_names is not None else onnx_class_names(model)
     del model
     notify("graph")
 
@@ -405,6 +452,8 @@ def measure_onnx(
         result = evaluate_onnx(runner, dataloader, settings.max_test_batches)
         row.accuracy, row.macro_f1, row.test_samples = result["accuracy"], result["macro_f1"], result["samples"]
         row.info.setdefault("confusion_matrix", result["confusion_matrix"])
+        row.per_class = per_class_metrics(result["confusion_matrix"], names)
+        row.class_names = list(row.per_class)
         if qdq:
             # ORT's fused x86 integer kernels (u8s8, int16 intermediate sums without VNNI) can differ from
             # the graph's arithmetic; the QDQ graph itself is what an NPU converter reads.
@@ -443,7 +492,15 @@ def compare_to_baseline(rows: Sequence[VariantMetrics], baseline: str) -> list[V
             row.accuracy_delta_pt = 100.0 * (row.accuracy - base.accuracy)
         if row.macro_f1 is not None and base.macro_f1 is not None:
             row.macro_f1_delta_pt = 100.0 * (row.macro_f1 - base.macro_f1)
+        row.per_class_delta_pt = {
+            name: {metric: _delta_pt(values.get(metric), base.per_class.get(name, {}).get(metric))
+                   for metric in ("recall", "precision")}
+            for name, values in row.per_class.items()}
     return list(rows)
+
+
+def _delta_pt(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else 100.0 * (value - reference)
 
 
 def build_report(
@@ -454,10 +511,12 @@ def build_report(
     settings: MeasureSettings | None = None,
     input_shape: Sequence[int] | None = None,
     progress: Callable[[str, str], None] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Report:
     """Measure every variant and compare it with ``baseline`` (default: the first variant).
 
-    ``progress(variant_name, stage)`` is called after each stage of each variant.
+    ``progress(variant_name, stage)`` is called after each stage of each variant; ``class_names`` label
+    the per-class table (default: each file's metadata).
     """
     if not variants:
         raise ValueError("no variants to measure: register some (ONNXExport does) or pass ONNX paths")
@@ -477,6 +536,6 @@ def build_report(
         rows.append(measure_onnx(variant.onnx_path, dataloader, name=variant.name,
                                  precision=variant.precision if variant.precision else None,
                                  producer=variant.producer, settings=settings, input_shape=input_shape,
-                                 progress=notify, info=variant.info))
+                                 progress=notify, info=variant.info, class_names=class_names))
     compare_to_baseline(rows, baseline)
     return Report(rows=rows, baseline=baseline, machine=machine_info(settings.threads), settings=settings.to_dict())

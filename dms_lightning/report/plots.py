@@ -1,4 +1,4 @@
-"""Accuracy-vs-size and accuracy-vs-latency plots with the Pareto front highlighted."""
+"""Accuracy-vs-size and accuracy-vs-latency plots with the Pareto front highlighted; a confusion matrix per variant."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from dms_lightning.report.measure import Report, VariantMetrics
 from dms_lightning.utils.io import atomic_path
-from dms_lightning.utils.plotting import plt
+from dms_lightning.utils.plotting import confusion_matrix_figure, plt
 
 #: Plot name → (row attribute on the x axis, axis label). Lower x is better on both.
 PARETO_AXES: dict[str, tuple[str, str]] = {
@@ -89,4 +89,29 @@ def save_pareto_plots(report: Report, output_dir: str | Path, stem: str = "paret
             fig.savefig(tmp, format="png", dpi=120)
         plt.close(fig)
         written[axis] = path
+    return written
+
+
+def confusion_figures(report: Report) -> dict[str, object]:
+    """A confusion-matrix figure per variant that was measured on test data (name -> figure)."""
+    figures = {}
+    for row in report.rows:
+        matrix = row.info.get("confusion_matrix")
+        if matrix is None:
+            continue
+        names = row.class_names or [f"class_{i}" for i in range(len(matrix))]
+        accuracy = "" if row.accuracy is None else f", top-1 {100 * row.accuracy:.2f} %"
+        figures[row.name] = confusion_matrix_figure(matrix, names, f"{row.name}{accuracy}")
+    return figures
+
+
+def save_confusion_matrices(report: Report, output_dir: str | Path) -> dict[str, Path]:
+    """Write ``confusion_<variant>.png`` for each measured variant (atomically); return the written paths."""
+    written = {}
+    for name, fig in confusion_figures(report).items():
+        path = Path(output_dir) / f"confusion_{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
+        written[name] = path
     return written

@@ -69,6 +69,53 @@ def markdown_table(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def per_class_table(report: Report, metric: str = "recall") -> str:
+    """One row per variant, one column per class: ``metric`` in % and its change vs the baseline in points.
+
+    Safety classes (``report.safety["safety_classes"]``) are marked with ``†`` in the header; a cell whose
+    recall drop broke the safety gate is bold and marked ``⚠``.
+    """
+    classes = next((row.class_names for row in report.rows if row.class_names), [])
+    if not classes:
+        return ""
+    safety = report.safety or {}
+    safety_classes = set(safety.get("safety_classes", []))
+    flagged = {(v["variant"], v["class_name"]) for v in safety.get("violations", [])} if metric == "recall" else set()
+    header = "| variant | " + " | ".join(f"{c} †" if c in safety_classes else c for c in classes) + " |"
+    lines = [header, "|" + "---|" * (len(classes) + 1)]
+    for row in report.rows:
+        name = f"**{row.name}** *" if row.name == report.baseline else row.name
+        cells = []
+        for cls in classes:
+            value = row.per_class.get(cls, {}).get(metric)
+            delta = row.per_class_delta_pt.get(cls, {}).get(metric)
+            cell = _pct(value) if row.name == report.baseline or delta is None else f"{_pct(value)} ({delta:+.1f})"
+            cells.append(f"**{cell} ⚠**" if (row.name, cls) in flagged else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def safety_section(report: Report) -> str:
+    """The safety gate's verdict in words (empty when no gate was applied)."""
+    safety = report.safety
+    if not safety:
+        return ""
+    limit = safety.get("max_recall_drop_pt")
+    head = (f"Safety gate: recall on {', '.join(safety.get('safety_classes', []))} may drop at most {limit:g} pt "
+            f"against {report.baseline} (on violation: {safety.get('on_violation')}).")
+    violations = safety.get("violations", [])
+    if not violations:
+        return head + " Every variant passes.\n"
+    items = [f"- **{v['variant']}**: {v['class_name']} recall {100 * v['recall']:.2f} % vs {100 * v['baseline_recall']:.2f} %"
+             f" (-{v['drop_pt']:.2f} pt)" + ("" if v.get("accuracy_delta_pt") is None
+                                               else f", top-1 {v['accuracy_delta_pt']:+.2f} pt") for v in violations]
+    return head + f" **{len(violations)} violation(s):**\n\n" + "\n".join(items) + "\n"
+
+
 def to_markdown(report: Report, title: str = "Compression report") -> str:
     """A self-contained markdown document: title, machine, settings, the table and any notes."""
     settings = report.settings
@@ -82,6 +129,13 @@ def to_markdown(report: Report, title: str = "Compression report") -> str:
         "× smaller = its file size / this one, × faster = its p50 latency / this one.\n",
         markdown_table(report),
     ]
+    recall = per_class_table(report, "recall")
+    if recall:
+        parts += ["Per-class recall (%; in brackets the change against the baseline in pt; † safety class):\n",
+                  recall, "Per-class precision (%, change in pt):\n", per_class_table(report, "precision")]
+    safety = safety_section(report)
+    if safety:
+        parts.append(safety)
     notes = [f"- {row.name}: {note}" for row in report.rows for note in row.notes]
     if notes:
         parts.append("Notes:\n\n" + "\n".join(notes) + "\n")
