@@ -24,6 +24,7 @@ PUBLIC = [
     ("dms_lightning.callbacks", "TensorRTExport"),
     ("dms_lightning.callbacks", "TFLiteExport"),
     ("dms_lightning.callbacks", "CompressionReport"),
+    ("dms_lightning.callbacks", "BatchNormReestimation"),
     ("dms_lightning.callbacks", "PredictionWriter"),
     ("dms_lightning.pruning", "remove_pruned_channels"),
     ("dms_lightning.quant", "post_training_quantize"),

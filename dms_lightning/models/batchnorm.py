@@ -221,11 +221,12 @@ def _rebuild_loader(loader: DataLoader, seed: int, world_size: int, rank: int) -
                       drop_last=len(dataset) % batch_size == 1)
 
 
-def statistics_loader(trainer: Trainer, seed: int = 0) -> DataLoader | None:
+def statistics_loader(trainer: Trainer, seed: int = 0, local: bool = False) -> DataLoader | None:
     """Training images for BatchNorm statistics: without augmentation when the data module can say so.
 
     :class:`~dms_lightning.DMSDataModule` serves the training split with its evaluation transform; any other
-    data module's ``train_dataloader()`` (or the trainer's) is used as is, iterated under a fixed seed.
+    data module's ``train_dataloader()`` (or the trainer's) is used as is, iterated under a fixed seed. Under
+    DDP each rank gets its own shard, unless ``local`` (one process reading everything).
     """
     datamodule = getattr(trainer, "datamodule", None)
     loader = None
@@ -237,10 +238,11 @@ def statistics_loader(trainer: Trainer, seed: int = 0) -> DataLoader | None:
         loader = trainer.train_dataloader if isinstance(trainer.train_dataloader, DataLoader) else loader
     if not isinstance(loader, DataLoader):
         return None
-    return _rebuild_loader(loader, seed, trainer.world_size, trainer.global_rank)
+    return _rebuild_loader(loader, seed, 1 if local else trainer.world_size, 0 if local else trainer.global_rank)
 
 
-def _val_accuracy(trainer: Trainer, network: nn.Module, max_batches: int | None) -> float | None:
+def _val_accuracy(trainer: Trainer, network: nn.Module, max_batches: int | None, local: bool = False
+                  ) -> float | None:
     """Top-1 of ``network`` on the validation split (all ranks' samples), or ``None`` without labels."""
     datamodule = getattr(trainer, "datamodule", None)
     loader = datamodule.val_dataloader() if datamodule is not None and hasattr(datamodule, "val_dataloader") else None
@@ -266,7 +268,7 @@ def _val_accuracy(trainer: Trainer, network: nn.Module, max_batches: int | None)
     finally:
         for module, training in was_training.items():
             module.training = training
-    if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+    if not local and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(correct)
     return float(correct[0] / correct[1]) if correct[1] > 0 else None
 
@@ -374,27 +376,32 @@ class BatchNormReestimation(Callback):
             self.reestimate(trainer, pl_module, "train end")
 
     def reestimate(self, trainer: Trainer, pl_module: LightningModule, reason: str,
-                   network: nn.Module | None = None) -> ReestimationResult | None:
-        """Re-estimate ``network`` (default: the compression target) now; log and record it."""
+                   network: nn.Module | None = None, local: bool = False) -> ReestimationResult | None:
+        """Re-estimate ``network`` (default: the compression target) now; log and record it.
+
+        Nothing is done when no optimizer step was taken since the last re-estimation (the statistics are
+        fresh: channel removal and quantizer insertion keep the kept channels' values). ``local``: called on
+        one rank only (rank-zero export code), so nothing is reduced over ranks.
+        """
         network = compression_target(pl_module) if network is None else network
-        if not batch_norm_layers(network):
+        if not batch_norm_layers(network) or self._last_step == trainer.global_step:
             return None
-        loader = statistics_loader(trainer, self.seed)
+        loader = statistics_loader(trainer, self.seed, local)
         if loader is None:
             rank_zero_warn("BatchNormReestimation: no training dataloader to draw batches from; statistics unchanged")
             return None
-        before = _val_accuracy(trainer, network, self.accuracy_batches) if self.log_accuracy else None
+        before = _val_accuracy(trainer, network, self.accuracy_batches, local) if self.log_accuracy else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # a foreign data module's augmentation draws the same numbers each run
-            result = reestimate_batch_norm(network, loader, self.num_batches)
-        after = _val_accuracy(trainer, network, self.accuracy_batches) if self.log_accuracy else None
+            result = reestimate_batch_norm(network, loader, self.num_batches, sync_distributed=not local)
+        after = _val_accuracy(trainer, network, self.accuracy_batches, local) if self.log_accuracy else None
         self._last_step = trainer.global_step
         event = {"reason": reason, "epoch": trainer.current_epoch, "global_step": trainer.global_step,
                  **result.to_dict(), "val_acc_before": before, "val_acc_after": after}
         self.history.append(event)
         metrics = {k: v for k, v in (("bn_reestimation/val_acc_before", before),
                                      ("bn_reestimation/val_acc_after", after)) if v is not None}
-        if metrics and trainer.is_global_zero:
+        if metrics and trainer.is_global_zero and not local:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
         change = "" if before is None or after is None else f"; val top-1 {100 * before:.2f} % -> {100 * after:.2f} %"
@@ -424,10 +431,11 @@ def find_reestimation(trainer: Trainer) -> BatchNormReestimation | None:
 
 
 def reestimate_in_run(trainer: Trainer, pl_module: LightningModule, reason: str,
-                      network: nn.Module | None = None) -> ReestimationResult | None:
+                      network: nn.Module | None = None, local: bool = False) -> ReestimationResult | None:
     """For other callbacks: re-estimate now if the run has a :class:`BatchNormReestimation` (else do nothing).
 
-    Called after physical channel removal, before QAT folds / freezes BatchNorm and before PTQ calibration.
+    Called after physical channel removal, before QAT folds / freezes BatchNorm and before PTQ calibration;
+    ``local=True`` from code that runs on rank zero only.
     """
     callback = find_reestimation(trainer)
-    return None if callback is None else callback.reestimate(trainer, pl_module, reason, network)
+    return None if callback is None else callback.reestimate(trainer, pl_module, reason, network, local)

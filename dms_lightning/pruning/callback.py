@@ -21,6 +21,7 @@ from dms_lightning.pruning.architecture import (
     install_checkpoint_restore,
     named_float_parameters,
 )
+from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.pruning.functional import default_ignored_layers
 from dms_lightning.pruning.graph import (
     PRUNABLE_TYPES,
@@ -502,6 +503,8 @@ class IterativePruning(Callback):
             rewrap_distributed(trainer)
             rebuild_optimizers(trainer)
             carry_optimizer_states(trainer, states, masks, self._parameters)
+        # The smaller network's BatchNorm statistics, re-estimated (when the run has a BatchNormReestimation).
+        reestimate_in_run(trainer, pl_module, "after channel removal")
         rank_zero_info(f"IterativePruning: removed {sum(report.removed_channels.values())} channels: parameters "
                        f"{report.params_before:,} -> {report.params_after:,}, MACs {report.macs_before / 1e6:.1f} -> "
                        f"{report.macs_after / 1e6:.1f} M")

@@ -23,6 +23,7 @@ from torch import nn
 from typing_extensions import override
 
 from dms_lightning.quant import CHECKPOINT_RECORD
+from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
 from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
 from dms_lightning.quant.prepare import QuantizationConfig
@@ -250,6 +251,8 @@ class PostTrainingQuantization(Callback):
                            "checkpoint); its quantization ranges are kept, not calibrated again")
             return
         batches = calibration_inputs(self._calibration_loader(trainer), self.calibration_batches)
+        # Ranges follow the BatchNorm statistics: fresh ones when the run has a BatchNormReestimation.
+        reestimate_in_run(trainer, pl_module, "before PTQ calibration")
         self.reestimate_batchnorm(compression_target(pl_module), batches)
         test_loader = _split_loader(trainer, "test")
         reference = self._predictions(pl_module, test_loader)

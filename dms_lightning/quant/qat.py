@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant import CHECKPOINT_RECORD
 from dms_lightning.quant.fake_quant import sync_activation_ranges
 from dms_lightning.quant.prepare import QuantizationConfig, set_quantizers_state
@@ -157,6 +158,8 @@ class QuantizationAwareTraining(Callback):
         if epoch < self.start_epoch and not target_is_quantized(pl_module):
             return
         if not target_is_quantized(pl_module):
+            # The fold reads the running statistics: re-estimated ones, not the moving average's lag.
+            reestimate_in_run(trainer, pl_module, "before QAT folds BatchNorm")
             # Done here, not in setup: pruning may have replaced the layers since (it ends before start_epoch).
             quantize_target(pl_module, self.config)
             rank_zero_info(f"[QuantizationAwareTraining] epoch {epoch}: fake quantization on "
@@ -165,6 +168,9 @@ class QuantizationAwareTraining(Callback):
             self.quantized_since = epoch
         observers = self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch
         bn_frozen = self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch
+        if bn_frozen and epoch == self.freeze_bn_epoch:
+            # From here the frozen statistics are part of the deployed weights: make them the network's own.
+            reestimate_in_run(trainer, pl_module, "before QAT freezes BatchNorm")
         set_quantizers_state(compression_target(pl_module), observers=observers, bn_frozen=bn_frozen)
 
     @override
