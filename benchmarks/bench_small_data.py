@@ -109,7 +109,7 @@ def _measure(path: Path, datamodule: DMSDataModule) -> dict:
 
 
 def _int8(fp32: Path, datamodule: DMSDataModule, trainer: Trainer) -> dict:
-    from dms_lightning.quant.ptq import quantize_onnx
+    from dms_lightning.export.ort_quantize import quantize_onnx
 
     loader = statistics_loader(trainer, seed=0)
     batches = min(16, len(loader))

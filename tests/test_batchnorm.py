@@ -159,23 +159,3 @@ def test_invalid_arguments_name_the_field():
     with pytest.raises(ValueError, match="num_batches=-1"):
         reestimate_batch_norm(_conv_bn(), [], num_batches=-1)
 
-
-def test_pruning_and_qat_ask_for_fresh_statistics_where_they_change_the_network(tiny_datamodule, tmp_path):
-    from dms_lightning import DMSClassifier
-    from dms_lightning.callbacks import IterativePruning, QuantizationAwareTraining
-
-    callback = BatchNormReestimation(num_batches=2, every_epoch="never", log_accuracy=False)
-    pruning = IterativePruning("channel", target_sparsity=0.25, schedule="agp", start_epoch=0, end_epoch=1,
-                               min_channels=8)
-    qat = QuantizationAwareTraining(start_epoch=2, freeze_bn_epoch=3, export=False)
-    trainer = Trainer(accelerator="cpu", max_epochs=4, limit_train_batches=2, limit_val_batches=1, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      default_root_dir=str(tmp_path), num_sanity_val_steps=0, callbacks=[callback, pruning, qat])
-    trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=32),
-                datamodule=tiny_datamodule(image_size=32, train_size=32, batch_size=8))
-    reasons = [event["reason"] for event in callback.history]
-    assert reasons == ["after channel removal", "before QAT folds BatchNorm", "before QAT freezes BatchNorm",
-                       "train end"]
-    assert callback.history[1]["layers"] == callback.history[2]["layers"] > 0
-    # Once QAT froze the folded BatchNorms their statistics belong to the weights: left alone at the end.
-    assert callback.history[3]["layers"] == 0 and callback.history[3]["skipped"]
