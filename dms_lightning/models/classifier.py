@@ -52,7 +52,7 @@ class ClassificationModule(LightningModule):
     def __init__(self, num_classes: int, class_names: Sequence[str] | None, in_channels: int, image_size: int,
                  optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None,
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
-                 bn_reestimation: bool = True) -> None:
+                 bn_reestimation: bool = False) -> None:
         super().__init__()
         if not isinstance(bn_reestimation, bool):
             raise ValueError(f"model.bn_reestimation={bn_reestimation!r} must be true or false")
@@ -208,7 +208,7 @@ class DMSClassifier(ClassificationModule):
             MobileNets use 0.01, which leaves evaluation at chance level after a short run; ``None``
             keeps torchvision's value.
         bn_reestimation: add a :class:`~dms_lightning.callbacks.BatchNormReestimation` with its defaults to
-            a run that has none (BatchNorm statistics recomputed at the end of training, and after every
+            a run that has none (off by default for now) (BatchNorm statistics recomputed at the end of training, and after every
             epoch when epochs are too short for the running averages to settle).
 
     Example:
@@ -233,7 +233,7 @@ class DMSClassifier(ClassificationModule):
         label_smoothing: float = 0.0,
         bn_momentum: float | None = 0.1,
         class_weights: list[float] | None = None,
-        bn_reestimation: bool = True,
+        bn_reestimation: bool = False,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights, bn_reestimation)
