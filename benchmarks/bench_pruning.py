@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from dms_lightning import DMSClassifier, DMSDataModule  # noqa: E402
 from dms_lightning.callbacks import IterativePruning  # noqa: E402
 from dms_lightning.export import export_onnx  # noqa: E402
-from dms_lightning.pruning import count_macs  # noqa: E402
+from dms_lightning.pruning import count_module_macs  # noqa: E402
 from dms_lightning.pruning.functional import default_ignored_layers  # noqa: E402
 from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
 from dms_lightning.report.measure import open_session  # noqa: E402
@@ -117,7 +117,7 @@ def latency_table(backbone: str, args, workdir: Path) -> list[dict]:
     for name, model in variants.items():
         path = export_onnx(model, example, workdir / f"{backbone}_{len(sessions)}.onnx", dynamic_batch=False)
         sessions[name] = open_session(path, threads=1)
-        dense_macs, _ = count_macs(model, example)
+        dense_macs, _ = count_module_macs(model, example)
         rows.append({"backbone": backbone, "variant": name, "params": sum(int(torch.count_nonzero(p))
                                                                           for p in model.parameters()),
                      "macs": dense_macs, "onnx_mb": path.stat().st_size / 2 ** 20})
@@ -184,7 +184,7 @@ def accuracy_table(args, workdir: Path) -> dict:
         "baseline_acc": test_acc(base), "dense_finetuned_acc": test_acc(dense), "pruned_acc": test_acc(pruned),
         "baseline_params": sum(p.numel() for p in base.model.parameters()),
         "pruned_params": sum(p.numel() for p in pruned.model.parameters()),
-        "baseline_macs": count_macs(base.model, example)[0], "pruned_macs": count_macs(pruned.model, example)[0],
+        "baseline_macs": count_module_macs(base.model, example)[0], "pruned_macs": count_module_macs(pruned.model, example)[0],
         "channel_sparsity": pruning.history[-1].get("channel_sparsity") if pruning.history else None,
         "prune_end": prune_end,
         "seconds": {"baseline": base_seconds, "dense_finetune": dense_seconds, "pruned_finetune": pruned_seconds},

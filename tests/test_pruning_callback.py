@@ -178,7 +178,8 @@ def test_sparsity_params_macs_and_layer_chart_reach_tensorboard(pruned_run):
 def _fit_tiny(callback: IterativePruning, tmp_path, max_epochs: int = 2, **kwargs) -> TinyNet:
     torch.manual_seed(0)
     module = TinyNet()
-    Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, callbacks=[callback],
+    kwargs.setdefault("callbacks", [callback])
+    Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False,
             default_root_dir=tmp_path, **{**TRAINER, **kwargs}).fit(module)
     return module
 
@@ -217,18 +218,40 @@ def test_every_channel_criterion_prunes_and_training_goes_on(importance, tmp_pat
     module = _fit_tiny(pruning, tmp_path, max_epochs=3)
     assert pruning.removed and _conv_widths(module)["net.3"] == 16
     if importance == "taylor":  # ranked on gradients averaged over epoch 0, then the running sums reset
-        assert pruning._gradient_steps == 0 and not pruning._gradient_sums
+        assert pruning._method._gradient_steps == 0 and not pruning._method._gradient_sums
     loss = F.cross_entropy(module(module.images), module.labels)
     assert torch.isfinite(loss)
+
+
+class StopAfterEpoch(Callback):
+    """Ends fit early, as EarlyStopping or a time limit would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
 
 
 def test_channels_pruned_so_far_are_removed_when_fit_ends_before_the_schedule(tmp_path):
     pruning = IterativePruning("channel", target_sparsity=0.5, schedule="linear", start_epoch=0, end_epoch=4,
                                min_channels=4)
     with pytest.warns(UserWarning, match="fit ended before the last pruning point"):
-        module = _fit_tiny(pruning, tmp_path, max_epochs=3)  # points 0..2 of 0..4 reached: 25 % at the end
-    assert pruning.removed and pruning.next_point == 3
+        module = _fit_tiny(pruning, tmp_path, max_epochs=6, callbacks=[pruning, StopAfterEpoch(2)])
+    assert pruning.removed and pruning.next_point == 3  # points 0..2 of 0..4 reached: 25 % at the end
     assert _conv_widths(module)["net.3"] == 24
+
+
+def test_end_epoch_beyond_max_epochs_is_refused_before_training(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    module = TinyNet()
+    trainer = Trainer(max_epochs=3, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[IterativePruning("channel", start_epoch=0, end_epoch=4)], **TRAINER)
+    with pytest.raises(MisconfigurationException, match=r"IterativePruning\(end_epoch=4\).*max_epochs=3"):
+        trainer.fit(module)
+    assert trainer.global_step == 0
 
 
 class MomentumSnapshot(Callback):

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassF1Score
 
 from dms_lightning import DMSDataModule
 from dms_lightning.export import export_onnx
-from dms_lightning.report import MeasureSettings, build_report, count_macs, count_parameters, measure_onnx
+from dms_lightning.report import MeasureSettings, build_report, count_onnx_macs, count_parameters, measure_onnx
 from dms_lightning.report.plots import pareto_front, save_pareto_plots
 from dms_lightning.report.tables import write_tables
 from dms_lightning.utils.artifacts import Variant
@@ -129,8 +129,8 @@ def test_parameters_match_torch_count_with_batchnorm_folded(small_net, onnx_file
 def test_macs_match_torch_forward_hook_count(small_net, onnx_files):
     example = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)
 
-    assert count_macs(onnx.load(onnx_files["small"])) == torch_macs(small_net, example)
-    assert count_macs(onnx.load(onnx_files["small"]), batch_size=4) == 4 * torch_macs(small_net, example)
+    assert count_onnx_macs(onnx.load(onnx_files["small"])) == torch_macs(small_net, example)
+    assert count_onnx_macs(onnx.load(onnx_files["small"]), batch_size=4) == 4 * torch_macs(small_net, example)
 
 
 def test_int8_qdq_model_counts_float_equivalent_parameters_and_macs(onnx_files, test_loader, tmp_path):
@@ -152,7 +152,7 @@ def test_int8_qdq_model_counts_float_equivalent_parameters_and_macs(onnx_files, 
     assert any(node.op_type == "DequantizeLinear" for node in int8.graph.node)
     assert row.precision == "int8"
     assert row.parameters == count_parameters(fp32)
-    assert row.macs == count_macs(fp32)
+    assert row.macs == count_onnx_macs(fp32)
     assert row.quantized_weight_fraction > 0.9
     # INT8 accuracy is also given for the QDQ graph's own arithmetic, recomputed here independently.
     options = ort.SessionOptions()

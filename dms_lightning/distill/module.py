@@ -185,6 +185,20 @@ class DistillationModule(ClassificationModule):
                                      "transfer need N × C × H × W feature maps (a conv block, not the classifier)")
         return [HintAdapter(student_shapes[p.student][1], teacher_shapes[p.teacher][1]) for p in self.hint_pairs]
 
+    @property
+    def fixed_width_layers(self) -> list[str]:
+        """Student layers whose output channels must keep their count: the FitNets adapters read them.
+
+        Channel pruning (:class:`~dms_lightning.callbacks.IterativePruning`) leaves these widths alone.
+        Attention transfer sums over channels, so its layers may be pruned.
+        """
+        return [pair.student for pair in self.hint_pairs]
+
+    @property
+    def feature_layers(self) -> list[str]:
+        """Student layers whose outputs the hint and attention-transfer terms read (kept observable under QAT)."""
+        return list(dict.fromkeys(pair.student for pair in self.hint_pairs + self.attention_pairs))
+
     # ----------------------------------------------------------------------------------------- training
     @override
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +231,10 @@ class DistillationModule(ClassificationModule):
                   teacher: Mapping[str, torch.Tensor]) -> bool:
         """Whether both ends of ``pair`` ran in this step.
 
-        A callback may rewrite the student into a flat graph (QuantizationAwareTraining traces it with
-        torch.fx): a block such as ``features.3`` then still exists as a container but is never called, so
-        its output cannot be captured. The pair is skipped from then on (logit distillation goes on), with
-        one warning.
+        QuantizationAwareTraining rewrites the student into a flat torch.fx graph; it keeps the blocks listed in
+        :attr:`feature_layers` observable, so hints and attention transfer go on under QAT. Should a rewrite
+        still leave a block uncalled (another callback, a block the traced forward never runs), its output
+        cannot be captured: the pair is skipped from then on (logit distillation goes on), with one warning.
         """
         if pair.student in student and pair.teacher in teacher:
             return True

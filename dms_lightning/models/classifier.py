@@ -183,7 +183,9 @@ class ClassificationModule(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Pruned / quantized checkpoints hold a changed architecture: rebuild it before weights load.
+        # Pruned / quantized checkpoints hold a changed architecture: rebuild it before the weights load. Under a
+        # Trainer the compression callbacks did so in setup already (then this finds nothing to change); for
+        # load_from_checkpoint, which runs no callback, this is what rebuilds it.
         restore_architecture(self, checkpoint)
 
 

@@ -5,21 +5,12 @@ Trainer-free API: :func:`remove_pruned_channels` (zeroed channels → a smaller 
 :class:`dms_lightning.callbacks.IterativePruning`.
 """
 
-from dms_lightning.pruning.architecture import (
-    CHECKPOINT_KEY,
-    apply_architecture_record,
-    architecture_record,
-    restore_pruned_architecture,
-)
+from dms_lightning.pruning.architecture import ChannelRemoval, apply_architecture_record, architecture_record
 from dms_lightning.pruning.functional import prune_channels
 from dms_lightning.pruning.graph import UntraceableModelError
-from dms_lightning.pruning.monitoring import SparsityReport, count_macs, sparsity_report
+from dms_lightning.pruning.monitoring import SparsityReport, count_module_macs, sparsity_report
 from dms_lightning.pruning.removal import RemovalReport, remove_pruned_channels
 from dms_lightning.pruning.schedules import SCHEDULES, SparsitySchedule, agp_sparsity
-from dms_lightning.utils.checkpoint import register_architecture_restorer
-
-# Channel removal must be re-applied before quantization wrappers (order 20) are.
-register_architecture_restorer(CHECKPOINT_KEY, restore_pruned_architecture, order=10)
 
 
 def __getattr__(name: str):
@@ -32,6 +23,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ChannelRemoval",
     "IterativePruning",
     "RemovalReport",
     "SCHEDULES",
@@ -41,9 +33,8 @@ __all__ = [
     "agp_sparsity",
     "apply_architecture_record",
     "architecture_record",
-    "count_macs",
+    "count_module_macs",
     "prune_channels",
     "remove_pruned_channels",
-    "restore_pruned_architecture",
     "sparsity_report",
 ]

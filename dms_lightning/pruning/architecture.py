@@ -2,10 +2,9 @@
 
 After channel removal the checkpoint's tensors no longer fit the architecture that ``__init__`` builds.
 :func:`architecture_record` describes the smaller shapes as plain data, stored under
-``checkpoint["dms_lightning"]["pruning"]``; :func:`restore_pruned_architecture` (registered with
-:func:`dms_lightning.utils.checkpoint.register_architecture_restorer`, order 10) resizes a fresh network
-to them before Lightning loads the weights — for ``Trainer.fit(ckpt_path=...)`` and for
-``load_from_checkpoint`` alike.
+``checkpoint["dms_lightning"]["pruning"]``; :class:`ChannelRemoval` (the first change
+:func:`dms_lightning.utils.checkpoint.restore_architecture` re-applies, before quantizer wrapping) resizes a
+fresh network to them before Lightning loads the weights.
 """
 
 from __future__ import annotations
@@ -15,25 +14,12 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from dms_lightning.utils.checkpoint import compression_target
-
-CHECKPOINT_KEY = "pruning"
-_RESTORED_FLAG = f"_dms_restored_{CHECKPOINT_KEY}"
+from dms_lightning.utils.checkpoint import CHANNEL_REMOVAL, ArchitectureChange
+from dms_lightning.utils.compression import compression_target, float_network
 
 # Module attributes that carry a channel count; everything else about a pruned layer is in its tensors.
 _SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                      "normalized_shape", "num_channels", "num_groups", "num_parameters", "embedding_dim")
-
-
-def float_network(module: nn.Module) -> nn.Module:
-    """The float network a fake-quantized ``module`` was prepared from (it shares the parameters), else ``module``.
-
-    Quantization-aware training swaps the network for a wrapped twin with other module names; pruning
-    records and masks always speak in the float network's names, which a fresh model also has.
-    """
-    from dms_lightning.quant.prepare import float_model
-
-    return float_model(module) or module
 
 
 def named_float_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -109,36 +95,21 @@ def apply_architecture_record(model: nn.Module, record: Mapping) -> int:
     return changed
 
 
-def restore_pruned_architecture(module: nn.Module, state: Mapping) -> None:
-    """Restorer for ``checkpoint["dms_lightning"]["pruning"]``: resize the compression target to the record."""
-    apply_architecture_record(compression_target(module), state["architecture"])
-    setattr(module, _RESTORED_FLAG, True)
+class ChannelRemoval(ArchitectureChange):
+    """Physically removed channels: the record holds every layer's shapes, the fresh network is resized to them.
 
-
-class _RestoringOnLoadCheckpoint:
-    """An instance's ``on_load_checkpoint``: restore the pruned shapes, then run the class's own hook.
-
-    A small object rather than a bound function, so the module still pickles and deep-copies.
+    Recorded by :class:`~dms_lightning.callbacks.IterativePruning` (``method="channel"``) in every checkpoint,
+    before and after removal, in float-network names (also once quantization-aware training wrapped the
+    network), so a pre-removal checkpoint also reloads into an already pruned module.
     """
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    record_key = "pruning"
+    order = CHANNEL_REMOVAL
 
-    def __call__(self, checkpoint: dict) -> None:
-        module = self.module
-        if CHECKPOINT_KEY in checkpoint.get("dms_lightning", {}) and not getattr(module, _RESTORED_FLAG, False):
-            restore_pruned_architecture(module, checkpoint["dms_lightning"][CHECKPOINT_KEY])
-        type(module).on_load_checkpoint(module, checkpoint)
+    @classmethod
+    def record(cls, pl_module: nn.Module) -> dict:
+        return {"architecture": architecture_record(compression_target(pl_module))}
 
-
-def install_checkpoint_restore(pl_module: nn.Module) -> None:
-    """Make ``Trainer.fit(ckpt_path=...)`` resize ``pl_module`` before loading, whatever its class does.
-
-    Lightning calls ``on_load_checkpoint`` before loading the weights. Our modules call
-    :func:`~dms_lightning.utils.checkpoint.restore_architecture` there; a plain user module does not, so
-    its instance gets a hook that restores the pruned shapes first and then runs the class's own
-    ``on_load_checkpoint``. (For ``load_from_checkpoint`` of a plain module, call
-    ``restore_architecture(self, checkpoint)`` in its ``on_load_checkpoint``.)
-    """
-    setattr(pl_module, _RESTORED_FLAG, False)  # one restore per run, even when the module is reused
-    pl_module.on_load_checkpoint = _RestoringOnLoadCheckpoint(pl_module)
+    @classmethod
+    def restore(cls, pl_module: nn.Module, record: Mapping) -> None:
+        apply_architecture_record(compression_target(pl_module), record["architecture"])

@@ -4,7 +4,7 @@ A mask set maps parameter names (of the network being pruned, each tensor once) 
 of the parameter's shape. Three ways to compute one:
 
 * :func:`magnitude_masks` — unstructured L1 magnitude, per layer or global.
-* :func:`n_m_masks` — semi-structured N:M (at most N non-zeros in every M consecutive input channels),
+* :func:`n_m_masks` — semi-structured N:M (at most N non-zeros in every group of M consecutive input channels),
   the pattern sparse tensor cores and several NPUs accelerate.
 * :func:`channel_masks` — whole channels of a dependency group: every coupled tensor slice is zeroed
   (conv filters, BatchNorm γ/β, the next layer's input columns, ...), so the masked network computes
@@ -85,14 +85,15 @@ def _input_channels_last(weight: Tensor) -> Tensor:
     return weight.movedim(1, -1) if weight.dim() > 2 else weight
 
 
-def n_m_supported(weight: Tensor, m: int) -> bool:
-    """Whether the input-channel dimension of ``weight`` splits into groups of ``m``."""
-    return weight.dim() >= 2 and weight.shape[1] % m == 0
+def n_m_supported(weight: Tensor, group_size: int) -> bool:
+    """Whether the input-channel dimension of ``weight`` splits into groups of ``group_size``."""
+    return weight.dim() >= 2 and weight.shape[1] % group_size == 0
 
 
 @torch.no_grad()
-def n_m_masks(weights: Mapping[str, Tensor], n: int, m: int, previous: Masks | None = None) -> Masks:
-    """Keep the ``n`` largest-magnitude weights of every ``m`` consecutive input channels.
+def n_m_masks(weights: Mapping[str, Tensor], nonzeros_per_group: int, group_size: int,
+              previous: Masks | None = None) -> Masks:
+    """Keep the ``nonzeros_per_group`` largest-magnitude weights of every ``group_size`` consecutive input channels.
 
     Example:
         >>> w = {"fc.weight": torch.tensor([[4.0, -1.0, 3.0, 0.5]])}
@@ -102,12 +103,12 @@ def n_m_masks(weights: Mapping[str, Tensor], n: int, m: int, previous: Masks | N
     previous = previous or {}
     masks: Masks = {}
     for name, weight in weights.items():
-        if not n_m_supported(weight, m):
+        if not n_m_supported(weight, group_size):
             continue
         scores = _input_channels_last(_scores(weight, previous.get(name)))
-        blocks = scores.reshape(-1, m)
+        blocks = scores.reshape(-1, group_size)
         keep = torch.zeros_like(blocks, dtype=torch.bool)
-        keep.scatter_(1, torch.topk(blocks, n, dim=1).indices, True)
+        keep.scatter_(1, torch.topk(blocks, nonzeros_per_group, dim=1).indices, True)
         keep = keep.view(scores.shape)
         masks[name] = keep.movedim(-1, 1) if weight.dim() > 2 else keep
     return masks

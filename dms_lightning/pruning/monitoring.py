@@ -63,7 +63,7 @@ def layer_output_positions(model: nn.Module, example_input: Tensor) -> dict[str,
     return positions
 
 
-def count_macs(model: nn.Module, example_input: Tensor, positions: Mapping[str, int] | None = None) -> tuple[int, int]:
+def count_module_macs(model: nn.Module, example_input: Tensor, positions: Mapping[str, int] | None = None) -> tuple[int, int]:
     """``(dense MACs, MACs on non-zero weights)`` of the Conv/Linear layers for one input."""
     positions = positions if positions is not None else layer_output_positions(model, example_input)
     dense = nonzero = 0
@@ -97,7 +97,7 @@ def sparsity_report(model: nn.Module, pruned_tensors: Iterable[str], example_inp
     report.nonzero_params = sum(int(torch.count_nonzero(p)) for p in params.values())
     report.model_sparsity = 1.0 - report.nonzero_params / max(1, report.params)
     if example_input is not None or positions is not None:
-        report.macs, report.nonzero_macs = count_macs(model, example_input, positions)
+        report.macs, report.nonzero_macs = count_module_macs(model, example_input, positions)
     return report
 
 

@@ -24,7 +24,7 @@ from dms_lightning.pruning.graph import (
     prunable_groups,
     resolve_module_names,
 )
-from dms_lightning.pruning.monitoring import count_macs, layer_output_positions
+from dms_lightning.pruning.monitoring import count_module_macs, layer_output_positions
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def remove_pruned_channels(
     """
     positions = layer_output_positions(model, example_input)
     params_before = _params(model)
-    macs_before, _ = count_macs(model, example_input, positions)
+    macs_before, _ = count_module_macs(model, example_input, positions)
     graph = build_dependency_graph(model, example_input)
     if pruned_channels is None:
         ignored = modules_under(model, resolve_module_names(model, list(ignored_layers), "ignored_layers"))
@@ -170,7 +170,7 @@ def remove_pruned_channels(
             removed[name] = len(idxs)
     for param in model.parameters():
         param.grad = None  # Torch-Pruning slices stale gradients along; nobody needs them
-    macs_after, _ = count_macs(model, example_input, positions)
+    macs_after, _ = count_module_macs(model, example_input, positions)
     report = RemovalReport(params_before, _params(model), macs_before, macs_after, removed)
     log.info("removed %d channels in %d groups: %d -> %d parameters, %.1f -> %.1f MMACs",
              sum(removed.values()), len(removed), params_before, report.params_after, macs_before / 1e6,

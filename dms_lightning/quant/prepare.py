@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -35,17 +36,10 @@ from dms_lightning.quant.modules import (
     set_batch_norm_frozen,
 )
 from dms_lightning.quant.spec import QuantSpec, activation_spec, weight_spec
+from dms_lightning.utils.compression import FLOAT_NETWORK_ATTR, FloatNetworkRef, wrapped_float_network
 
-FLOAT_MODULE_ATTR = "_dms_float_module"
 # GraphModule.__deepcopy__ and pickling keep only attributes listed here (torch.fx's user-preserved attributes).
 _PRESERVED_KEY = "_user_preserved_attributes"
-
-
-class _FloatModuleRef:
-    """Holds the float network without registering it as a submodule (its parameters are the QAT model's)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
 ACTIVATION_QUANTIZERS = "activation_quantizers"
 
 _FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -110,8 +104,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 def float_model(model: nn.Module) -> nn.Module | None:
     """The float network ``model`` was prepared from (sharing its parameters), or ``None``."""
-    ref = getattr(model, FLOAT_MODULE_ATTR, None)
-    return ref.module if isinstance(ref, _FloatModuleRef) else None
+    return wrapped_float_network(model)
 
 
 def quantizable_layers(model: nn.Module, config: QuantizationConfig) -> list[str]:
@@ -119,13 +112,18 @@ def quantizable_layers(model: nn.Module, config: QuantizationConfig) -> list[str
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and config.selects(name, m)]
 
 
-def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> fx.GraphModule:
+def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None,
+                observed_modules: Sequence[str] = ()) -> fx.GraphModule:
     """The fake-quantized twin of ``model``, sharing its parameters and BatchNorm statistics.
 
     Args:
         model: a float network (any ``torch.fx``-traceable module; forward may take several inputs and
             keyword arguments).
         config: what to quantize and how; default int8 per-channel weights, uint8 per-tensor activations.
+        observed_modules: names of ``model``'s sub-modules whose outputs forward hooks must still see
+            (feature distillation reads them). The traced graph calls leaf layers only, so a block such as
+            ``features.3`` would never run as a module; at each of these names the twin holds a pass-through
+            module called with the block's (fake-quantized) output. The computation is unchanged.
 
     Raises:
         ValueError: ``model`` has no layer ``config`` quantizes, or it cannot be traced.
@@ -152,6 +150,7 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> f
     graph_module = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
     quantized = _swap_layers(graph_module, config)
     _insert_activation_quantizers(graph_module, quantized, config.activation)
+    _observe_outputs(graph_module, observed_modules)
     graph_module.graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
@@ -160,10 +159,46 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> f
     if parameter is not None:
         graph_module.to(parameter.device)  # the new quantizer buffers follow the model (a GPU run stays on GPU)
     graph_module.train(model.training)
-    ref = _FloatModuleRef(model)
-    setattr(graph_module, FLOAT_MODULE_ATTR, ref)
-    graph_module.meta.setdefault(_PRESERVED_KEY, {})[FLOAT_MODULE_ATTR] = ref
+    ref = FloatNetworkRef(model)
+    setattr(graph_module, FLOAT_NETWORK_ATTR, ref)
+    graph_module.meta.setdefault(_PRESERVED_KEY, {})[FLOAT_NETWORK_ATTR] = ref
     return graph_module
+
+
+class ObservedOutput(nn.Module):
+    """A block of the float network in its fake-quantized twin: holds the block's layers, passes its output on.
+
+    Called with the block's output so that forward hooks registered on the block's name still fire.
+    """
+
+    def forward(self, x):  # noqa: D102 - a pass-through
+        return x
+
+
+def _observe_outputs(gm: fx.GraphModule, names: Sequence[str]) -> None:
+    called = {node.target for node in gm.graph.nodes if node.op == "call_module"}
+    for name in dict.fromkeys(names):
+        if name in called:
+            continue  # a leaf layer the graph calls itself: its hooks fire as they are
+        inside = [node for node in gm.graph.nodes if name in (node.meta.get("nn_module_stack") or {})]
+        if not inside:
+            continue  # never called by the traced forward; feature distillation reports it
+        output = inside[-1]
+        users = list(output.users)
+        if len(users) == 1 and users[0].op == "call_module" and str(users[0].target).startswith(ACTIVATION_QUANTIZERS):
+            output = users[0]  # what the next block receives is the fake-quantized tensor
+        container = ObservedOutput()
+        try:
+            existing = gm.get_submodule(name)
+        except AttributeError:
+            existing = None
+        if existing is not None:
+            container._modules, container._parameters, container._buffers = (
+                existing._modules, existing._parameters, existing._buffers)
+        _set_submodule(gm, name, container)
+        with gm.graph.inserting_after(output):
+            observed = gm.graph.call_module(name, (output,))
+        output.replace_all_uses_with(observed, delete_user_cb=lambda user, o=observed: user is not o)
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

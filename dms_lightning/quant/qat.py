@@ -10,20 +10,24 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from dms_lightning.models.batchnorm import reestimate_in_run
-from dms_lightning.quant import CHECKPOINT_RECORD
 from dms_lightning.quant.fake_quant import sync_activation_ranges
 from dms_lightning.quant.prepare import QuantizationConfig, set_quantizers_state
 from dms_lightning.quant.spec import activation_spec, weight_spec
-from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
+from dms_lightning.quant.target import (
+    QuantizerWrapping,
+    quantize_target,
+    target_is_quantized,
+    target_quantizable_layers,
+)
 from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
-from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
+from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
+from dms_lightning.utils.compression import compression_target
+from dms_lightning.utils.validation import check_choice, check_fraction, check_int, check_names
 
 
 def _optional_epoch(name: str, value: int | None, start_epoch: int) -> None:
-    if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < start_epoch:
-        raise ValueError(f"{name}={value!r} must be an integer >= start_epoch={start_epoch} (or None to never freeze)")
+    check_int(name, value, minimum=start_epoch, optional=True,
+              hint=f"(start_epoch={start_epoch}; None never freezes)")
 
 
 class QuantizationAwareTraining(Callback):
@@ -100,20 +104,14 @@ class QuantizationAwareTraining(Callback):
         opset: int = 18,
     ) -> None:
         super().__init__()
-        if not isinstance(start_epoch, int) or isinstance(start_epoch, bool) or start_epoch < 0:
-            raise ValueError(f"start_epoch={start_epoch!r} must be an integer >= 0")
+        check_int("start_epoch", start_epoch, minimum=0)
         _optional_epoch("freeze_observers_epoch", freeze_observers_epoch, start_epoch)
         _optional_epoch("freeze_bn_epoch", freeze_bn_epoch, start_epoch)
-        exclude, include = list(exclude or []), list(include or [])
-        for name, patterns in (("exclude", exclude), ("include", include)):
-            if not all(isinstance(p, str) and p for p in patterns):
-                raise ValueError(f"{name}={patterns!r} must be a list of non-empty layer-name patterns")
-        if parity_split not in ("test", "val"):
-            raise ValueError(f"parity_split={parity_split!r} must be 'test' or 'val'")
-        if parity_batches is not None and (not isinstance(parity_batches, int) or parity_batches < 1):
-            raise ValueError(f"parity_batches={parity_batches!r} must be a positive integer or None (all)")
-        if not 0.0 <= min_agreement <= 1.0:
-            raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1]")
+        exclude = check_names("exclude", list(exclude or []))
+        include = check_names("include", list(include or []))
+        check_choice("parity_split", parity_split, ("test", "val"))
+        check_int("parity_batches", parity_batches, minimum=1, optional=True, hint="(None: all)")
+        check_fraction("min_agreement", min_agreement)
         if not filename or "/" in filename:
             raise ValueError(f"filename={filename!r} must be a non-empty file stem without '/'")
         if opset < 13:
@@ -132,11 +130,21 @@ class QuantizationAwareTraining(Callback):
         self.quantized_since: int | None = None
         self.int8_networks: list[QuantizedNetwork] = []
 
+    #: The architecture change this callback makes, re-applied from checkpoints (after channel removal).
+    architecture_change = QuantizerWrapping
+
+    def architecture_changes_until(self, trainer: Trainer) -> tuple[int, str] | None:
+        """The epoch at whose start this callback changes the architecture (wraps the network), and that field."""
+        return self.start_epoch, f"start_epoch={self.start_epoch}"
+
     # ---------------------------------------------------------------- phase
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Any ckpt_path= load of this run rebuilds the recorded architecture before the weights load.
+        install_architecture_restore(pl_module)
         if stage != "fit":
             return
+        self._check_earlier_changes_end_before_start(trainer)
         max_epochs = trainer.max_epochs
         if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs \
                 and not target_is_quantized(pl_module):
@@ -151,6 +159,22 @@ class QuantizationAwareTraining(Callback):
                 f"quantize_depthwise={self.config.quantize_depthwise}, quantize_linear={self.config.quantize_linear}")
         if self.export:
             warn_without_int8_writer(trainer, self)
+
+    def _check_earlier_changes_end_before_start(self, trainer: Trainer) -> None:
+        # Quantizers are sized for the network they wrap: every architecture change ordered before quantizer
+        # wrapping (channel removal) must be done when QAT starts, or the run would crash mid-way.
+        for callback in trainer.callbacks:
+            change = getattr(callback, "architecture_change", None)
+            if callback is self or change is None or change.order >= self.architecture_change.order:
+                continue
+            until = callback.architecture_changes_until(trainer)
+            if until is not None and until[0] >= self.start_epoch:
+                epoch, field = until
+                raise MisconfigurationException(
+                    f"QuantizationAwareTraining(start_epoch={self.start_epoch}) would start before "
+                    f"{type(callback).__name__}({field}) has finished changing the network (at the start of epoch "
+                    f"{epoch}): quantizers would be sized for channels that are removed later. Use "
+                    f"QuantizationAwareTraining(start_epoch>={epoch + 1}) or end {type(callback).__name__} earlier")
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -181,8 +205,7 @@ class QuantizationAwareTraining(Callback):
     # ---------------------------------------------------------------- checkpoints
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint_records(checkpoint)[CHECKPOINT_RECORD] = {
-            "active": target_is_quantized(pl_module), "config": self.config.to_dict()}
+        record_architecture_change(checkpoint, QuantizerWrapping, QuantizerWrapping.record(pl_module, self.config))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -191,7 +214,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The phase itself is a function of the epoch; the architecture comes back through the restorer.
+        # The phase itself is a function of the epoch; the architecture came back in setup.
         self.quantized_since = state_dict.get("quantized_since")
 
     # ---------------------------------------------------------------- hand-down to export

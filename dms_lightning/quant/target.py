@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from dms_lightning.quant.prepare import QuantizationConfig, float_model, is_quantized, prepare_qat, quantizable_layers
-from dms_lightning.utils.checkpoint import compression_target
+from dms_lightning.utils.checkpoint import QUANTIZER_WRAPPING, ArchitectureChange
+from dms_lightning.utils.compression import compression_target, feature_layers
 
 
 def _slots(pl_module: nn.Module, config: QuantizationConfig | None) -> list[tuple[nn.Module, str]]:
@@ -40,11 +43,16 @@ def target_is_quantized(pl_module: nn.Module) -> bool:
 def quantize_target(pl_module: nn.Module, config: QuantizationConfig) -> list[str]:
     """Replace the compression target by its fake-quantized twin in place; returns the replaced attributes."""
     replaced = []
-    for parent, name in _slots(pl_module, config):
+    slots = _slots(pl_module, config)
+    observed = feature_layers(pl_module)
+    # Feature-layer names are relative to the compression target; a plain module's slots are its children.
+    per_child = compression_target(pl_module) is pl_module
+    for parent, name in slots:
         child = getattr(parent, name)
         if is_quantized(child):
             continue
-        setattr(parent, name, prepare_qat(child, config))
+        inside = [path[len(name) + 1:] for path in observed if path.startswith(name + ".")] if per_child else observed
+        setattr(parent, name, prepare_qat(child, config, observed_modules=inside))
         replaced.append(name)
     if not replaced and not target_is_quantized(pl_module):
         raise ValueError(f"{type(pl_module).__name__} has no quantizable layer (Conv2d / Linear) in its compression "
@@ -60,3 +68,26 @@ def dequantize_target(pl_module: nn.Module) -> None:
         if original is None:
             raise ValueError(f"{name} is quantized but its float network is unknown; rebuild the module instead")
         setattr(parent, name, original)
+
+
+class QuantizerWrapping(ArchitectureChange):
+    """The compression target replaced by its fake-quantized twin (re-applied after channel removal).
+
+    The record says whether quantization was active when the checkpoint was saved and with which
+    :class:`~dms_lightning.quant.QuantizationConfig`. A checkpoint from before QAT started (e.g. the one
+    ``test(ckpt_path="best")`` chose) puts an already quantized module back to float.
+    """
+
+    record_key = "quantization"
+    order = QUANTIZER_WRAPPING
+
+    @classmethod
+    def record(cls, pl_module: nn.Module, config: QuantizationConfig) -> dict:
+        return {"active": target_is_quantized(pl_module), "config": config.to_dict()}
+
+    @classmethod
+    def restore(cls, pl_module: nn.Module, record: Mapping) -> None:
+        if record.get("active") and not target_is_quantized(pl_module):
+            quantize_target(pl_module, QuantizationConfig.from_dict(record["config"]))
+        elif not record.get("active") and target_is_quantized(pl_module):
+            dequantize_target(pl_module)

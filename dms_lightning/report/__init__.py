@@ -6,7 +6,7 @@ Pareto plots. :class:`~dms_lightning.callbacks.CompressionReport` does all of it
 ``python -m dms_lightning.report`` does it for given ONNX files and checkpoints.
 """
 
-from dms_lightning.report.graph import count_macs, count_parameters, detect_precision
+from dms_lightning.report.graph import count_onnx_macs, count_parameters, detect_precision
 from dms_lightning.report.machine import machine_info
 from dms_lightning.report.measure import (
     MeasureSettings,
@@ -20,7 +20,7 @@ from dms_lightning.report.plots import pareto_front, save_pareto_plots
 from dms_lightning.report.tables import markdown_table, to_markdown, write_tables
 
 __all__ = [
-    "MeasureSettings", "Report", "VariantMetrics", "build_report", "compare_to_baseline", "count_macs",
+    "MeasureSettings", "Report", "VariantMetrics", "build_report", "compare_to_baseline", "count_onnx_macs",
     "count_parameters", "detect_precision", "machine_info", "markdown_table", "measure_onnx", "pareto_front",
     "save_pareto_plots", "to_markdown", "write_tables",
 ]

@@ -163,7 +163,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict) -> int | None:
     return 0
 
 
-def count_macs(model: onnx.ModelProto, batch_size: int = 1) -> int:
+def count_onnx_macs(model: onnx.ModelProto, batch_size: int = 1) -> int:
     """Multiply-accumulates of one forward pass at ``batch_size`` (Conv, ConvTranspose, Gemm, MatMul).
 
     Quantized operators (QLinearConv, QDQ-wrapped Conv, MatMulInteger ...) count their float-equivalent

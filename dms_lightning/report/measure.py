@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dms_lightning.report.graph import count_macs, count_parameters, detect_precision, quantized_weight_fraction
+from dms_lightning.report.graph import count_onnx_macs, count_parameters, detect_precision, quantized_weight_fraction
 from dms_lightning.report.machine import machine_info
 from dms_lightning.utils.artifacts import Variant
 
@@ -412,7 +412,7 @@ def measure_onnx(
                          producer=producer, info=dict(info or {}))
     row.file_size_bytes = onnx_file_size(path)
     row.parameters = count_parameters(model)
-    row.macs = count_macs(model, batch_size=1)
+    row.macs = count_onnx_macs(model, batch_size=1)
     row.quantized_weight_fraction = quantized_weight_fraction(model)
     qdq = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
     names = list(class_names) if class_names is not None else onnx_class_names(model)

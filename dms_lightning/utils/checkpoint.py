@@ -1,52 +1,137 @@
-"""Checkpoints of models whose architecture changed during ``fit`` (pruned channels, fake-quant wrappers).
+"""Checkpoints of networks whose architecture changed during ``fit``: recorded, then re-applied explicitly.
 
-A checkpoint of a physically pruned or quantization-wrapped network cannot be loaded into the freshly
-built original architecture. Each compression stage therefore records what it did under
-``checkpoint["dms_lightning"][key]`` and registers a *restorer* that re-applies it to a fresh model
-before the weights are loaded. Our LightningModules call :func:`restore_architecture` from
-``on_load_checkpoint`` (which Lightning runs before ``load_state_dict`` both for ``ckpt_path=`` and for
-``load_from_checkpoint``); a user module can do the same in one line.
+A checkpoint of a physically pruned or fake-quantized network cannot be loaded into the freshly built
+original architecture. Each callback that changes the architecture therefore
+
+1. records what it did in ``on_save_checkpoint`` with :func:`record_architecture_change`, under
+   ``checkpoint["dms_lightning"][change.record_key]``, naming the :class:`ArchitectureChange` subclass that
+   re-applies it;
+2. calls :func:`install_architecture_restore` from its ``setup``. For ``fit`` / ``validate`` / ``test`` /
+   ``predict`` with ``ckpt_path=``, Lightning runs the *module's* ``on_load_checkpoint`` before it loads the
+   weights, but callbacks' ``on_load_checkpoint`` only *after* (``trainer/connectors/checkpoint_connector.py``:
+   ``restore_model`` before ``restore_callbacks``), and the checkpoint path is not known to callbacks before
+   then. So the module instance gets an ``on_load_checkpoint`` that first calls :func:`restore_architecture`,
+   then the class's own hook: any LightningModule, ours or a user's, is rebuilt before its weights load.
+
+:func:`restore_architecture` re-applies the records in one stated order, lowest
+:attr:`ArchitectureChange.order` first: :data:`CHANNEL_REMOVAL` (the float network is resized), then
+:data:`QUANTIZER_WRAPPING` (the resized network is wrapped). Every change is idempotent: applied to a
+module that already has the recorded architecture it does nothing, so running it twice is harmless.
+
+Without a Trainer, ``load_from_checkpoint`` calls only the module's ``on_load_checkpoint``; our modules
+call :func:`restore_architecture` there, and a user module does so in one line::
+
+    def on_load_checkpoint(self, checkpoint):
+        restore_architecture(self, checkpoint)
+
+This module imports no compression stage: a record names the class that re-applies it
+(``"restored_by": "dms_lightning.pruning.architecture.ChannelRemoval"``), resolved only inside
+``dms_lightning`` and only to an :class:`ArchitectureChange` subclass.
 """
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from dms_lightning.utils.compression import compression_target  # noqa: F401 - also importable from here
+
 CHECKPOINT_KEY = "dms_lightning"
 
-# (order, key, restorer). Lower order runs first: channel removal must precede quantizer wrapping.
-_RESTORERS: list[tuple[int, str, Callable[[nn.Module, dict], None]]] = []
+#: Order of :class:`ArchitectureChange` re-application: channels are removed from the float network first,
+#: then the (smaller) network is wrapped with quantizers, as during ``fit``.
+CHANNEL_REMOVAL = 10
+QUANTIZER_WRAPPING = 20
 
 
-def register_architecture_restorer(key: str, restorer: Callable[[nn.Module, dict], None], order: int) -> None:
-    """Register ``restorer(lightning_module, state)`` for ``checkpoint["dms_lightning"][key]``."""
-    _RESTORERS[:] = [r for r in _RESTORERS if r[1] != key]
-    _RESTORERS.append((order, key, restorer))
-    _RESTORERS.sort(key=lambda r: r[0])
+class ArchitectureChange:
+    """One kind of architecture change a callback makes during ``fit``, and how to re-apply it to a fresh module.
+
+    Subclasses set :attr:`record_key` (where the record lives in ``checkpoint["dms_lightning"]``) and
+    :attr:`order` (:data:`CHANNEL_REMOVAL`, :data:`QUANTIZER_WRAPPING`), and implement :meth:`restore`. A
+    callback that makes the change names it in its ``architecture_change`` class attribute.
+    """
+
+    record_key: ClassVar[str]
+    order: ClassVar[int]
+
+    @classmethod
+    def restore(cls, pl_module: nn.Module, record: Mapping[str, Any]) -> None:
+        """Give ``pl_module`` the recorded architecture (nothing to do if it already has it)."""
+        raise NotImplementedError
 
 
-def restore_architecture(module: nn.Module, checkpoint: dict) -> None:
-    """Re-apply every recorded architecture change of ``checkpoint`` to ``module`` (a LightningModule).
+def record_architecture_change(checkpoint: dict, change: type[ArchitectureChange], record: Mapping[str, Any]) -> None:
+    """Store ``record`` for ``change`` in ``checkpoint`` (from a callback's ``on_save_checkpoint``)."""
+    checkpoint_records(checkpoint)[change.record_key] = {
+        **record, "restored_by": f"{change.__module__}.{change.__qualname__}"}
 
-    Example (in a user's LightningModule)::
+
+def _change_class(name: Any, key: str) -> type[ArchitectureChange]:
+    module_name, _, attr = str(name).rpartition(".")
+    if not module_name.startswith("dms_lightning."):
+        raise CheckpointError(f"checkpoint record {key!r} names restored_by={name!r}, which is not a dms_lightning "
+                              "architecture change; it was not imported")
+    try:
+        change = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint record {key!r} names restored_by={name!r}, which this version of "
+                              f"dms_lightning does not have ({err})") from err
+    if not (isinstance(change, type) and issubclass(change, ArchitectureChange)):
+        raise CheckpointError(f"checkpoint record {key!r}: restored_by={name!r} is not an ArchitectureChange")
+    return change
+
+
+def restore_architecture(pl_module: nn.Module, checkpoint: Mapping[str, Any]) -> list[str]:
+    """Re-apply every recorded architecture change of ``checkpoint`` to ``pl_module``, in the stated order.
+
+    Returns the record keys applied (in order). Records without ``restored_by`` are left alone.
+
+    Example (in a user's LightningModule, for ``load_from_checkpoint``)::
 
         def on_load_checkpoint(self, checkpoint):
             restore_architecture(self, checkpoint)
     """
-    # Importing the stages registers their restorers.
-    import dms_lightning.pruning  # noqa: F401
-    import dms_lightning.quant  # noqa: F401
+    records = checkpoint.get(CHECKPOINT_KEY) or {}
+    changes = sorted(((_change_class(record["restored_by"], key), key, record) for key, record in records.items()
+                      if isinstance(record, Mapping) and "restored_by" in record), key=lambda c: c[0].order)
+    for change, _, record in changes:
+        change.restore(pl_module, record)
+    return [key for _, key, _ in changes]
 
-    records = checkpoint.get(CHECKPOINT_KEY, {})
-    for _, key, restorer in _RESTORERS:
-        if key in records and not getattr(module, f"_dms_restored_{key}", False):
-            restorer(module, records[key])
+
+class RestoreArchitectureFirst:
+    """A module's ``on_load_checkpoint``: re-apply the recorded architecture, then run the class's own hook.
+
+    Installed on the module instance by :func:`install_architecture_restore`. A small object rather than a
+    bound function, so the module still pickles and deep-copies.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, checkpoint: dict) -> None:
+        restore_architecture(self.module, checkpoint)
+        type(self.module).on_load_checkpoint(self.module, checkpoint)
+
+
+def install_architecture_restore(pl_module: nn.Module) -> None:
+    """Make every ``ckpt_path=`` load of this run rebuild the recorded architecture before the weights load.
+
+    Called from the ``setup`` of every callback that changes the architecture. Lightning calls the module's
+    ``on_load_checkpoint`` before loading its weights but callbacks' hooks only after, so the module
+    instance gets an ``on_load_checkpoint`` that calls :func:`restore_architecture` first, then the class's
+    own hook (which, in our modules, calls it again and finds nothing left to do). Installing twice is a no-op.
+    """
+    if not isinstance(pl_module.__dict__.get("on_load_checkpoint"), RestoreArchitectureFirst):
+        pl_module.on_load_checkpoint = RestoreArchitectureFirst(pl_module)
 
 
 class CheckpointError(ValueError):
@@ -81,15 +166,3 @@ def load_checkpoint(path: str | Path, field: str = "checkpoint", hint: str = "")
 def checkpoint_records(checkpoint: dict) -> dict:
     """The mutable ``checkpoint["dms_lightning"]`` dict, created if missing."""
     return checkpoint.setdefault(CHECKPOINT_KEY, {})
-
-
-def compression_target(pl_module: nn.Module) -> nn.Module:
-    """The network that pruning, quantization and export act on.
-
-    Our modules expose it as ``pl_module.model`` (for :class:`DistillationModule`: the student); a user
-    LightningModule can define a ``compression_target`` attribute or property, else the whole module is used.
-    """
-    target = getattr(pl_module, "compression_target", None)
-    if isinstance(target, nn.Module):
-        return target
-    return pl_module
