@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dms_lightning.utils.validation import check_number
+
 
 @dataclass(frozen=True)
 class FeaturePair:
@@ -47,8 +49,7 @@ def parse_feature_pairs(field: str, pairs: Sequence[Mapping | Sequence] | None,
                              "or [student_path, teacher_path, weight]")
         if not isinstance(student, str) or not isinstance(teacher, str):
             raise ValueError(f"{where}: 'student' and 'teacher' must be module paths (strings)")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"{where}: weight={weight!r} must be a number >= 0")
+        check_number(f"{where}: weight", weight, 0.0)
         parsed.append(FeaturePair(student, teacher, float(weight)))
     return parsed
 

@@ -24,6 +24,7 @@ from dms_lightning.distill.losses import HintAdapter, attention_transfer_loss, d
 from dms_lightning.distill.teacher import TEACHER_DEFAULT_CHECKPOINT, FrozenTeacher, load_teacher
 from dms_lightning.models.backbones import Head, build_backbone
 from dms_lightning.models.classifier import ClassificationModule
+from dms_lightning.utils.validation import check_fraction, check_number
 
 #: Default attention-transfer weight: β/2 with β = 10³ as in Zagoruyko & Komodakis (2017).
 DEFAULT_ATTENTION_WEIGHT = 500.0
@@ -102,10 +103,8 @@ class DistillationModule(ClassificationModule):
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"model.temperature={temperature!r} must be a number > 0 (typical: 2 to 8)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"model.alpha={alpha!r} must be in [0, 1]: the weight of the distillation term")
+        check_number("model.temperature", temperature, 0.0, low_inclusive=False, hint="(typical: 2 to 8)")
+        check_fraction("model.alpha", alpha, hint="(the weight of the distillation term)")
         if not isinstance(student, (str, nn.Module)):
             raise ValueError(f"model.student={student!r} must be a backbone name (e.g. 'mobilenet_v3_small') "
                              "or an nn.Module classifier")

@@ -19,13 +19,7 @@ from dms_lightning.pruning.architecture import ChannelRemoval, named_float_param
 from dms_lightning.pruning.functional import default_ignored_layers
 from dms_lightning.pruning.graph import PRUNABLE_TYPES, modules_under, resolve_module_names
 from dms_lightning.pruning.masks import Masks, apply_masks
-from dms_lightning.pruning.methods import (
-    ChannelPruning,
-    PruningMethod,
-    SemiStructuredPruning,
-    UnstructuredPruning,
-    parse_pattern,
-)
+from dms_lightning.pruning.methods import ChannelPruning, PruningMethod, SemiStructuredPruning, UnstructuredPruning
 from dms_lightning.pruning.monitoring import layer_output_positions, layer_sparsity_figure, sparsity_report
 from dms_lightning.pruning.removal import remove_pruned_channels
 from dms_lightning.pruning.schedules import SCHEDULES, SparsitySchedule
@@ -156,15 +150,22 @@ class IterativePruning(Callback):
         example_input_shape: Sequence[int] | None = None,
         plot_layer_sparsity: bool = True,
     ) -> None:
-
         super().__init__()
         check_choice("method", method, METHODS)
-        if method == "n_m":
-            nonzeros_per_group, group_size = parse_pattern(pattern)
-            implied = 1.0 - nonzeros_per_group / group_size
+        strategy = _METHODS[method]
+        if importance not in strategy.importance_choices:
+            raise ValueError(f"importance={importance!r} is not available for method={method!r}; "
+                             f"valid: {list(strategy.importance_choices)}")
+        scope = check_choice("scope", scope or strategy.default_scope, ("layer", "global"))
+        self.method = method
+        self._method: PruningMethod = strategy.build(scope=scope, importance=importance, min_channels=min_channels,
+                                                     round_to=round_to, remove_channels=remove_channels,
+                                                     pattern=pattern)
+        implied = self._method.implied_sparsity
+        if implied is not None:
             if target_sparsity is not None and not math.isclose(target_sparsity, implied):
-                raise ValueError(f"target_sparsity={target_sparsity!r} does not apply to method='n_m': pattern "
-                                 f"{nonzeros_per_group}:{group_size} fixes it at {implied:g}; leave target_sparsity unset")
+                raise ValueError(f"target_sparsity={target_sparsity!r} does not apply to method={method!r}: pattern "
+                                 f"{pattern} fixes it at {implied:g}; leave target_sparsity unset")
             target_sparsity = implied
         elif target_sparsity is None:
             target_sparsity = 0.5
@@ -187,23 +188,11 @@ class IterativePruning(Callback):
             raise ValueError(f"start_{unit}={start} is after end_{unit}={end}: pruning must start before it ends")
         check_int("frequency", frequency, minimum=1, hint=f"({unit}s between pruning points)")
         check_number("initial_sparsity", initial_sparsity, 0.0, target_sparsity)
-        strategy = _METHODS[method]
-        if importance not in strategy.importance_choices:
-            raise ValueError(f"importance={importance!r} is not available for method={method!r}; "
-                             f"valid: {list(strategy.importance_choices)}")
-        scope = check_choice("scope", scope or strategy.default_scope, ("layer", "global"))
         ignored_layers = check_names("ignored_layers", ignored_layers) if ignored_layers else []
         check_int("min_channels", min_channels, minimum=1)
         check_int("round_to", round_to, minimum=1)
         example_input_shape = check_shape("example_input_shape", example_input_shape)
 
-        self.method = method
-        if method == "channel":
-            self._method: PruningMethod = ChannelPruning(scope, importance, min_channels, round_to, remove_channels)
-        elif method == "n_m":
-            self._method = SemiStructuredPruning(scope, nonzeros_per_group, group_size)
-        else:
-            self._method = UnstructuredPruning(scope)
         self.target_sparsity = float(target_sparsity)
         self.schedule = schedule
         self.unit = unit
@@ -512,6 +501,5 @@ class IterativePruning(Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if self.method == "channel":
-            # Always recorded: a pre-removal checkpoint then also reloads into an already pruned module.
+        if self._method.records_architecture:
             record_architecture_change(checkpoint, ChannelRemoval, ChannelRemoval.record(pl_module))

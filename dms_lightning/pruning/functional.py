@@ -18,6 +18,7 @@ from dms_lightning.pruning.importance import CRITERIA, channel_scores
 from dms_lightning.pruning.masks import apply_masks, channel_masks
 from dms_lightning.pruning.removal import RemovalReport, remove_pruned_channels
 from dms_lightning.pruning.selection import select_channels
+from dms_lightning.utils.validation import check_choice, check_fraction
 
 
 def default_ignored_layers(model: nn.Module, example_input: Tensor, keep_first_conv: bool = True,
@@ -70,10 +71,8 @@ def prune_channels(
         >>> report.params_after < 0.6 * report.params_before
         True
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity={sparsity!r} must be in [0, 1)")
-    if importance not in CRITERIA:
-        raise ValueError(f"importance={importance!r} must be one of {list(CRITERIA)}")
+    check_fraction("sparsity", sparsity, high_inclusive=False)
+    check_choice("importance", importance, CRITERIA)
     if ignored_layers is None:
         ignored_layers = default_ignored_layers(model, example_input)
     ignored_names = resolve_module_names(model, list(ignored_layers), "ignored_layers")

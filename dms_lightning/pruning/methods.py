@@ -56,9 +56,19 @@ class PruningMethod:
     removes_channels: bool = False
     #: Whether it already did (the channels are gone; nothing is masked any more).
     is_removed: bool = False
+    #: Whether checkpoints record the network's shapes (:class:`~dms_lightning.pruning.ChannelRemoval`).
+    records_architecture: ClassVar[bool] = False
+    #: The sparsity the method itself fixes (N:M), or ``None`` when ``target_sparsity`` chooses it.
+    implied_sparsity: float | None = None
 
     def __init__(self, scope: str) -> None:
         self.scope = scope
+
+    @classmethod
+    def build(cls, *, scope: str, importance: str, min_channels: int, round_to: int, remove_channels: bool,
+              pattern: str | Sequence[int]) -> PruningMethod:
+        """The method from IterativePruning's arguments (each method takes the ones it uses)."""
+        return cls(scope)
 
     def pruned_tensors(self, weights: Mapping[str, Tensor]) -> list[str]:
         """The weight tensors (by name) this method prunes, out of the eligible ``weights``."""
@@ -116,10 +126,11 @@ class SemiStructuredPruning(PruningMethod):
     def __init__(self, scope: str, nonzeros_per_group: int, group_size: int) -> None:
         super().__init__(scope)
         self.nonzeros_per_group, self.group_size = nonzeros_per_group, group_size
+        self.implied_sparsity = 1.0 - nonzeros_per_group / group_size
 
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.nonzeros_per_group / self.group_size
+    @classmethod
+    def build(cls, *, scope, importance, min_channels, round_to, remove_channels, pattern):
+        return cls(scope, *parse_pattern(pattern))
 
     def pruned_tensors(self, weights):
         return [name for name, weight in weights.items() if n_m_supported(weight, self.group_size)]
@@ -135,6 +146,7 @@ class ChannelPruning(PruningMethod):
     name = "channel"
     importance_choices = CRITERIA
     needs_graph = True
+    records_architecture = True  # always, also before removal: such a checkpoint reloads into a pruned module
 
     def __init__(self, scope: str, importance: str, min_channels: int, round_to: int, remove_channels: bool) -> None:
         super().__init__(scope)
@@ -147,6 +159,10 @@ class ChannelPruning(PruningMethod):
         self._parameters: Mapping[str, Tensor] = {}
         self._gradient_sums: dict[str, Tensor] = {}
         self._gradient_steps = 0
+
+    @classmethod
+    def build(cls, *, scope, importance, min_channels, round_to, remove_channels, pattern):
+        return cls(scope, importance, min_channels, round_to, remove_channels)
 
     def pruned_tensors(self, weights):
         return [] if self.is_removed else list(weights)

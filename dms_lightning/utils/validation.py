@@ -52,8 +52,8 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
     if ok and high is not None:
         ok = value <= high if high_inclusive else value < high
     if not ok:
-        left = ("[" if low_inclusive else "(") + (f"{low:g}" if low is not None else "-inf")
-        right = (f"{high:g}" if high is not None else "inf") + ("]" if high_inclusive else ")")
+        left = f"[{low:g}" if low is not None and low_inclusive else f"({low:g}" if low is not None else "(-inf"
+        right = f"{high:g}]" if high is not None and high_inclusive else f"{high:g})" if high is not None else "inf)"
         raise ValueError(f"{name}={value!r} must be a number in {left}, {right}{' ' + hint if hint else ''}")
     return float(value)
 
