@@ -22,15 +22,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
-from dms_lightning.quant import CHECKPOINT_RECORD
 from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
 from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
 from dms_lightning.quant.prepare import QuantizationConfig
 from dms_lightning.quant.spec import activation_spec, weight_spec
-from dms_lightning.quant.target import quantize_target, target_is_quantized, target_quantizable_layers
+from dms_lightning.quant.target import (
+    QuantizerWrapping,
+    quantize_target,
+    target_is_quantized,
+    target_quantizable_layers,
+)
 from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
-from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
+from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
+from dms_lightning.utils.compression import compression_target
 from dms_lightning.utils.predictions import accuracy, top1_agreement, torch_logits
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy", "mse"]
@@ -203,6 +208,8 @@ class PostTrainingQuantization(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Any ckpt_path= load of this run rebuilds the recorded architecture before the weights load.
+        install_architecture_restore(pl_module)
         if stage != "fit":
             return
         from dms_lightning.quant.qat import QuantizationAwareTraining
@@ -233,8 +240,7 @@ class PostTrainingQuantization(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The same record QAT writes: checkpoints of the fit are float, one saved after PTQ is quantized; a
         # later ckpt_path= load (e.g. test(ckpt_path="best") after PTQ) then gets the architecture it was saved with.
-        checkpoint_records(checkpoint)[CHECKPOINT_RECORD] = {
-            "active": target_is_quantized(pl_module), "config": self.config.to_dict()}
+        record_architecture_change(checkpoint, QuantizerWrapping, QuantizerWrapping.record(pl_module, self.config))
 
     # ---------------------------------------------------------------- calibration
     def reestimate_batchnorm(self, network: nn.Module, batches: Sequence[torch.Tensor]) -> None:
