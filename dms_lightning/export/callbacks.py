@@ -10,12 +10,13 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.coverage import coverage_before_conversion
 from dms_lightning.export.fp16 import DEFAULT_FP16_ATOL, IO_DTYPES, check_fp16_parity, export_fp16_onnx
 from dms_lightning.export.int8 import NotQuantizedError, export_int8
@@ -62,7 +63,7 @@ def log_parity(trainer: Trainer, variant: str, result: ParityResult) -> None:
         logger.log_metrics(metrics, step=trainer.global_step)
 
 
-class ONNXExport(Callback):
+class ONNXExport(FitEndExporter):
     """Export the trained network to ONNX when ``fit`` ends, check it in ONNX Runtime, and write a manifest.
 
     On rank zero, after ``fit``: the compression target (``pl_module.compression_target``, e.g. the
@@ -198,14 +199,7 @@ class ONNXExport(Callback):
                 "the end of fit, after ONNXExport would have run. Put ONNXExport after them.")
         # Resolved on every rank: trainer.log_dir is a collective call under DDP, the export runs on rank 0 only.
         self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        # Fail before training, not after it, when the directory cannot be written.
-        if trainer.is_global_zero and self.dirpath is not None:
-            ensure_writable_dir(self.dirpath, "ONNXExport.dirpath")
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.export(trainer, pl_module)
+        super().setup(trainer, pl_module, stage)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Path]:
         """Export, check and record every precision and handed-down network; returns ``{variant name: path}``."""

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
-from dms_lightning.export.parity import ParityError, ParityResult, compare_outputs
-from dms_lightning.export.runtimes import torch_outputs
+from dms_lightning.export.parity import ParityResult, check_runtime_parity
 
 IO_DTYPES = ("float32", "float16")
 # Logits of a float16 network differ from float32 by a few half-precision steps (2**-10 relative):
@@ -133,11 +132,6 @@ def check_fp16_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor |
     Returns ``(result, pytorch_logits, onnxruntime_logits)``; raises :class:`ParityError` when over
     tolerance and ``raise_on_failure``.
     """
-    inputs = np.asarray(inputs.detach().cpu() if isinstance(inputs, torch.Tensor) else inputs, dtype=np.float32)
-    reference = torch_outputs(model, inputs)
-    candidate = onnxruntime_outputs_any_dtype(path, inputs)
-    result = compare_outputs(reference, candidate, atol=atol, min_top1_agreement=min_top1_agreement,
-                             runtime="onnxruntime (fp16 file)")
-    if raise_on_failure and not result.passed:
-        raise ParityError(f"FP16 export {Path(path).name}: parity check failed: {result.describe()}")
-    return result, reference, candidate
+    return check_runtime_parity(model, onnxruntime_outputs_any_dtype, path, inputs, atol=atol,
+                                min_top1_agreement=min_top1_agreement, runtime="onnxruntime (fp16 file)",
+                                label="FP16 export", raise_on_failure=raise_on_failure)

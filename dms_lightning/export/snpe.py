@@ -10,10 +10,10 @@ from typing import ClassVar
 
 import onnx
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from typing_extensions import override
 
+from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.calibration import INPUT_LIST, write_calibration_raws
 from dms_lightning.export.callbacks import default_export_dir, log_parity
 from dms_lightning.export.encodings import check_encodings_coverage, write_encodings
@@ -57,7 +57,7 @@ class EncodingsCoverageError(ValueError):
     """Quantized tensors of the INT8 model have no usable encoding in the bundle."""
 
 
-class SNPEExport(Callback):
+class SNPEExport(FitEndExporter):
     """Write a Qualcomm deploy bundle when ``fit`` ends (SNPE DLC and QNN context-binary paths).
 
     On rank zero, after ``fit``, ``<dirpath>/<bundle_name>/`` receives:
@@ -159,17 +159,6 @@ class SNPEExport(Callback):
         self.int8_min_top1_agreement = int8_min_top1_agreement
         self.bundle: Path | None = None
         self.variants: list = []
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Fail before training, not after it, when the directory cannot be written.
-        if stage == "fit" and trainer.is_global_zero and self.dirpath is not None:
-            ensure_writable_dir(self.dirpath, "SNPEExport.dirpath")
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.export(trainer, pl_module)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         """Write (and, with an SDK, convert) the bundle; returns its directory."""

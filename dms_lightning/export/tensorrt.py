@@ -24,17 +24,18 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from typing_extensions import override
 
+from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.coverage import coverage_before_conversion
 from dms_lightning.export.manifest import directory_record, update_manifest
 from dms_lightning.export.sdk import check_script_value
 from dms_lightning.utils.artifacts import variants
-from dms_lightning.utils.io import atomic_path, ensure_writable_dir
+from dms_lightning.utils.io import atomic_path
 
 BUILD_SCRIPT = "build_engine.py"
 TRTEXEC_SCRIPT = "build_engines.sh"
@@ -241,7 +242,7 @@ def write_tensorrt_bundle(onnx_paths: Mapping[str, str | Path], directory: str |
     return directory
 
 
-class TensorRTExport(Callback):
+class TensorRTExport(FitEndExporter):
     """Write a TensorRT bundle when ``fit`` ends, from the FP32 and INT8 QDQ ONNX files registered before it.
 
     ``<dirpath>`` receives ``model_fp32.onnx`` / ``model_int8.onnx``, ``build_engines.sh`` (``trtexec``:
@@ -259,6 +260,9 @@ class TensorRTExport(Callback):
         >>> trainer = Trainer(callbacks=[ONNXExport(), TensorRTExport(max_batch=16)])  # doctest: +SKIP
     """
 
+    #: ``dirpath`` is the folder written (it appears complete); its parent must be writable.
+    dirpath_is_artifact: ClassVar[bool] = True
+
     def __init__(self, dirpath: str | None = None, precisions: Sequence[str] = ("fp32", "fp16", "int8"),
                  min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32, workspace_mib: int = 1024) -> None:
         super().__init__()
@@ -274,17 +278,7 @@ class TensorRTExport(Callback):
         self.dirpath, self.precisions, self.batch, self.workspace_mib = dirpath, tuple(precisions), batch, workspace_mib
         self.written: Path | None = None
 
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero and self.dirpath is not None:
-            ensure_writable_dir(Path(self.dirpath).parent, "TensorRTExport.dirpath")
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.export(trainer)
-
-    def export(self, trainer: Trainer) -> Path | None:
+    def export(self, trainer: Trainer, pl_module: LightningModule | None = None) -> Path | None:
         """Write the bundle from the latest registered FP32 and INT8 ONNX variants; returns its directory."""
         from dms_lightning.export.callbacks import default_export_dir
 

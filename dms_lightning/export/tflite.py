@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from typing_extensions import override
 
+from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.manifest import file_record, update_manifest
-from dms_lightning.export.parity import ParityError, ParityResult, compare_outputs, torch_outputs
+from dms_lightning.export.parity import ParityError, ParityResult, check_runtime_parity
 from dms_lightning.export.qdq import fake_quant_disabled
 from dms_lightning.export.metadata import onnx_metadata
 from dms_lightning.export.source import CHECKPOINT_CHOICES, export_source, model_preprocessing, sample_images
@@ -178,14 +178,8 @@ def check_tflite_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor
                         atol: float | None, min_top1_agreement: float, raise_on_failure: bool = True
                         ) -> tuple[ParityResult, np.ndarray, np.ndarray]:
     """Compare the .tflite file (LiteRT interpreter) with the PyTorch ``model`` on NCHW ``inputs``."""
-    inputs = np.asarray(inputs.detach().cpu() if isinstance(inputs, torch.Tensor) else inputs, dtype=np.float32)
-    reference = torch_outputs(model, inputs)
-    candidate = tflite_outputs(path, inputs)
-    result = compare_outputs(reference, candidate, atol=atol, min_top1_agreement=min_top1_agreement,
-                             runtime="litert")
-    if raise_on_failure and not result.passed:
-        raise ParityError(f"TFLite export {Path(path).name}: parity check failed: {result.describe()}")
-    return result, reference, candidate
+    return check_runtime_parity(model, tflite_outputs, path, inputs, atol=atol, min_top1_agreement=min_top1_agreement,
+                                runtime="litert", label="TFLite export", raise_on_failure=raise_on_failure)
 
 
 def _float_network(model: nn.Module) -> nn.Module:
@@ -206,7 +200,7 @@ def _float_network(model: nn.Module) -> nn.Module:
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 
 
-class TFLiteExport(Callback):
+class TFLiteExport(FitEndExporter):
     """Write LiteRT / TFLite files of the trained network when ``fit`` ends, each checked in the LiteRT interpreter.
 
     On rank zero, after ``fit``: the compression target with the ``checkpoint`` weights (fake
@@ -255,16 +249,6 @@ class TFLiteExport(Callback):
         self.precisions, self.layout = tuple(precisions), layout
         self.parity_images, self.atol, self.min_top1_agreement = parity_images, atol, min_top1_agreement
         self.exported: dict[str, Path] = {}
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero and self.dirpath is not None:
-            ensure_writable_dir(self.dirpath, "TFLiteExport.dirpath")
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.export(trainer, pl_module)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Path]:
         """Convert, check and record each precision; returns ``{variant: path}``."""

@@ -16,15 +16,16 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import onnx
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from typing_extensions import override
 
+from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.manifest import directory_record, update_manifest
 from dms_lightning.utils.artifacts import variants
-from dms_lightning.utils.io import atomic_path, ensure_writable_dir
+from dms_lightning.utils.io import atomic_path
 
 PLATFORM = "onnxruntime_onnx"
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
@@ -210,7 +211,7 @@ def parse_triton_config(path: str | Path):
     return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
 
 
-class TritonExport(Callback):
+class TritonExport(FitEndExporter):
     """Serve the run's exported variants with Triton: a model repository written when ``fit`` ends.
 
     On rank zero, after ``fit``, every ONNX variant registered by the exporters before it
@@ -233,6 +234,9 @@ class TritonExport(Callback):
         >>> from dms_lightning.callbacks import ONNXExport
         >>> trainer = Trainer(callbacks=[ONNXExport(export_fp16=True), TritonExport(max_batch_size=16)])  # doctest: +SKIP
     """
+
+    #: ``dirpath`` is the folder written (it appears complete); its parent must be writable.
+    dirpath_is_artifact: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -258,17 +262,7 @@ class TritonExport(Callback):
         self.precisions = tuple(precisions)
         self.written: dict[str, Path] = {}
 
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero and self.dirpath is not None:
-            ensure_writable_dir(Path(self.dirpath).parent, "TritonExport.dirpath")
-
-    @override
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.export(trainer)
-
-    def export(self, trainer: Trainer) -> dict[str, Path]:
+    def export(self, trainer: Trainer, pl_module: LightningModule | None = None) -> dict[str, Path]:
         """Write the repository from the variants registered on ``trainer``; returns ``{model: folder}``."""
         from dms_lightning.export.callbacks import default_export_dir
 

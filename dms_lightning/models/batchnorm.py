@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
+from dms_lightning.utils.predictions import batch_images
 
 #: Key of the re-estimation history in ``checkpoint["dms_lightning"]``.
 CHECKPOINT_RECORD = "batch_norm_reestimation"
@@ -76,19 +77,6 @@ def _folded_hosts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """
     return [(name, m) for name, m in model.named_modules()
             if isinstance(getattr(m, "bn", None), _BatchNorm) and isinstance(getattr(m, "bn_frozen", None), torch.Tensor)]
-
-
-def _images(batch) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in ("image", "images", "input", "inputs", "x"):
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}: expected a tensor, "
-                    "(images, labels, ...) or a dict with an 'image(s)' / 'input(s)' key")
 
 
 def _distributed_world() -> int:
@@ -178,7 +166,7 @@ def reestimate_batch_norm(
             for index, batch in enumerate(batches):
                 if num_batches is not None and index >= num_batches:
                     break
-                images = _images(batch).to(device)
+                images = batch_images(batch).to(device)
                 forward(model, images)
                 result.batches += 1
                 result.samples += len(images)

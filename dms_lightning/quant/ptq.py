@@ -11,7 +11,6 @@ same for both. For quantizing an ONNX file with ONNX Runtime instead, see
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -29,9 +28,9 @@ from dms_lightning.quant.prepare import QuantizationConfig
 from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import (
     QuantizerWrapping,
+    check_target_quantizable,
     quantize_target,
     target_is_quantized,
-    target_quantizable_layers,
 )
 from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
 from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
@@ -218,12 +217,7 @@ class PostTrainingQuantization(Callback):
             raise MisconfigurationException(
                 "PostTrainingQuantization and QuantizationAwareTraining in one run would quantize the same network "
                 "twice; keep one of them (QAT already produces the INT8 model)")
-        if not target_is_quantized(pl_module) and not target_quantizable_layers(pl_module, self.config):
-            raise MisconfigurationException(
-                f"PostTrainingQuantization found no quantizable layer (Conv2d / Linear) in "
-                f"{type(compression_target(pl_module)).__name__} with include={list(self.config.include)}, "
-                f"exclude={list(self.config.exclude)}, quantize_depthwise={self.config.quantize_depthwise}, "
-                f"quantize_linear={self.config.quantize_linear}")
+        check_target_quantizable(pl_module, self.config, "PostTrainingQuantization")
         if self.export:
             warn_without_int8_writer(trainer, self)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -15,9 +15,9 @@ from dms_lightning.quant.prepare import QuantizationConfig, set_quantizers_state
 from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import (
     QuantizerWrapping,
+    check_target_quantizable,
     quantize_target,
     target_is_quantized,
-    target_quantizable_layers,
 )
 from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
 from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
@@ -151,12 +151,7 @@ class QuantizationAwareTraining(Callback):
             raise MisconfigurationException(
                 f"QuantizationAwareTraining(start_epoch={self.start_epoch}) would never start: trainer.max_epochs="
                 f"{max_epochs}; use start_epoch <= {max_epochs - 1} or train longer")
-        if not target_is_quantized(pl_module) and not target_quantizable_layers(pl_module, self.config):
-            raise MisconfigurationException(
-                f"QuantizationAwareTraining found no quantizable layer (Conv2d / Linear) in "
-                f"{type(compression_target(pl_module)).__name__} with include={list(self.config.include)}, "
-                f"exclude={list(self.config.exclude)}, "
-                f"quantize_depthwise={self.config.quantize_depthwise}, quantize_linear={self.config.quantize_linear}")
+        check_target_quantizable(pl_module, self.config, "QuantizationAwareTraining")
         if self.export:
             warn_without_int8_writer(trainer, self)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from dms_lightning.quant.prepare import QuantizationConfig, float_model, is_quantized, prepare_qat, quantizable_layers
@@ -34,6 +35,15 @@ def target_quantizable_layers(pl_module: nn.Module, config: QuantizationConfig) 
     """Names of the layers QAT would quantize in ``pl_module``'s compression target."""
     return [f"{name}.{layer}" for parent, name in _slots(pl_module, config)
             for layer in quantizable_layers(getattr(parent, name), config)]
+
+
+def check_target_quantizable(pl_module: nn.Module, config: QuantizationConfig, owner: str) -> None:
+    """Raise (naming ``owner`` and the selection fields) when ``config`` selects no layer of the target."""
+    if not target_is_quantized(pl_module) and not target_quantizable_layers(pl_module, config):
+        raise MisconfigurationException(
+            f"{owner} found no quantizable layer (Conv2d / Linear) in {type(compression_target(pl_module)).__name__} "
+            f"with include={list(config.include)}, exclude={list(config.exclude)}, "
+            f"quantize_depthwise={config.quantize_depthwise}, quantize_linear={config.quantize_linear}")
 
 
 def target_is_quantized(pl_module: nn.Module) -> bool:

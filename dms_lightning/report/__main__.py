@@ -21,7 +21,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 
 from dms_lightning.data.datamodule import DMSDataModule
 from dms_lightning.report.callback import log_report_to_tensorboard, parse_variant_specs
-from dms_lightning.report.measure import STAGES, MeasureSettings, Report, build_report
+from dms_lightning.report.measure import MeasureSettings, Report, build_report, stage_progress
 from dms_lightning.report.plots import save_pareto_plots
 from dms_lightning.report.tables import markdown_table, write_tables
 from dms_lightning.utils.artifacts import Variant
@@ -105,24 +105,10 @@ def run(config) -> Report:
     settings = MeasureSettings(**{k: v for k, v in vars(config.measure).items() if not k.startswith("__")})
     dataloader = None if config.skip_accuracy else datamodule.test_dataloader()
 
-    bar = None
-    if config.progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(variants) * len(STAGES), desc="measuring", unit="step", leave=False)
-
-    def progress(name: str, stage: str) -> None:
-        if bar is not None:
-            bar.set_postfix_str(f"{name}: {stage} done")
-            bar.update(1)
-
-    try:
+    with stage_progress(len(variants), "measuring", config.progress_bar) as progress:
         report = build_report(variants, dataloader, baseline=config.baseline, settings=settings,
                               input_shape=(datamodule.channels, datamodule.image_size, datamodule.image_size),
                               progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     written = write_tables(report, output_dir, title=config.title)
     written.update(save_pareto_plots(report, output_dir))
     if config.tensorboard_dir:

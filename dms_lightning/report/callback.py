@@ -11,9 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from dms_lightning.report.measure import STAGES, MeasureSettings, Report, build_report
+from dms_lightning.report.measure import MeasureSettings, Report, build_report, stage_progress
 from dms_lightning.report.parity_matrix import write_parity_matrix
-from dms_lightning.report.plots import pareto_figure, save_pareto_plots
 from dms_lightning.report.plots import confusion_figures, pareto_figure, save_confusion_matrices, save_pareto_plots
 from dms_lightning.report.safety import SafetyGateError, SafetyPolicy, check_safety
 from dms_lightning.report.tables import markdown_table, write_tables
@@ -314,23 +313,9 @@ class CompressionReport(Callback):
         return violations
 
     def _measure(self, found: list[Variant], dataloader, class_names=None) -> Report:
-        bar = None
-        if self.progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(found) * len(STAGES), desc="CompressionReport", unit="step", leave=False)
-
-        def progress(name: str, stage: str) -> None:
-            if bar is not None:
-                bar.set_postfix_str(f"{name}: {stage} done")
-                bar.update(1)
-
-        try:
+        with stage_progress(len(found), "CompressionReport", self.progress_bar) as progress:
             return build_report(found, dataloader, baseline=self._baseline(found), settings=self.settings,
                                 progress=progress, class_names=list(class_names) if class_names else None)
-        finally:
-            if bar is not None:
-                bar.close()
 
     @override
     def state_dict(self) -> dict:

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -37,6 +38,27 @@ from dms_lightning.utils.artifacts import Variant
 
 #: Stages of measuring one variant, in order; a progress callback is called once after each.
 STAGES: tuple[str, ...] = ("graph", "latency", "throughput", "accuracy")
+
+
+@contextlib.contextmanager
+def stage_progress(variant_count: int, description: str, enabled: bool = True):
+    """A ``progress(name, stage)`` callback for :func:`build_report` that drives a tqdm bar (or nothing)."""
+    bar = None
+    if enabled:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=variant_count * len(STAGES), desc=description, unit="step", leave=False)
+
+    def progress(name: str, stage: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{name}: {stage} done")
+            bar.update(1)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}

@@ -77,6 +77,14 @@ def pareto_figure(report: Report, axis: str = "size"):
     return fig
 
 
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (atomically) and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def save_pareto_plots(report: Report, output_dir: str | Path, stem: str = "pareto") -> dict[str, Path]:
     """Write ``<stem>_size.png`` and ``<stem>_latency.png`` (atomically); return the written paths."""
     written = {}
@@ -84,11 +92,7 @@ def save_pareto_plots(report: Report, output_dir: str | Path, stem: str = "paret
         fig = pareto_figure(report, axis)
         if fig is None:
             continue
-        path = Path(output_dir) / f"{stem}_{axis}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        written[axis] = path
+        written[axis] = save_figure(fig, Path(output_dir) / f"{stem}_{axis}.png", dpi=120)
     return written
 
 
@@ -109,9 +113,5 @@ def save_confusion_matrices(report: Report, output_dir: str | Path) -> dict[str,
     """Write ``confusion_<variant>.png`` for each measured variant (atomically); return the written paths."""
     written = {}
     for name, fig in confusion_figures(report).items():
-        path = Path(output_dir) / f"confusion_{name}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-        plt.close(fig)
-        written[name] = path
+        written[name] = save_figure(fig, Path(output_dir) / f"confusion_{name}.png", dpi=110)
     return written
