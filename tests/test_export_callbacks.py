@@ -420,3 +420,20 @@ def test_bundle_takes_encodings_from_a_registered_onnxruntime_ptq_variant(float_
     float_graph = onnx.load(str(bundle / "model.onnx"))
     conv_weights = [n.input[1] for n in float_graph.graph.node if n.op_type == "Conv"]
     assert conv_weights and all(w in encodings["param_encodings"] for w in conv_weights)
+
+
+def test_a_rerun_into_the_same_export_folder_lists_only_its_own_artifacts(tmp_path):
+    """A plain Trainer rerun without INT8 into the folder of a run with INT8: the manifest forgets the INT8."""
+    export_dir = tmp_path / "export"
+
+    def run(export_int8: bool) -> dict:
+        torch.manual_seed(0)
+        callbacks = [ONNXExport(dirpath=str(export_dir), name="tiny", checkpoint="last", export_int8=export_int8)]
+        trainer = _trainer(tmp_path / f"run_{export_int8}", callbacks, epochs=1)
+        trainer.fit(TinyClassifier(fake_quant=export_int8), _datamodule())
+        return {e["name"] for e in json.loads((export_dir / "manifest.json").read_text())["artifacts"]}
+
+    first = run(export_int8=True)
+    assert {"tiny_fp32", "tiny_int8"} <= first
+    second = run(export_int8=False)
+    assert "tiny_fp32" in second and "tiny_int8" not in second

@@ -20,7 +20,7 @@ from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.coverage import coverage_before_conversion
 from dms_lightning.export.fp16 import DEFAULT_FP16_ATOL, IO_DTYPES, check_fp16_parity, export_fp16_onnx
 from dms_lightning.export.int8 import NotQuantizedError, export_int8
-from dms_lightning.export.manifest import onnx_record, update_manifest
+from dms_lightning.export.manifest import export_run, onnx_record, update_manifest
 from dms_lightning.export.metadata import onnx_metadata
 from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
 from dms_lightning.export.parity import ParityError, ParityResult, check_parity, compare_outputs, parity_figure
@@ -252,7 +252,7 @@ class ONNXExport(FitEndExporter):
                                         network.network, {**figures, **network.info}, manifest_dir=directory))
             exported[network.name] = path
         others = self._other_producers(trainer, directory, exported)
-        update_manifest(directory, others)
+        update_manifest(directory, others, run=export_run(trainer))
         entries += others
         log_text(trainer, "export/summary", "\n".join(
             f"{e['name']}: {e['bytes'] / 1e6:.2f} MB, parity {e.get('parity', {}).get('max_abs_diff', 'n/a')}"
@@ -271,7 +271,7 @@ class ONNXExport(FitEndExporter):
         if root != directory:
             entry["path"] = str(path.resolve())
         # Recorded as soon as written: should a later export fail, the manifest still matches the files.
-        update_manifest(directory, [entry])
+        update_manifest(directory, [entry], run=export_run(trainer))
         self.variants.append(Variant(variant, str(path), precision, producer, {**figures, "source": origin}))
         return entry
 

@@ -3,13 +3,17 @@
 Each artifact (an ONNX model, a deploy bundle) is an entry with its relative path, sha256, size, and
 what a runtime needs to feed it (opset, input name and shape) plus how it was checked (parity figures).
 Several callbacks write to one directory, so entries are upserted by ``name`` and the file is rewritten
-atomically each time.
+atomically each time. The manifest belongs to one run: entries carry the run that wrote them and an
+entry of an earlier run into the same directory is dropped as soon as this run writes there (a rerun
+without QAT no longer lists the previous ``student_int8``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import uuid
+import weakref
 from pathlib import Path
 
 import onnx
@@ -18,6 +22,16 @@ from dms_lightning.utils.io import sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "dms_lightning.export/1"
+
+# One id per Trainer, shared by every exporter of its run, without adding state to the Trainer itself.
+_RUN_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def export_run(trainer) -> str:
+    """The id of ``trainer``'s run, the same for every callback that writes a manifest during it."""
+    if trainer not in _RUN_IDS:
+        _RUN_IDS[trainer] = uuid.uuid4().hex
+    return _RUN_IDS[trainer]
 
 
 def file_record(path: str | Path, root: str | Path) -> dict:
@@ -62,9 +76,14 @@ def read_manifest(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def update_manifest(directory: str | Path, entries: list[dict]) -> Path:
-    """Upsert ``entries`` (each with a unique ``name``) into ``directory/manifest.json``, atomically."""
+def update_manifest(directory: str | Path, entries: list[dict], run: str | None = None) -> Path:
+    """Upsert ``entries`` (each with a unique ``name``) into ``directory/manifest.json``, atomically.
+
+    With ``run`` (see :func:`export_run`), a manifest written by another run is started afresh.
+    """
     manifest = read_manifest(directory)
+    if run is not None and manifest.get("run") != run:
+        manifest = {"format": FORMAT, "run": run, "artifacts": []}
     artifacts = {entry["name"]: entry for entry in manifest.get("artifacts", [])}
     for entry in entries:
         if "name" not in entry:

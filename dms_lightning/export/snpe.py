@@ -18,7 +18,7 @@ from dms_lightning.export.calibration import INPUT_LIST, write_calibration_raws
 from dms_lightning.export.callbacks import default_export_dir, log_parity
 from dms_lightning.export.encodings import check_encodings_coverage, write_encodings
 from dms_lightning.export.int8 import export_int8
-from dms_lightning.export.manifest import directory_record, file_record, update_manifest
+from dms_lightning.export.manifest import directory_record, export_run, file_record, update_manifest
 from dms_lightning.export.metadata import onnx_metadata
 from dms_lightning.export.onnx_export import DEFAULT_OPSET, export_onnx
 from dms_lightning.export.parity import ParityError, check_parity, compare_outputs
@@ -186,7 +186,7 @@ class SNPEExport(FitEndExporter):
             bundle, export_dir, name=self.bundle_name, kind="snpe_qnn_bundle", producer="SNPEExport",
             runtime=self.runtime, toolchains=list(self.toolchains), precision=model_info["precision"],
             conversion=conversion["status"], parity=model_info["parity"], encodings_coverage=model_info["coverage"],
-            source=source.origin)])
+            source=source.origin)], run=export_run(trainer))
         self.bundle = bundle
         return bundle
 

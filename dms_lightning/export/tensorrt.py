@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.coverage import coverage_before_conversion
-from dms_lightning.export.manifest import directory_record, update_manifest
+from dms_lightning.export.manifest import directory_record, export_run, update_manifest
 from dms_lightning.export.sdk import check_script_value
 from dms_lightning.utils.artifacts import variants
 from dms_lightning.utils.io import atomic_path
@@ -298,7 +298,8 @@ class TensorRTExport(FitEndExporter):
                               workspace_mib=self.workspace_mib)
         update_manifest(directory.parent, [directory_record(
             directory, directory.parent, name="tensorrt_bundle", producer="TensorRTExport",
-            sources={k: str(v) for k, v in sources.items()}, batch_profile=list(self.batch))])
+            sources={k: str(v) for k, v in sources.items()}, batch_profile=list(self.batch))],
+            run=export_run(trainer))
         rank_zero_info(f"[dms_lightning] TensorRTExport wrote {directory} (run build_engines.sh on an NVIDIA GPU)")
         self.written = directory
         return directory

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from dms_lightning.export.fit_end import FitEndExporter
-from dms_lightning.export.manifest import file_record, update_manifest
+from dms_lightning.export.manifest import export_run, file_record, update_manifest
 from dms_lightning.export.parity import ParityError, ParityResult, check_runtime_parity
 from dms_lightning.export.qdq import fake_quant_disabled
 from dms_lightning.export.metadata import onnx_metadata
@@ -276,7 +276,7 @@ class TFLiteExport(FitEndExporter):
             update_manifest(directory, [{**file_record(path, directory), "name": variant, "format": "tflite",
                                          "precision": precision, "layout": self.layout, "producer": "TFLiteExport",
                                          "source": source.origin, "parity": result.to_dict(),
-                                         "metadata": read_tflite_metadata(path)}])
+                                         "metadata": read_tflite_metadata(path)}], run=export_run(trainer))
             rank_zero_info(f"[dms_lightning] TFLiteExport: {variant}: {result.describe()}")
             exported[variant] = path
         self.exported = exported

@@ -23,7 +23,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dms_lightning.export.fit_end import FitEndExporter
-from dms_lightning.export.manifest import directory_record, update_manifest
+from dms_lightning.export.manifest import directory_record, export_run, update_manifest
 from dms_lightning.utils.artifacts import variants
 from dms_lightning.utils.io import atomic_path
 
@@ -281,7 +281,7 @@ class TritonExport(FitEndExporter):
         update_manifest(repository.parent, [directory_record(
             repository, repository.parent, name="triton_repository", producer="TritonExport",
             models=sorted(self.written), settings={k: list(v) if isinstance(v, tuple) else v
-                                                   for k, v in vars(self.settings).items()})])
+                                                   for k, v in vars(self.settings).items()})], run=export_run(trainer))
         rank_zero_info(f"[dms_lightning] TritonExport wrote {len(self.written)} models to {repository} "
                        f"(tritonserver --model-repository={repository})")
         return self.written
