@@ -20,6 +20,15 @@ def _deterministic_threads():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op thread, for tests that compare two runs value for value (resume equality)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def tiny_datamodule():
     """A factory of small synthetic data modules (64 px, a few batches)."""
     from dms_lightning import DMSDataModule
