@@ -215,3 +215,19 @@ def test_convert_script_has_the_sdk_commands_for_the_runtime():
     assert "-t aarch64-android" in cpu
     with pytest.raises(ValueError, match="runtime='npu'"):
         conversion_steps(runtime="npu", has_encodings=False)
+
+
+def test_parity_counts_a_flipped_near_tie_within_the_tolerance_but_not_a_real_flip():
+    from dms_lightning.export.parity import compare_outputs
+
+    reference = np.array([[2.0, 1.99, 0.0]] + [[3.0, 0.0, 0.0]] * 63, dtype=np.float32)
+    candidate = reference.copy()
+    candidate[0] = [1.995, 1.996, 0.0]  # the near tie flips within |diff| 0.005
+    result = compare_outputs(reference, candidate, atol=0.05, min_top1_agreement=0.99)
+    assert result.top1_agreement == pytest.approx(63 / 64) and result.near_ties == 1 and result.passed
+    assert "near tie" in result.describe()
+    candidate[1] = [0.0, 3.0, 0.0]  # a confident sample flips: over the tolerance and not a tie
+    result = compare_outputs(reference, candidate, atol=0.05, min_top1_agreement=0.9)
+    assert result.near_ties == 1 and result.judged_agreement == pytest.approx(63 / 64) and not result.passed
+    int8 = compare_outputs(reference, candidate, atol=None, min_top1_agreement=0.99)  # no tolerance, no ties
+    assert int8.near_ties == 0 and not int8.passed

@@ -31,17 +31,34 @@ _BALANCE = ("none", "sampler", "loss_weights")
 
 
 class _Transformed(Dataset):
-    """Applies ``transform`` to the image of ``(image, label)`` items; optionally appends the sample id."""
+    """Applies ``transform`` to the image of ``(image, label)`` items; optionally appends the sample id.
 
-    def __init__(self, base: Dataset, transform, with_ids: bool = False) -> None:
+    With ``views`` (an integer K), the random transform of item ``i`` is drawn from K fixed views: the n-th
+    time item ``i`` is read, the random numbers are seeded by ``(seed, i, n mod K)``.
+    """
+
+    def __init__(self, base: Dataset, transform, with_ids: bool = False, views: int | None = None,
+                 seed: int = 0) -> None:
         self.base, self.transform, self.with_ids = base, transform, with_ids
+        self.views, self.seed = views, seed
+        self._reads: collections.Counter[int] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def _view_seed(self, index: int) -> int:
+        view = self._reads[index] % self.views
+        self._reads[index] += 1
+        return (self.seed * 1_000_003 + index) * 1_009 + view
+
     def __getitem__(self, index: int):
         image, label = self.base[index]
-        item = (self.transform(image), label)
+        if self.views:
+            with torch.random.fork_rng(devices=[]):  # the loader's shuffling keeps its own random stream
+                torch.manual_seed(self._view_seed(index))
+                item = (self.transform(image), label)
+        else:
+            item = (self.transform(image), label)
         if self.with_ids:
             item += (_sample_id(self.base, index),)
         return item
@@ -84,6 +101,12 @@ class DMSDataModule(LightningDataModule):
     :attr:`class_weights` (``N / (K · n_c)``), which the CLI links into the model's cross-entropy;
     ``"none"`` (default) does neither.
 
+    Augmentation views (``augment_views``): ``None`` (default) draws fresh random augmentations every
+    time an image is read. An integer K gives each training image K fixed augmented views, shown in turn
+    (epoch ``e`` shows view ``e mod K``), the same in every run with the same seeds. Images then repeat,
+    so a distillation teacher's outputs can be kept per image
+    (``DistillationModule(teacher_cache=True)``) instead of recomputed every epoch.
+
     Example:
         >>> dm = DMSDataModule(image_size=64, train_size=20, val_size=10, test_size=10, batch_size=4)
         >>> dm.class_names[:2], dm.num_classes
@@ -116,6 +139,7 @@ class DMSDataModule(LightningDataModule):
         skip_corrupt: bool = False,
         predict_split: Literal["train", "val", "test"] = "test",
         balance: Balance = "none",
+        augment_views: int | None = None,
     ) -> None:
         super().__init__()
         if source not in ("synthetic", "image_folder", "csv"):
@@ -130,6 +154,10 @@ class DMSDataModule(LightningDataModule):
                             ("test_size", test_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}={value!r} must be a positive integer")
+        if augment_views is not None and (isinstance(augment_views, bool) or not isinstance(augment_views, int)
+                                          or augment_views < 1):
+            raise ValueError(f"data.augment_views={augment_views!r} must be a positive integer (views per training "
+                             "image) or null (fresh random augmentation every epoch)")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
         for name, value in (("val_split", val_split), ("test_split", test_split)):
@@ -354,8 +382,10 @@ class DMSDataModule(LightningDataModule):
         transform = (train_transform(self.image_size, self.mean, self.std) if train and self.hparams.augment
                      else eval_transform(self.mean, self.std))
         sampler = self._balanced_sampler(split) if train and self.hparams.balance == "sampler" else None
+        views = self.hparams.augment_views if train and self.hparams.augment else None
         return DataLoader(
-            _Transformed(self.datasets[split], transform, with_ids=with_ids),
+            _Transformed(self.datasets[split], transform, with_ids=with_ids, views=views,
+                         seed=self.hparams.seed + torch.initial_seed()),
             batch_size=self.batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,

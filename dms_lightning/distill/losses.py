@@ -92,6 +92,26 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float().pow(2).mean(dim=1).flatten(1), dim=1)
 
 
+def teacher_attention_at(teacher_features: torch.Tensor, student_size: tuple[int, int]) -> torch.Tensor:
+    """The teacher's normalised attention maps (``N × h × w``) at the size the student's are compared at.
+
+    ``student_size`` is the student layer's ``(H, W)``; the larger of the two maps is average-pooled to the
+    smaller one's size, as in :func:`attention_transfer_loss`.
+    """
+    size = (min(student_size[0], teacher_features.shape[-2]), min(student_size[1], teacher_features.shape[-1]))
+    if tuple(teacher_features.shape[-2:]) != size:
+        teacher_features = F.adaptive_avg_pool2d(teacher_features, size)
+    return attention_map(teacher_features.detach()).view(len(teacher_features), *size)
+
+
+def attention_transfer_loss_to(student_features: torch.Tensor, teacher_attention: torch.Tensor) -> torch.Tensor:
+    """Attention transfer against given teacher maps (:func:`teacher_attention_at`, e.g. cached ones)."""
+    size = tuple(teacher_attention.shape[-2:])
+    if tuple(student_features.shape[-2:]) != size:
+        student_features = F.adaptive_avg_pool2d(student_features, size)
+    return (attention_map(student_features) - teacher_attention.flatten(1)).pow(2).mean()
+
+
 def attention_transfer_loss(student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis 2017): mean squared difference of normalised attention maps.
 
@@ -102,5 +122,5 @@ def attention_transfer_loss(student_features: torch.Tensor, teacher_features: to
         >>> float(attention_transfer_loss(x, x))
         0.0
     """
-    student_features, teacher_features = _match_spatial(student_features, teacher_features)
-    return (attention_map(student_features) - attention_map(teacher_features.detach())).pow(2).mean()
+    teacher = teacher_attention_at(teacher_features, tuple(student_features.shape[-2:]))
+    return attention_transfer_loss_to(student_features, teacher)

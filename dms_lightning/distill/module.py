@@ -20,7 +20,14 @@ from dms_lightning.distill.features import (
     feature_shapes,
     parse_feature_pairs,
 )
-from dms_lightning.distill.losses import HintAdapter, attention_transfer_loss, distillation_loss
+from dms_lightning.distill.cache import TeacherCache
+from dms_lightning.distill.losses import (
+    HintAdapter,
+    attention_transfer_loss,
+    attention_transfer_loss_to,
+    distillation_loss,
+    teacher_attention_at,
+)
 from dms_lightning.distill.teacher import TEACHER_DEFAULT_CHECKPOINT, FrozenTeacher, load_teacher
 from dms_lightning.models.backbones import Head, build_backbone
 from dms_lightning.models.classifier import ClassificationModule
@@ -65,9 +72,15 @@ class DistillationModule(ClassificationModule):
         save_teacher: keep the teacher's weights in saved checkpoints too (they are dropped by default).
         num_classes, class_names, in_channels, image_size: linked from the data module by the CLI; the
             teacher must agree on classes and input channels.
-        optimizer, lr_scheduler, label_smoothing, bn_momentum, class_weights: as for
-            :class:`~dms_lightning.DMSClassifier` (``bn_momentum`` applies to a student built by name;
-            ``class_weights`` weigh the hard-label term only).
+        teacher_cache: keep the teacher's outputs (logits, attention maps) per training image and run the
+            teacher only on images it has not seen (:class:`~dms_lightning.distill.cache.TeacherCache`). It
+            pays when images repeat: ``DMSDataModule(augment_views=K)`` (each image has K fixed augmented
+            views) or a data module that does not augment; about half of a CPU distillation step is the
+            teacher. Not used with ``feature_hints`` (they compare whole feature maps); switched off with a
+            warning when no image repeated in the first two epochs.
+        optimizer, lr_scheduler, label_smoothing, bn_momentum, class_weights, bn_reestimation, channels_last:
+            as for :class:`~dms_lightning.DMSClassifier` (``bn_momentum`` applies to a student built by name;
+            ``class_weights`` weigh the hard-label term only; ``channels_last`` covers the teacher too).
 
     Example:
         >>> module = DistillationModule("mobilenet_v3_small", teacher_checkpoint="artifacts/teacher/best.ckpt",
@@ -100,9 +113,14 @@ class DistillationModule(ClassificationModule):
         label_smoothing: float = 0.0,
         bn_momentum: float | None = 0.1,
         class_weights: list[float] | None = None,
+        teacher_cache: bool = False,
+        bn_reestimation: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
-                         class_weights)
+                         class_weights, bn_reestimation, channels_last)
+        if not isinstance(teacher_cache, bool):
+            raise ValueError(f"model.teacher_cache={teacher_cache!r} must be true or false")
         check_number("model.temperature", temperature, 0.0, low_inclusive=False, hint="(typical: 2 to 8)")
         check_fraction("model.alpha", alpha, hint="(the weight of the distillation term)")
         if not isinstance(student, (str, nn.Module)):
@@ -128,6 +146,14 @@ class DistillationModule(ClassificationModule):
         self._check_classifier(self.teacher.network, "model.teacher_checkpoint")
 
         self.hint_adapters = nn.ModuleList(self._build_adapters())
+        if teacher_cache and self.hint_pairs:
+            warnings.warn("model.teacher_cache is not used with model.feature_hints: hints compare the teacher's "
+                          "whole feature maps, which are too large to keep per image; the teacher runs every batch",
+                          stacklevel=2)
+        # One cache per set of attention pairs the student still produces (QAT may stop one): what is stored
+        # per image depends on it.
+        self._teacher_caches: dict[tuple[FeaturePair, ...], TeacherCache] | None = (
+            {} if teacher_cache and not self.hint_pairs else None)
         self.teacher_acc = MulticlassAccuracy(num_classes, average="micro")
         self._teacher_acc_pending = {"val": True, "test": True}
 
@@ -200,12 +226,23 @@ class DistillationModule(ClassificationModule):
 
     # ----------------------------------------------------------------------------------------- training
     @override
+    def networks_in_memory_format(self) -> list[nn.Module]:
+        return [self.model, self.teacher.network]
+
+    @override
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         pairs: list[FeaturePair] = self.hint_pairs + self.attention_pairs
         with capture_outputs(self.model, [p.student for p in pairs]) as student_features:
             logits = self(images)
-        with capture_outputs(self.teacher.network, [p.teacher for p in pairs]) as teacher_features:
-            teacher_logits = self.teacher(images)
+        if self._teacher_caches is not None:
+            teacher_logits, attention = self._cached_teacher(images, student_features)
+            teacher_features: Mapping[str, torch.Tensor] = {}
+        else:
+            with capture_outputs(self.teacher.network, [p.teacher for p in pairs]) as teacher_features:
+                teacher_logits = self.teacher(images)
+            attention = None
         loss, ce, kd = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha,
                                          self.label_smoothing, self.class_weights)
         self.log("train/loss_ce", ce)
@@ -217,14 +254,64 @@ class DistillationModule(ClassificationModule):
                        for pair, adapter in hints)
             self.log("train/loss_hint", hint)
             loss = loss + hint
-        attention_pairs = [p for p in self.attention_pairs if self._captured(p, student_features, teacher_features)]
-        if attention_pairs:
-            attention = sum(pair.weight * attention_transfer_loss(student_features[pair.student],
-                                                                  teacher_features[pair.teacher])
-                            for pair in attention_pairs)
-            self.log("train/loss_at", attention)
-            loss = loss + attention
+        if attention is None:
+            attention_terms = [pair.weight * attention_transfer_loss(student_features[pair.student],
+                                                                     teacher_features[pair.teacher])
+                               for pair in self.attention_pairs
+                               if self._captured(pair, student_features, teacher_features)]
+        else:
+            attention_terms = [pair.weight * attention_transfer_loss_to(student_features[pair.student], maps)
+                               for pair, maps in attention.items()]
+        if attention_terms:
+            attention_loss = sum(attention_terms)
+            self.log("train/loss_at", attention_loss)
+            loss = loss + attention_loss
         return loss, logits
+
+    def _cached_teacher(self, images: torch.Tensor, student_features: Mapping[str, torch.Tensor]
+                        ) -> tuple[torch.Tensor, dict[FeaturePair, torch.Tensor]]:
+        """Teacher logits and attention maps for ``images``, the teacher run only on images not seen before."""
+        teacher_paths = {p.teacher: images for p in self.attention_pairs}  # the teacher runs them all
+        active = tuple(p for p in self.attention_pairs if self._captured(p, student_features, teacher_paths))
+        cache = self._teacher_caches.setdefault(active, TeacherCache())
+
+        def compute(subset: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            with capture_outputs(self.teacher.network, [p.teacher for p in active]) as features:
+                teacher_logits = self.teacher(subset)
+            return (teacher_logits, *(teacher_attention_at(features[p.teacher],
+                                                           tuple(student_features[p.student].shape[-2:]))
+                                      for p in active))
+
+        teacher_logits, *maps = cache.lookup(images, compute)
+        return teacher_logits, dict(zip(active, maps))
+
+    #: Epochs without one cached image served after which the cache is switched off (a data module that
+    #: draws fresh augmentations; :class:`~dms_lightning.DMSDataModule` is recognised at once).
+    CACHE_PATIENCE_EPOCHS = 4
+
+    def _stop_teacher_cache(self, why: str) -> None:
+        warnings.warn(f"model.teacher_cache: {why}, so keeping the teacher's outputs only costs memory; the cache is "
+                      "switched off. Set data.augment_views (e.g. 4: each image gets 4 fixed augmented views) to "
+                      "reuse them", stacklevel=2)
+        self._teacher_caches = None
+
+    @override
+    def on_train_start(self) -> None:
+        hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
+        if (self._teacher_caches is not None and "augment_views" in hparams and hparams.get("augment")
+                and not hparams.get("augment_views")):
+            self._stop_teacher_cache("the data module draws fresh augmentations (data.augment_views is not set), "
+                                     "so no training image comes back")
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        if not self._teacher_caches:
+            return
+        hits = sum(c.hits for c in self._teacher_caches.values())
+        seen = hits + sum(c.misses for c in self._teacher_caches.values())
+        self.log("train/teacher_cache_hit_rate", hits / max(1, seen))
+        if hits == 0 and self.current_epoch + 1 >= self.CACHE_PATIENCE_EPOCHS:
+            self._stop_teacher_cache(f"no training image came back in {self.current_epoch + 1} epochs")
 
     def _captured(self, pair: FeaturePair, student: Mapping[str, torch.Tensor],
                   teacher: Mapping[str, torch.Tensor]) -> bool:

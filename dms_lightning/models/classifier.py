@@ -52,11 +52,12 @@ class ClassificationModule(LightningModule):
     def __init__(self, num_classes: int, class_names: Sequence[str] | None, in_channels: int, image_size: int,
                  optimizer: OptimizerCallable | None, lr_scheduler: LRSchedulerCallable | None,
                  label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None,
-                 bn_reestimation: bool = False) -> None:
+                 bn_reestimation: bool = False, channels_last: bool = True) -> None:
         super().__init__()
-        if not isinstance(bn_reestimation, bool):
-            raise ValueError(f"model.bn_reestimation={bn_reestimation!r} must be true or false")
-        self.bn_reestimation = bn_reestimation
+        for name, value in (("bn_reestimation", bn_reestimation), ("channels_last", channels_last)):
+            if not isinstance(value, bool):
+                raise ValueError(f"model.{name}={value!r} must be true or false")
+        self.bn_reestimation, self.channels_last = bn_reestimation, channels_last
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names {list(class_names)} but "
                              f"model.num_classes={num_classes}")
@@ -92,7 +93,33 @@ class ClassificationModule(LightningModule):
 
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
+
+    def networks_in_memory_format(self) -> list[nn.Module]:
+        """The networks :attr:`channels_last` keeps in NHWC memory format (a subclass adds its teacher)."""
+        return [self.model]
+
+    def _keep_channels_last(self) -> None:
+        # Convolutions run ~20-35 % faster in NHWC on CPUs (oneDNN) and on GPUs with mixed precision, but only
+        # when input *and* weights are NHWC. Pruning and quantization rebuild layers with fresh (NCHW)
+        # weights, so the format is checked at every batch; converting keeps each Parameter object (its
+        # optimizer state stays attached). The values, hence checkpoints and exports, do not change.
+        if not self.channels_last:
+            return
+        for network in self.networks_in_memory_format():
+            if any(m.weight.dim() == 4 and not m.weight.is_contiguous(memory_format=torch.channels_last)
+                   for m in network.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)):
+                network.to(memory_format=torch.channels_last)
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._keep_channels_last()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._keep_channels_last()
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss, logits)`` of one training batch. Subclasses add their terms here."""
@@ -212,6 +239,9 @@ class DMSClassifier(ClassificationModule):
         bn_reestimation: add a :class:`~dms_lightning.callbacks.BatchNormReestimation` with its defaults to
             a run that has none (off by default for now) (BatchNorm statistics recomputed at the end of training, and after every
             epoch when epochs are too short for the running averages to settle).
+        channels_last: train and evaluate in NHWC memory format (input and conv weights), ~20-35 % faster
+            convolutions on CPUs and on GPUs with mixed precision; the values, checkpoints and exported
+            files are the same either way.
 
     Example:
         >>> model = DMSClassifier("mobilenet_v3_small", num_classes=5, image_size=64)
@@ -236,9 +266,10 @@ class DMSClassifier(ClassificationModule):
         bn_momentum: float | None = 0.1,
         class_weights: list[float] | None = None,
         bn_reestimation: bool = False,
+        channels_last: bool = True,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
-                         class_weights, bn_reestimation)
+                         class_weights, bn_reestimation, channels_last)
         self.save_hyperparameters()
         self.model = build_backbone(backbone, num_classes, in_channels, head, head_hidden, dropout, weights,
                                     bn_momentum)
