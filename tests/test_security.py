@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -80,7 +81,7 @@ def test_teacher_checkpoint_with_a_payload_is_refused(payload_checkpoint):
 def test_report_cli_refuses_a_payload_checkpoint(payload_checkpoint, tmp_path):
     path, marker = payload_checkpoint
     result = subprocess.run(
-        ["python", "-m", "dms_lightning.report", "--ckpt", f"student={path}", "--output_dir", str(tmp_path / "r"),
+        [sys.executable, "-m", "dms_lightning.report", "--ckpt", f"student={path}", "--output_dir", str(tmp_path / "r"),
          "--data.image_size", "32", "--data.test_size", "8", "--progress_bar", "false"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
