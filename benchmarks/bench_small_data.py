@@ -13,9 +13,10 @@ download), written as an image folder at 64 px (train 150 / val 10 / test 40, st
 ONNX Runtime top-1 on the test split; INT8 is the distilled student quantized with ONNX Runtime's static
 PTQ (16 calibration batches of un-augmented training images).
 
-"Without BN re-estimation" is the same trained student with the running statistics training left behind
-(``bn_reestimation=False``: training itself is identical, re-estimation only replaces running buffers),
-distilled from the same teacher; "distilled" is the default (statistics re-estimated).
+"Distilled (defaults)" is the trained student with the running statistics training left behind (the default,
+``bn_reestimation=False``); "+ BN re-est." is the same network with its statistics re-estimated over the
+training images (what ``bn_reestimation=True`` does at the end of training: training itself is identical,
+re-estimation only replaces running buffers).
 
     flock /tmp/cpu.lock python benchmarks/bench_small_data.py            # ~20-30 min on 2 cores
     flock /tmp/cpu.lock python benchmarks/bench_small_data.py --quick    # smoke run, numbers meaningless
@@ -52,7 +53,7 @@ from dms_lightning.utils.io import write_text_atomic  # noqa: E402
 
 ARMS = ("teacher", "alone", "distilled_no_bn", "distilled", "int8")
 ARM_TITLES = {"teacher": "teacher (ResNet-18)", "alone": "student alone", "distilled_no_bn":
-              "distilled, no BN re-est.", "distilled": "distilled (default)", "int8": "distilled INT8 (PTQ)"}
+              "distilled (defaults)", "distilled": "distilled + BN re-est.", "int8": "distilled + BN re-est., INT8 (PTQ)"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -226,15 +227,15 @@ def main() -> None:
     text = "\n".join([
         "# Small data: the default distillation recipe on a few hundred images\n",
         f"`benchmarks/bench_small_data.py`: {args.epochs} epochs per model, {args.image_size} px, plain `Trainer`, "
-        "library defaults (AdamW lr 1e-3, batch 64, warm-up + cosine, BatchNorm momentum 0.1); ONNX Runtime top-1 "
+        "library defaults (AdamW lr 1e-3, batch size auto: 8 for 150 images, warm-up + cosine, BatchNorm momentum 0.1); ONNX Runtime top-1 "
         f"on the test split ({args.test_size} synthetic images; 40 lfw images). Each cell: top-1 % / worst "
         "safety-class recall % (synthetic: eyes_closed, phone, looking_away; lfw: the worse of face / non-face), "
         "mean ± std over seeds.\n",
         table(rows),
         "Teacher: ResNet-18 trained alone; student alone: MobileNetV3-small trained alone; distilled: "
-        "`DistillationModule` defaults (T = 4, α = 0.7) from that teacher; \"no BN re-est.\": the same trained "
-        "student with the running BatchNorm statistics training left; INT8: the distilled student through ONNX "
-        "Runtime static PTQ.\n",
+        "`DistillationModule` defaults (T = 4, α = 0.7) from that teacher; \"defaults\": the running BatchNorm "
+        "statistics training left (the default); \"+ BN re-est.\": the same network with them re-estimated; INT8: "
+        "the distilled student through ONNX Runtime static PTQ.\n",
         f"Run: {minutes:.1f} min wall on {platform.processor() or platform.machine()} with {args.jobs} parallel "
         f"job(s) of {args.threads} intra-op thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.\n",
     ])

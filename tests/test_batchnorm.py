@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dms_lightning import DMSClassifier, DMSDataModule
 from dms_lightning.models.batchnorm import (
     CHECKPOINT_RECORD,
     BatchNormReestimation,
@@ -159,3 +163,19 @@ def test_invalid_arguments_name_the_field():
     with pytest.raises(ValueError, match="num_batches=-1"):
         reestimate_batch_norm(_conv_bn(), [], num_batches=-1)
 
+
+
+def test_a_run_too_short_for_batch_norm_to_settle_is_told_how_to_fix_it(tmp_path):
+    data = DMSDataModule(image_size=32, train_size=32, val_size=16, test_size=16, batch_size=16, augment=False)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                      default_root_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="2 optimizer steps per epoch, fewer than the 30 .*bn_reestimation: true"):
+        trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=32), datamodule=data)
+    with warnings.catch_warnings(record=True) as caught:  # with re-estimation on, nothing to warn about
+        warnings.simplefilter("always")
+        trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                          default_root_dir=str(tmp_path))
+        trainer.fit(DMSClassifier("mobilenet_v3_small", image_size=32, bn_reestimation=True), datamodule=data)
+    assert not [w for w in caught if "optimizer steps per epoch, fewer than" in str(w.message)]

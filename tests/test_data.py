@@ -294,3 +294,15 @@ def test_loss_weights_are_inverse_class_frequencies(tmp_path):
 def test_unknown_balance_mode_is_refused():
     with pytest.raises(ValueError, match="data.balance='oversample'"):
         DMSDataModule(balance="oversample")
+
+
+def test_auto_batch_size_gives_a_small_training_split_enough_steps_per_epoch(tmp_path):
+    from dms_lightning.data.datamodule import auto_batch_size
+
+    small = DMSDataModule(image_size=32, train_size=150, val_size=10, test_size=10)
+    assert small.batch_size == 8 and len(small.train_dataloader()) == 18  # 150 images: 18 steps, not 2
+    assert DMSDataModule(image_size=32, train_size=3000, val_size=10, test_size=10).batch_size == 64
+    assert DMSDataModule(image_size=32, train_size=150, val_size=10, test_size=10, batch_size=64).batch_size == 64
+    assert [auto_batch_size(n) for n in (10, 300, 1000, 1024)] == [8, 16, 32, 64]
+    with pytest.raises(ValueError, match="data.batch_size=0 must be a positive integer or 'auto'"):
+        DMSDataModule(batch_size=0)

@@ -297,6 +297,7 @@ class DistillationModule(ClassificationModule):
 
     @override
     def on_train_start(self) -> None:
+        super().on_train_start()
         hparams = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
         if (self._teacher_caches is not None and "augment_views" in hparams and hparams.get("augment")
                 and not hparams.get("augment_views")):
