@@ -25,11 +25,13 @@ from dms_lightning.export import (
     export_qdq_onnx,
     fake_quant_disabled,
     has_qdq,
+    read_encodings,
     read_metadata,
 )
 from dms_lightning.export.qdq import NARROW_WEIGHTS_KEY
 from dms_lightning.export.runtimes import onnxruntime_outputs
 from dms_lightning.quant import prepare_qat
+from dms_lightning.quant.fake_quant import TIE_MARGIN
 from dms_lightning.report.__main__ import export_checkpoint
 
 IMAGE = 32
@@ -151,6 +153,17 @@ def test_quantization_onnx_export_and_bundle_write_identical_encodings_for_the_s
     assert quantized["param_encodings"] and quantized["activation_encodings"]
     assert quantized == onnx_export == bundle
     assert has_qdq(onnx.load(str(root / f"quant/{handed_down}.onnx")))
+
+
+@pytest.mark.parametrize("run", ["qat", "ptq"])
+def test_the_bundle_input_grid_keeps_every_pixel_of_the_datamodule_off_a_rounding_tie(quantized_runs, run):
+    # Runtimes round ties differently (ONNX Runtime: half to even, AIMET: half up): a pixel on a tie would be
+    # quantized differently on each, as the default mean=0.5 / std=0.25 min-max grid did for every pixel.
+    encodings = read_encodings(quantized_runs[run] / "export/snpe_bundle/encodings.json")
+    (entry,) = encodings["activation_encodings"]["input"]
+    grid = quantized_runs["datamodule"].input_values().double() / entry["scale"] - entry["offset"]
+    inside = grid[(grid >= -0.5) & (grid <= 255.5)]
+    assert float(((inside - inside.floor()) - 0.5).abs().min()) >= TIE_MARGIN
 
 
 def _setup_only(tmp_path, callbacks) -> L.Trainer:

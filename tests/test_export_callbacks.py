@@ -22,7 +22,7 @@ from torch import nn
 
 from dms_lightning import DMSDataModule
 from dms_lightning.callbacks import ONNXExport, SNPEExport
-from dms_lightning.export import ParityError, fake_quant_disabled, has_qdq
+from dms_lightning.export import ParityError, fake_quant_disabled, has_qdq, read_encodings
 from dms_lightning.export.runtimes import onnxruntime_outputs, openvino_available
 from dms_lightning.export.sdk import SDKToolError
 from dms_lightning.utils.artifacts import variants
@@ -253,7 +253,7 @@ def test_bundle_model_is_static_batch_one_and_its_encodings_cover_every_quantize
     model = onnx.load(str(bundle / "model.onnx"))
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 16, 16]
     assert not has_qdq(model) and has_qdq(onnx.load(str(bundle / "model_qdq.onnx")))
-    encodings = json.loads((bundle / "encodings.json").read_text())
+    encodings = read_encodings(bundle / "encodings.json")
     tensors = {i.name for i in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {"input"}
     names = set(encodings["activation_encodings"]) | set(encodings["param_encodings"])
     assert {"input", "conv1.weight", "conv2.weight", "fc.weight"} <= names <= tensors
@@ -416,7 +416,7 @@ def test_bundle_takes_encodings_from_a_registered_onnxruntime_ptq_variant(float_
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and "ptq_test_int8" in manifest["encodings_source"]
     assert manifest["encodings_coverage"]["missing"] == [] and manifest["parity"]["top1_agreement"] == 1.0
-    encodings = json.loads((bundle / "encodings.json").read_text())
+    encodings = read_encodings(bundle / "encodings.json")
     float_graph = onnx.load(str(bundle / "model.onnx"))
     conv_weights = [n.input[1] for n in float_graph.graph.node if n.op_type == "Conv"]
     assert conv_weights and all(w in encodings["param_encodings"] for w in conv_weights)

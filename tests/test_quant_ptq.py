@@ -3,7 +3,6 @@ ONNX Runtime quantize_static path for FP32 ONNX files (dms_lightning.export.ort_
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +15,7 @@ from torch import nn
 
 from dms_lightning import DMSClassifier, DMSDataModule
 from dms_lightning.callbacks import ONNXExport, PostTrainingQuantization, QuantizationAwareTraining
-from dms_lightning.export import encodings_from_qdq_onnx, export_onnx, export_qdq_onnx
+from dms_lightning.export import encodings_from_qdq_onnx, export_onnx, export_qdq_onnx, read_encodings
 from dms_lightning.export.ort_quantize import quantize_onnx
 from dms_lightning.export.runtimes import loader_logits, ort_session, top1_agreement, torch_logits
 from dms_lightning.quant import CalibrationConfig, QuantizationConfig, float_model, is_quantized, post_training_quantize
@@ -93,7 +92,7 @@ def test_callback_exports_an_int8_model_that_onnxruntime_runs_like_the_fake_quan
     logits, _ = loader_logits(ort_session(variant.onnx_path, fuse_qdq=False), datamodule.test_dataloader())
     reference, _ = torch_logits(module.model, datamodule.test_dataloader())
     assert top1_agreement(logits, reference) >= 0.98
-    encodings = json.loads(Path(variant.info["encodings_path"]).read_text())
+    encodings = read_encodings(variant.info["encodings_path"])
     assert encodings == encodings_from_qdq_onnx(variant.onnx_path)
 
 

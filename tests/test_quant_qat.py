@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from dms_lightning import DMSClassifier, DMSDataModule
 from dms_lightning.callbacks import ONNXExport, QuantizationAwareTraining
+from dms_lightning.export import read_encodings
 from dms_lightning.quant import is_quantized
 from dms_lightning.quant.fake_quant import FakeQuantizer
 from dms_lightning.quant.modules import QuantConvBn2d
@@ -80,7 +80,7 @@ def test_fit_end_exports_int8_onnx_that_agrees_with_fake_quant_model(qat_run):
     assert Path(variant.onnx_path).is_file()
     parity = variant.info["parity"]
     assert parity["top1_agreement"] >= 0.99 and parity["samples"] == 64  # the whole test split
-    encodings = json.loads(Path(variant.info["encodings_path"]).read_text())
+    encodings = read_encodings(variant.info["encodings_path"])
     assert encodings["activation_encodings"] and encodings["param_encodings"]
 
 

@@ -21,7 +21,7 @@ from dms_lightning.data.sources import (
     split_indices,
 )
 from dms_lightning.data.synthetic import SYNTHETIC_CLASSES
-from dms_lightning.data.transforms import eval_transform, train_transform
+from dms_lightning.data.transforms import eval_transform, pixel_values, train_transform
 from dms_lightning.utils.tensorboard import log_text
 
 Source = Literal["synthetic", "image_folder", "csv"]
@@ -351,6 +351,10 @@ class DMSDataModule(LightningDataModule):
         scale = "1/255" if self._bit_depth in (8, None) else f"1/{2 ** self._bit_depth - 1}"
         return {"image_size": self.image_size, "channels": self.channels, "mean": self.mean, "std": self.std,
                 "layout": "NCHW", "scale": scale, "class_names": list(self.class_names)}
+
+    def input_values(self) -> torch.Tensor:
+        """The discrete values a model input takes (every normalised pixel value; see ``transforms.pixel_values``)."""
+        return pixel_values(self.mean, self.std, self._bit_depth or 8)
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         return torch.zeros(batch_size, self.channels, self.image_size, self.image_size)

@@ -19,6 +19,17 @@ def eval_transform(mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     return T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
 
 
+def pixel_values(mean: Sequence[float], std: Sequence[float], bit_depth: int = 8) -> torch.Tensor:
+    """Every value :func:`eval_transform` can give a pixel of a ``bit_depth`` frame (all channels, sorted).
+
+    The network input is this discrete set, not a continuum: quantizers of the input use it to keep every
+    pixel off a rounding tie (:attr:`dms_lightning.quant.fake_quant.FakeQuantizer.exact_values`).
+    """
+    levels = torch.arange(2 ** bit_depth, dtype=torch.float32) / (2 ** bit_depth - 1)  # float32, as ToDtype does
+    values = torch.cat([(levels - m) / s for m, s in zip(mean, std)])
+    return torch.unique(values)
+
+
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
     """Augmentations suited to IR driver-facing cameras, then :func:`eval_transform`."""
     return T.Compose([

@@ -8,10 +8,14 @@ the functions below work without a Trainer.
 
 from dms_lightning.export.calibration import read_raw, to_nhwc, write_calibration_raws
 from dms_lightning.export.encodings import (
+    DEFAULT_ENCODINGS_VERSION,
     ENCODINGS_VERSION,
+    ENCODINGS_VERSIONS,
     check_encodings_coverage,
     encodings_from_qdq_model,
     encodings_from_qdq_onnx,
+    format_encodings,
+    read_encodings,
     write_encodings,
     write_encodings_for_onnx,
 )
@@ -24,10 +28,10 @@ from dms_lightning.export.parity import ParityError, ParityResult, check_parity
 from dms_lightning.export.qdq import export_qdq_onnx, fake_quant_disabled, has_qdq, make_static_batch, strip_qdq
 
 __all__ = [
-    "DEFAULT_OPSET", "ENCODINGS_VERSION", "METADATA_KEYS", "Int8Export", "NotQuantizedError", "ParityError",
+    "DEFAULT_ENCODINGS_VERSION", "DEFAULT_OPSET", "ENCODINGS_VERSION", "ENCODINGS_VERSIONS", "METADATA_KEYS", "Int8Export", "NotQuantizedError", "ParityError",
     "ParityResult", "UnsupportedOperatorError", "check_encodings_coverage", "check_parity",
     "encodings_from_qdq_model", "encodings_from_qdq_onnx", "export_fp16_onnx", "export_int8", "export_onnx",
-    "export_qdq_onnx", "fake_quant_disabled", "has_qdq", "make_static_batch", "onnx_metadata",
+    "export_qdq_onnx", "fake_quant_disabled", "format_encodings", "has_qdq", "make_static_batch", "onnx_metadata",
     "preprocessing_info", "read_manifest", "read_metadata", "read_raw", "strip_qdq", "to_nhwc", "update_manifest",
-    "write_calibration_raws", "write_encodings", "write_encodings_for_onnx",
+    "read_encodings", "write_calibration_raws", "write_encodings", "write_encodings_for_onnx",
 ]

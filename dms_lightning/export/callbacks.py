@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.coverage import coverage_before_conversion
+from dms_lightning.export.encodings import DEFAULT_ENCODINGS_VERSION, check_encodings_version
 from dms_lightning.export.fp16 import DEFAULT_FP16_ATOL, IO_DTYPES, check_fp16_parity, export_fp16_onnx
 from dms_lightning.export.int8 import NotQuantizedError, export_int8
 from dms_lightning.export.manifest import export_run, onnx_record, update_manifest
@@ -111,6 +112,8 @@ class ONNXExport(FitEndExporter):
             default; all ``False``: only the networks quantization callbacks hand down).
         fp16_io_dtype: ``"float32"`` (casts inside the FP16 graph) or ``"float16"`` input and output.
         fp16_atol: FP16 tolerance on the max absolute logit difference vs the float32 PyTorch model.
+        encodings_version: AIMET encodings format of the ``*.encodings.json`` files, ``"1.0.0"`` (default,
+            current AIMET / QNN) or ``"0.6.1"`` (legacy SDKs); see :mod:`~dms_lightning.export.encodings`.
         openvino: ``None`` (check when installed), ``True`` (must be installed), ``False`` (skip).
 
     Example:
@@ -141,6 +144,7 @@ class ONNXExport(FitEndExporter):
         export_fp16: bool = False,
         fp16_io_dtype: str = "float32",
         fp16_atol: float | None = DEFAULT_FP16_ATOL,
+        encodings_version: str = DEFAULT_ENCODINGS_VERSION,
     ) -> None:
         super().__init__()
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
@@ -162,6 +166,7 @@ class ONNXExport(FitEndExporter):
                              ("int8_min_top1_agreement", int8_min_top1_agreement)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ONNXExport.{field}={value!r} must be in [0, 1]")
+        check_encodings_version(encodings_version, "ONNXExport.encodings_version")
         if openvino is True and not openvino_available():
             raise ValueError("ONNXExport.openvino=True but openvino is not installed: "
                              "pip install 'dms_lightning[openvino]'")
@@ -179,6 +184,7 @@ class ONNXExport(FitEndExporter):
         self.export_fp32, self.export_int8 = export_fp32, export_int8
         self.export_fp16, self.fp16_io_dtype, self.fp16_atol = export_fp16, fp16_io_dtype, fp16_atol
         self.openvino = openvino_available() if openvino is None else openvino
+        self.encodings_version = encodings_version
         self.exported: dict[str, Path] = {}
         self.variants: list[Variant] = []
         self._log_dir: Path | None = None
@@ -328,7 +334,8 @@ class ONNXExport(FitEndExporter):
             self._record_parity(trainer, path, variant, result, reference, candidate)
 
         written = export_int8(model, example, path, images, rule=rule, metadata=metadata, opset=opset,
-                              exporter=self.exporter, label=f"ONNXExport: {variant}", on_checked=record)
+                              exporter=self.exporter, label=f"ONNXExport: {variant}", on_checked=record,
+                              encodings_version=self.encodings_version)
         figures = {"parity": written.parity.to_dict(), "coverage": coverage_before_conversion(path, variant),
                    "onnxruntime_int8_kernels": written.fused_kernels.to_dict(),
                    "encodings_path": str(written.encodings_path)}

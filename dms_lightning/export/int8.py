@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from dms_lightning.export.encodings import write_encodings
+from dms_lightning.export.encodings import DEFAULT_ENCODINGS_VERSION, check_encodings_version, write_encodings
 from dms_lightning.export.onnx_export import DEFAULT_OPSET
 from dms_lightning.export.parity import ParityError, ParityResult, check_parity, compare_outputs
 from dms_lightning.export.qdq import StrippedQDQ, export_qdq_onnx, has_qdq, strip_qdq
@@ -64,19 +64,21 @@ def default_encodings_path(onnx_path: str | Path) -> Path:
 def export_int8(model: nn.Module, example_input: torch.Tensor, path: str | Path, images: torch.Tensor, *,
                 rule: ParityRule, metadata: dict[str, str], encodings_path: str | Path | None = None,
                 opset: int = DEFAULT_OPSET, exporter: str = "torchscript", dynamic_batch: bool = True,
-                label: str | None = None,
+                label: str | None = None, encodings_version: str = DEFAULT_ENCODINGS_VERSION,
                 on_checked: Callable[[ParityResult, np.ndarray, np.ndarray], None] | None = None) -> Int8Export:
     """Write ``model`` as an INT8 QDQ ONNX file and its encodings, judged by ``rule`` on ``images``.
 
     Both files appear only once the model passed: a model over tolerance raises
     :class:`~dms_lightning.export.parity.ParityError` with the figures and nothing is left at ``path`` or
-    ``encodings_path`` (default :func:`default_encodings_path`). ``on_checked(result, pytorch_logits,
+    ``encodings_path`` (default :func:`default_encodings_path`), written in AIMET format ``encodings_version``
+    (:data:`~dms_lightning.export.encodings.ENCODINGS_VERSIONS`). ``on_checked(result, pytorch_logits,
     onnx_logits)`` runs before the judgement (to log or draw the figures, passed or not).
 
     Raises:
         NotQuantizedError: the export holds no QuantizeLinear/DequantizeLinear (no fake-quant op ran).
         ParityError: the QDQ graph disagrees with ``model`` beyond ``rule``.
     """
+    check_encodings_version(encodings_version)
     path = Path(path)
     encodings_path = Path(encodings_path) if encodings_path is not None else default_encodings_path(path)
     label = label or path.stem
@@ -105,5 +107,5 @@ def export_int8(model: nn.Module, example_input: torch.Tensor, path: str | Path,
                            "saturate (ONNX Runtime recommends reduce_range or symmetric activations); an NPU runs "
                            "the graph's semantics")
         stripped = strip_qdq(proto)
-    write_encodings(stripped.encodings, encodings_path)
+    write_encodings(stripped.encodings, encodings_path, encodings_version)
     return Int8Export(path, encodings_path, result, fused, stripped, reference, candidate)

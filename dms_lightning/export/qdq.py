@@ -41,8 +41,9 @@ from dms_lightning.utils.io import atomic_path
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
-#: Version of the AIMET encodings format written (``"version"`` of every encodings JSON of the package).
-ENCODINGS_VERSION = "0.6.1"
+#: Layout of the in-memory encodings document (``StrippedQDQ.encodings``): AIMET's format 0.6.1, sections keyed by
+#: tensor name. :func:`~dms_lightning.export.encodings.write_encodings` writes it in the format version asked for.
+DOCUMENT_VERSION = "0.6.1"
 
 #: Metadata key of a QDQ model with ``{integer weight initializer: bits}`` for weights below 8 bits (their
 #: container is int8; the encodings carry the real width).
@@ -300,7 +301,7 @@ class StrippedQDQ:
     @property
     def encodings(self) -> dict:
         """The AIMET / SNPE ``--quantization_overrides`` JSON document (the one format every producer writes)."""
-        return {"version": ENCODINGS_VERSION, "activation_encodings": self.activation_encodings,
+        return {"version": DOCUMENT_VERSION, "activation_encodings": self.activation_encodings,
                 "param_encodings": self.param_encodings}
 
 

@@ -16,7 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from dms_lightning.export.fit_end import FitEndExporter
 from dms_lightning.export.calibration import INPUT_LIST, write_calibration_raws
 from dms_lightning.export.callbacks import default_export_dir, log_parity
-from dms_lightning.export.encodings import check_encodings_coverage, write_encodings
+from dms_lightning.export.encodings import (
+    DEFAULT_ENCODINGS_VERSION,
+    check_encodings_coverage,
+    check_encodings_version,
+    write_encodings,
+)
 from dms_lightning.export.int8 import export_int8
 from dms_lightning.export.manifest import directory_record, export_run, file_record, update_manifest
 from dms_lightning.export.metadata import onnx_metadata
@@ -94,6 +99,8 @@ class SNPEExport(FitEndExporter):
         int8_variant: name of a registered INT8 variant to take encodings from (default: the network's own
             fake-quant if any, else the latest registered INT8 QDQ variant, else FP32 without encodings).
         require_full_coverage: also fail when weighted layers have no encoding (see ``check_encodings_coverage``).
+        encodings_version: AIMET encodings format of ``encodings.json``: ``"1.0.0"`` (default; aimet-onnx 2.x
+            and current QNN / QAIRT converters) or ``"0.6.1"`` (legacy SNPE 1.x / early QNN).
         atol / min_top1_agreement / int8_min_top1_agreement: parity tolerances of the bundle's model.
 
     Example:
@@ -122,6 +129,7 @@ class SNPEExport(FitEndExporter):
         atol: float = 1e-3,
         min_top1_agreement: float = 0.99,
         int8_min_top1_agreement: float = 0.95,
+        encodings_version: str = DEFAULT_ENCODINGS_VERSION,
     ) -> None:
         super().__init__()
         if not bundle_name or any(c in bundle_name for c in "/\\") or bundle_name.startswith("."):
@@ -155,6 +163,7 @@ class SNPEExport(FitEndExporter):
         self.calibration_images, self.calibration_split = calibration_images, calibration_split
         self.htp_socs, self.qnn_lib_target, self.int8_variant = htp_socs, qnn_lib_target, int8_variant
         self.require_full_coverage = require_full_coverage
+        self.encodings_version = check_encodings_version(encodings_version, "SNPEExport.encodings_version")
         self.atol, self.min_top1_agreement = atol, min_top1_agreement
         self.int8_min_top1_agreement = int8_min_top1_agreement
         self.bundle: Path | None = None
@@ -202,7 +211,7 @@ class SNPEExport(FitEndExporter):
                               min_top1_agreement=self.int8_min_top1_agreement)
             written = export_int8(source.model, example, staging / QDQ_MODEL, images, rule=rule, metadata=metadata,
                                   encodings_path=staging / ENCODINGS, opset=self.opset, dynamic_batch=False,
-                                  label=f"{self.bundle_name}/{QDQ_MODEL}")
+                                  label=f"{self.bundle_name}/{QDQ_MODEL}", encodings_version=self.encodings_version)
             qdq_proto, parity, stripped = onnx.load(str(staging / QDQ_MODEL)), written.parity, written.stripped
             origin = "network fake-quant (QAT)"
         else:
@@ -225,16 +234,17 @@ class SNPEExport(FitEndExporter):
             parity, _, _ = check_parity(source.model, staging / MODEL, images, atol=self.atol,
                                         min_top1_agreement=self.min_top1_agreement, label=f"{self.bundle_name}/{MODEL}")
             log_parity(trainer, f"{self.bundle_name}_fp32", parity)
-            return {"precision": "fp32", "encodings": None, "encodings_source": None,
+            return {"precision": "fp32", "encodings": None, "encodings_version": None, "encodings_source": None,
                     "parity": parity.to_dict(), "coverage": None}
         log_parity(trainer, f"{self.bundle_name}_int8", parity)
         if stripped is None:
             stripped = strip_qdq(qdq_proto)
-            write_encodings(stripped.encodings, staging / ENCODINGS)
+            write_encodings(stripped.encodings, staging / ENCODINGS, self.encodings_version)
         onnx.save(stripped.model, str(staging / MODEL))
         coverage = check_encodings_coverage(stripped.model, stripped.encodings, stripped.quantized_tensors)
         self._report_coverage(coverage)
-        return {"precision": "int8", "encodings": ENCODINGS, "encodings_source": origin,
+        return {"precision": "int8", "encodings": ENCODINGS, "encodings_version": self.encodings_version,
+                "encodings_source": origin,
                 "parity": parity.to_dict(), "coverage": coverage.to_dict()}
 
     def _registered_int8(self, trainer: Trainer):
@@ -294,6 +304,7 @@ class SNPEExport(FitEndExporter):
             "model": MODEL,
             "precision": model_info["precision"],
             "encodings": model_info["encodings"],
+            "encodings_version": model_info["encodings_version"],
             "encodings_source": model_info["encodings_source"],
             "encodings_coverage": model_info["coverage"],
             "input": {"name": "input", "onnx_shape": [1, channels, height, width],

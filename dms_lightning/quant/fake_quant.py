@@ -14,6 +14,13 @@ Post-training calibration (:func:`dms_lightning.quant.calibration.calibrate`) at
 (:mod:`dms_lightning.quant.observers`) to each activation quantizer and switches every quantizer to pass
 its input through, so statistics come from the float network; :meth:`FakeQuantizer.set_range` then fixes
 the chosen range.
+
+A quantizer that knows the discrete values its input takes (``exact_values``: the network input, which is an
+8-bit camera frame normalised by a mean and a std) keeps every one of them away from a rounding tie. The
+min/max grid of a ``mean=0.5`` input has a step of exactly one pixel and puts *every* pixel half-way between
+two levels, where runtimes round differently (torch and ONNX Runtime: half to even; AIMET's simulation: half
+up), so the same encodings gave different integers on each. The step is widened by 1/levels at a time until
+no value is within :data:`TIE_MARGIN` of a tie.
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ if TYPE_CHECKING:
     from dms_lightning.quant.observers import RangeEstimator
 
 _MIN_SCALE = 1e-8
+#: Distance (in grid steps) every ``exact_values`` entry keeps from a rounding tie: float32 rounding of
+#: ``x / scale`` is ~1e-5 steps, so the result does not depend on how a runtime divides or rounds.
+TIE_MARGIN = 1e-3
+_TIE_SEARCH_STEPS = 16
 
 
 def _tracing() -> bool:
@@ -78,6 +89,8 @@ class FakeQuantizer(nn.Module):
         # Calibration state: plain attributes, never saved in a state_dict or checkpoint.
         self.range_estimator: RangeEstimator | None = None
         self.bypass = False
+        # The discrete values the input takes, when known (set by the quantization callbacks from the datamodule).
+        self.exact_values: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         kind = "weight" if self.is_weight else "activation"
@@ -110,12 +123,35 @@ class FakeQuantizer(nn.Module):
         quant_min, quant_max = self.spec.quant_range
         if self.spec.symmetric:
             limit = self.spec.symmetric_limit
-            self.scale.copy_(torch.clamp(torch.maximum(-low, high) / limit, min=_MIN_SCALE))
-            self.zero_point.zero_()
+            scale = torch.clamp(torch.maximum(-low, high) / limit, min=_MIN_SCALE)
         else:
             scale = torch.clamp((high - low) / (quant_max - quant_min), min=_MIN_SCALE)
-            self.scale.copy_(scale)
-            self.zero_point.copy_(torch.clamp(quant_min - torch.round(low / scale), quant_min, quant_max).int())
+        if self.exact_values is not None and not self.per_channel:
+            scale = self._tie_free_scale(scale, low)
+        self.scale.copy_(scale)
+        if self.spec.symmetric:
+            self.zero_point.zero_()
+        else:
+            self.zero_point.copy_(self._zero_point(scale, low))
+
+    def _zero_point(self, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        quant_min, quant_max = self.spec.quant_range
+        if self.spec.symmetric:
+            return torch.zeros_like(scale, dtype=torch.int32)
+        return torch.clamp(quant_min - torch.round(low / scale), quant_min, quant_max).int()
+
+    def _tie_free_scale(self, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """The smallest step ``>= scale`` (in 1/levels increments) leaving every exact value off a rounding tie."""
+        quant_min, quant_max = self.spec.quant_range
+        values = self.exact_values.detach().to(torch.float64).flatten()
+        for step in range(_TIE_SEARCH_STEPS):
+            # float32, as stored in the buffer and in the ONNX initializer.
+            candidate = (scale.double() * (1 + step / (quant_max - quant_min))).float()
+            grid = values / candidate.double() + self._zero_point(candidate, low).double()
+            inside = grid[(grid > quant_min - 0.5) & (grid < quant_max + 0.5)]  # the rest clamps, deterministic
+            if inside.numel() == 0 or float(((inside - inside.floor()) - 0.5).abs().min()) >= TIE_MARGIN:
+                return candidate
+        return scale
 
     @torch.no_grad()
     def set_range(self, low: float, high: float) -> None:

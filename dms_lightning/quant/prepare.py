@@ -107,6 +107,21 @@ def float_model(model: nn.Module) -> nn.Module | None:
     return wrapped_float_network(model)
 
 
+def graph_input_quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    """The activation quantizers reading a network input directly (one per quantized input of each traced graph)."""
+    found: list[FakeQuantizer] = []
+    for module in model.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op == "call_module" and str(node.target).startswith(f"{ACTIVATION_QUANTIZERS}.") \
+                    and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
+                quantizer = module.get_submodule(str(node.target))
+                if isinstance(quantizer, FakeQuantizer) and all(quantizer is not q for q in found):
+                    found.append(quantizer)
+    return found
+
+
 def quantizable_layers(model: nn.Module, config: QuantizationConfig) -> list[str]:
     """Names of the conv / linear layers of ``model`` that ``config`` would quantize."""
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and config.selects(name, m)]

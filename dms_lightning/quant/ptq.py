@@ -29,7 +29,9 @@ from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import (
     QuantizerWrapping,
     check_target_quantizable,
+    datamodule_input_values,
     quantize_target,
+    set_input_values,
     target_is_quantized,
 )
 from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
@@ -257,6 +259,7 @@ class PostTrainingQuantization(Callback):
         test_loader = _split_loader(trainer, "test")
         reference = self._predictions(pl_module, test_loader)
         quantize_target(pl_module, self.config)
+        set_input_values(pl_module, datamodule_input_values(trainer))
         target = compression_target(pl_module)
         self.ranges = calibrate(target, batches, self.calibration)
         self.result = {"calibration_method": self.calibration.method, "calibration_batches": len(batches),

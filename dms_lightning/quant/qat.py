@@ -16,7 +16,9 @@ from dms_lightning.quant.spec import activation_spec, weight_spec
 from dms_lightning.quant.target import (
     QuantizerWrapping,
     check_target_quantizable,
+    datamodule_input_values,
     quantize_target,
+    set_input_values,
     target_is_quantized,
 )
 from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
@@ -185,6 +187,8 @@ class QuantizationAwareTraining(Callback):
                            f"({self.config.weight.bits}-bit weights, {self.config.activation.bits}-bit activations)")
         if self.quantized_since is None:
             self.quantized_since = epoch
+        # Every epoch: a resumed run rebuilt the quantizers from the checkpoint.
+        set_input_values(pl_module, datamodule_input_values(trainer))
         observers = self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch
         bn_frozen = self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch
         if bn_frozen and epoch == self.freeze_bn_epoch:

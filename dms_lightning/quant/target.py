@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from dms_lightning.quant.prepare import QuantizationConfig, float_model, is_quantized, prepare_qat, quantizable_layers
+from dms_lightning.quant.prepare import (
+    QuantizationConfig,
+    float_model,
+    graph_input_quantizers,
+    is_quantized,
+    prepare_qat,
+    quantizable_layers,
+)
 from dms_lightning.utils.checkpoint import QUANTIZER_WRAPPING, ArchitectureChange
 from dms_lightning.utils.compression import compression_target, feature_layers
 
@@ -68,6 +77,27 @@ def quantize_target(pl_module: nn.Module, config: QuantizationConfig) -> list[st
         raise ValueError(f"{type(pl_module).__name__} has no quantizable layer (Conv2d / Linear) in its compression "
                          f"target under the quantization config {config.to_dict()}")
     return replaced
+
+
+def datamodule_input_values(trainer: Trainer) -> torch.Tensor | None:
+    """The discrete values the run's network input takes (``datamodule.input_values()``), when the datamodule says."""
+    method = getattr(getattr(trainer, "datamodule", None), "input_values", None)
+    return method() if callable(method) else None
+
+
+def set_input_values(pl_module: nn.Module, values: torch.Tensor | None) -> int:
+    """Give the quantizers of the target's inputs the values their input takes, so no value sits on a rounding tie.
+
+    Returns the number of quantizers set; ranges already calibrated are recomputed.
+    """
+    if values is None:
+        return 0
+    quantizers = [q for parent, name in _slots(pl_module, None) for q in graph_input_quantizers(getattr(parent, name))]
+    for quantizer in quantizers:
+        quantizer.exact_values = values
+        if bool(quantizer.initialized):
+            quantizer.update_qparams()
+    return len(quantizers)
 
 
 def dequantize_target(pl_module: nn.Module) -> None:
