@@ -330,19 +330,27 @@ class BatchNormReestimation(Callback):
             return None  # cumulative averages: every step counts equally, they do not lag by a time constant
         return math.ceil(SETTLE_TIME_CONSTANTS / max(min(momenta), 1e-6))
 
+    @staticmethod
+    def short_epoch(trainer: Trainer, model: nn.Module) -> tuple[int, int] | None:
+        """``(optimizer steps per epoch, steps to settle)`` when an epoch of ``trainer`` is too short for the
+        running averages of ``model``'s BatchNorms to settle (:meth:`settle_steps`), else ``None``."""
+        steps = trainer.num_training_batches
+        settle = BatchNormReestimation.settle_steps(model)
+        if settle is None or not isinstance(steps, int) or math.isinf(steps):
+            return None
+        steps_per_epoch = steps // max(1, trainer.accumulate_grad_batches)
+        return (steps_per_epoch, settle) if steps_per_epoch < settle else None
+
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Here, not in on_fit_start: the training dataloader (and its length) is set up just before.
-        steps = trainer.num_training_batches
-        accumulate = max(1, trainer.accumulate_grad_batches)
-        settle = self.settle_steps(compression_target(pl_module))
-        if self.every_epoch != "auto" or settle is None or not isinstance(steps, int) or math.isinf(steps):
+        if self.every_epoch != "auto":
             return
-        steps_per_epoch = steps // accumulate
-        self._per_epoch = steps_per_epoch < settle
-        if self._per_epoch:
-            rank_zero_info(f"[BatchNormReestimation] {steps_per_epoch} optimizer steps per epoch, fewer than the "
-                           f"{settle} BatchNorm's running averages need to settle: re-estimating them after every "
+        short = self.short_epoch(trainer, compression_target(pl_module))
+        self._per_epoch = short is not None
+        if short is not None:
+            rank_zero_info(f"[BatchNormReestimation] {short[0]} optimizer steps per epoch, fewer than the "
+                           f"{short[1]} BatchNorm's running averages need to settle: re-estimating them after every "
                            "epoch's training steps, before validation")
 
     # ---------------------------------------------------------------- events

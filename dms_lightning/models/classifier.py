@@ -126,13 +126,11 @@ class ClassificationModule(LightningModule):
         # A few hundred images give a handful of optimizer steps per epoch: BatchNorm's running averages (a
         # time constant of 1 / momentum steps) then lag the weights and evaluation-mode BatchNorm feeds the
         # head the wrong distribution (a distilled student at 77 % instead of 100 % on a 150-image set).
-        trainer = self.trainer
-        steps, accumulate = trainer.num_training_batches, max(1, trainer.accumulate_grad_batches)
-        settle = BatchNormReestimation.settle_steps(self.compression_target)
-        if find_reestimation(trainer) is not None or settle is None or not isinstance(steps, int) or math.isinf(steps):
+        if find_reestimation(self.trainer) is not None:
             return
-        if steps // accumulate < settle:
-            rank_zero_warn(f"{steps // accumulate} optimizer steps per epoch, fewer than the {settle} that BatchNorm's "
+        short = BatchNormReestimation.short_epoch(self.trainer, self.compression_target)
+        if short is not None:
+            rank_zero_warn(f"{short[0]} optimizer steps per epoch, fewer than the {short[1]} that BatchNorm's "
                            "running statistics need to settle: evaluation (and every exported model) will use stale "
                            "statistics. Set model.bn_reestimation: true (re-estimates them from the training images "
                            "after each epoch and at the end) or add a BatchNormReestimation callback")
