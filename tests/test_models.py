@@ -102,3 +102,31 @@ def test_bn_momentum_defaults_to_short_run_value_and_can_keep_torchvision():
     assert momenta(DMSClassifier("mobilenet_v3_small", image_size=32, bn_momentum=None)) == {0.01}
     with pytest.raises(ValueError, match="bn_momentum=0.0"):
         build_backbone("mobilenet_v3_small", bn_momentum=0.0)
+
+
+def test_inverted_residual_blocks_start_as_the_identity_and_resnet_blocks_keep_torchvision_init():
+    from torchvision.models.mobilenetv3 import InvertedResidual
+
+    student = build_backbone("mobilenet_v3_small").eval()
+    blocks = [m for m in student.modules() if isinstance(m, InvertedResidual) and m.use_res_connect]
+    assert len(blocks) == 6
+    x = torch.randn(2, blocks[0].block[0][0].in_channels, 6, 6)
+    assert torch.equal(blocks[0](x), x)  # branch output is BatchNorm's beta (0): the block is the identity
+    teacher = build_backbone("resnet18")
+    assert all(bool((b.bn2.weight == 1).all()) for b in teacher.modules() if hasattr(b, "bn2"))
+    assert build_backbone("resnet18", zero_init_residual=True).layer1[0].bn2.weight.abs().sum() == 0
+    untouched = build_backbone("mobilenet_v3_small", zero_init_residual=False)
+    assert all(bool((b.block[-1][1].weight == 1).all()) for b in untouched.modules()
+               if isinstance(b, InvertedResidual) and b.use_res_connect)
+
+
+def test_loaded_weights_replace_the_zero_initialised_scales(tmp_path):
+    trained = build_backbone("mobilenet_v3_small", zero_init_residual=False)
+    with torch.no_grad():
+        for module in trained.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(0.5)
+    torch.save(trained.state_dict(), tmp_path / "w.pth")
+    loaded = build_backbone("mobilenet_v3_small", weights=str(tmp_path / "w.pth"))
+    norms = [m for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(bool((m.weight == 0.5).all()) for m in norms)

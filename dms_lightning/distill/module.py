@@ -78,8 +78,10 @@ class DistillationModule(ClassificationModule):
             views) or a data module that does not augment; about half of a CPU distillation step is the
             teacher. Not used with ``feature_hints`` (they compare whole feature maps); switched off with a
             warning when no image repeated in the first two epochs.
-        optimizer, lr_scheduler, label_smoothing, bn_momentum, class_weights, bn_reestimation, channels_last:
-            as for :class:`~dms_lightning.DMSClassifier` (``bn_momentum`` applies to a student built by name;
+        optimizer, lr_scheduler, label_smoothing, bn_momentum, class_weights, bn_reestimation, channels_last,
+        zero_init_residual:
+            as for :class:`~dms_lightning.DMSClassifier` (``bn_momentum`` and ``zero_init_residual`` apply to a
+            student built by name;
             ``class_weights`` weigh the hard-label term only; ``channels_last`` covers the teacher too).
 
     Example:
@@ -116,6 +118,7 @@ class DistillationModule(ClassificationModule):
         teacher_cache: bool = False,
         bn_reestimation: bool = False,
         channels_last: bool = True,
+        zero_init_residual: bool | None = None,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights, bn_reestimation, channels_last)
@@ -134,7 +137,7 @@ class DistillationModule(ClassificationModule):
 
         if isinstance(student, str):
             self.model = build_backbone(student, num_classes, in_channels, student_head, student_head_hidden,
-                                        dropout, student_weights, bn_momentum)
+                                        dropout, student_weights, bn_momentum, zero_init_residual)
         else:
             self.model = student
         self._check_classifier(self.model, "model.student")

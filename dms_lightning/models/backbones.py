@@ -127,6 +127,7 @@ def build_backbone(
     dropout: float = 0.2,
     weights: str | None = None,
     bn_momentum: float | None = None,
+    zero_init_residual: bool | None = None,
 ) -> nn.Module:
     """A torchvision classifier for ``in_channels``-channel images and ``num_classes`` classes.
 
@@ -142,6 +143,9 @@ def build_backbone(
             MobileNet/EfficientNet/MnasNet use 0.01 (tuned for 600-epoch ImageNet runs): in a run of a few
             hundred steps the running statistics lag the weights and evaluation collapses to chance;
             0.1 (PyTorch's default, and ResNet's) suits short runs.
+        zero_init_residual: start residual blocks as the identity (:func:`zero_init_residual_branches`):
+            ``True`` every additive residual block, ``False`` none (torchvision's initialisation), ``None``
+            (default) the inverted residuals of MobileNet / EfficientNet / MnasNet only.
 
     Example:
         >>> model = build_backbone("resnet18", num_classes=5, in_channels=1)
@@ -162,6 +166,8 @@ def build_backbone(
         raise ValueError(f"bn_momentum={bn_momentum!r} must be in (0, 1], or None to keep torchvision's value")
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if zero_init_residual is None or zero_init_residual:
+        zero_init_residual_branches(model, inverted_only=zero_init_residual is None)
     if weights is not None:
         _load_matching(model, load_state_dict_file(weights), weights)
     _adapt_first_conv(model, in_channels)
@@ -171,6 +177,46 @@ def build_backbone(
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = bn_momentum
     return model
+
+
+def _residual_branch_norm(block: nn.Module, inverted_only: bool) -> nn.BatchNorm2d | None:
+    """The BatchNorm that closes the residual branch of a torchvision block, ``None`` for any other module."""
+    from torchvision.models import efficientnet, mnasnet, mobilenetv2, mobilenetv3, resnet
+
+    if isinstance(block, resnet.BasicBlock) and not inverted_only:
+        return block.bn2
+    if isinstance(block, resnet.Bottleneck) and not inverted_only:
+        return block.bn3
+    if isinstance(block, (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual, efficientnet.MBConv,
+                          efficientnet.FusedMBConv, mnasnet._InvertedResidual)):
+        if not getattr(block, "use_res_connect", getattr(block, "apply_residual", False)):
+            return None
+        branch = getattr(block, "block", None) or getattr(block, "conv", None) or block.layers
+        norms = [m for m in branch.modules() if isinstance(m, nn.BatchNorm2d)]
+        return norms[-1] if norms else None
+    return None
+
+
+def zero_init_residual_branches(model: nn.Module, inverted_only: bool = False) -> int:
+    """Zero the scale of the last BatchNorm of every residual branch, so each block starts as the identity.
+
+    Goyal et al. (2017), "Accurate, Large Minibatch SGD", section 5.1 (torchvision's ResNet option
+    ``zero_init_residual``), here for MobileNet / EfficientNet / MnasNet inverted residuals too. A network
+    built this way starts as a shallow one and deepens as the branches learn; on few optimizer steps it
+    trains markedly faster. Measured on 150 synthetic DMS images (64 px, 15 epochs), the distilled
+    MobileNetV3-small student: 41.8 % → 50.5 % top-1 (3 seeds); the ResNet-18 teacher lost (71.4 % → 63.4 %,
+    one seed), hence ``inverted_only``: MobileNet / EfficientNet / MnasNet inverted residuals only, the
+    default of :func:`build_backbone`. Returns the number of blocks changed (0 for architectures without
+    additive residuals, e.g. ShuffleNet).
+    """
+    count = 0
+    for module in model.modules():
+        norm = _residual_branch_norm(module, inverted_only)
+        if norm is not None and norm.weight is not None:
+            with torch.no_grad():
+                norm.weight.zero_()
+            count += 1
+    return count
 
 
 def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -260,6 +260,11 @@ class DMSClassifier(ClassificationModule):
         channels_last: train and evaluate in NHWC memory format (input and conv weights), ~20-35 % faster
             convolutions on CPUs and on GPUs with mixed precision; the values, checkpoints and exported
             files are the same either way.
+        zero_init_residual: start residual blocks as the identity by zeroing the scale of their last
+            BatchNorm; trains faster from scratch, most of all on few steps
+            (:func:`~dms_lightning.models.backbones.zero_init_residual_branches`). ``None`` (default): the
+            inverted residuals of MobileNet / EfficientNet / MnasNet; ``True``: ResNet blocks too; ``False``:
+            torchvision's initialisation. Weights loaded from ``weights`` replace it.
 
     Example:
         >>> model = DMSClassifier("mobilenet_v3_small", num_classes=5, image_size=64)
@@ -285,12 +290,13 @@ class DMSClassifier(ClassificationModule):
         class_weights: list[float] | None = None,
         bn_reestimation: bool = False,
         channels_last: bool = True,
+        zero_init_residual: bool | None = None,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights, bn_reestimation, channels_last)
         self.save_hyperparameters()
         self.model = build_backbone(backbone, num_classes, in_channels, head, head_hidden, dropout, weights,
-                                    bn_momentum)
+                                    bn_momentum, zero_init_residual)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
