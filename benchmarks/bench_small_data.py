@@ -51,6 +51,7 @@ from dms_lightning.report.measure import _Runner, evaluate_onnx, per_class_metri
 from dms_lightning.report.safety import DMS_SAFETY_CLASSES  # noqa: E402
 from dms_lightning.utils.io import write_text_atomic  # noqa: E402
 
+EARLIER = "## Earlier runs"
 ARMS = ("teacher", "alone", "distilled_no_bn", "distilled", "int8")
 ARM_TITLES = {"teacher": "teacher (ResNet-18)", "alone": "student alone", "distilled_no_bn":
               "distilled (defaults)", "distilled": "distilled + BN re-est.", "int8": "distilled + BN re-est., INT8 (PTQ)"}
@@ -227,7 +228,8 @@ def main() -> None:
     text = "\n".join([
         "# Small data: the default distillation recipe on a few hundred images\n",
         f"`benchmarks/bench_small_data.py`: {args.epochs} epochs per model, {args.image_size} px, plain `Trainer`, "
-        "library defaults (AdamW lr 1e-3, batch size auto: 8 for 150 images, warm-up + cosine, BatchNorm momentum 0.1); ONNX Runtime top-1 "
+        "library defaults (AdamW lr 1e-3, batch size auto: 8 for 150 images, warm-up + cosine, BatchNorm momentum 0.1, "
+        "the student's inverted residual blocks zero-initialised); ONNX Runtime top-1 "
         f"on the test split ({args.test_size} synthetic images; 40 lfw images). Each cell: top-1 % / worst "
         "safety-class recall % (synthetic: eyes_closed, phone, looking_away; lfw: the worse of face / non-face), "
         "mean ± std over seeds.\n",
@@ -241,6 +243,10 @@ def main() -> None:
     ])
     print(text)
     if not args.quick:
+        # Hand-written notes on earlier runs (what changed since, and what it gave) are kept below the table.
+        previous = Path(args.output).read_text() if Path(args.output).is_file() else ""
+        if EARLIER in previous:
+            text += "\n" + EARLIER + previous.split(EARLIER, 1)[1]
         write_text_atomic(args.output, text)
 
 

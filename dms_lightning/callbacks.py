@@ -13,6 +13,7 @@ _LOCATIONS = {
     "IterativePruning": "dms_lightning.pruning.callback",
     "QuantizationAwareTraining": "dms_lightning.quant.qat",
     "PostTrainingQuantization": "dms_lightning.quant.ptq",
+    "QuantizationSensitivity": "dms_lightning.report.sensitivity",
     "ONNXExport": "dms_lightning.export.callbacks",
     "SNPEExport": "dms_lightning.export.snpe",
     "TritonExport": "dms_lightning.export.triton",

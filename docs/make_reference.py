@@ -18,6 +18,7 @@ PUBLIC = [
     ("dms_lightning.callbacks", "IterativePruning"),
     ("dms_lightning.callbacks", "QuantizationAwareTraining"),
     ("dms_lightning.callbacks", "PostTrainingQuantization"),
+    ("dms_lightning.callbacks", "QuantizationSensitivity"),
     ("dms_lightning.callbacks", "ONNXExport"),
     ("dms_lightning.callbacks", "SNPEExport"),
     ("dms_lightning.callbacks", "TritonExport"),
@@ -28,6 +29,7 @@ PUBLIC = [
     ("dms_lightning.callbacks", "PredictionWriter"),
     ("dms_lightning.pruning", "remove_pruned_channels"),
     ("dms_lightning.quant", "post_training_quantize"),
+    ("dms_lightning.quant", "quantization_sensitivity"),
     ("dms_lightning.export", "export_onnx"),
     ("dms_lightning.export", "export_fp16_onnx"),
 ]

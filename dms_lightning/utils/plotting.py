@@ -44,3 +44,19 @@ def image_grid_figure(images, titles: Sequence[str], columns: int = 8):
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def bar_chart_figure(labels: Sequence[str], values: Sequence[float], annotations: Sequence[str] | None = None, *,
+                     xlabel: str = "", title: str = ""):
+    """Horizontal bars, first label on top, with an optional text at the end of each bar."""
+    height = 1.2 + 0.32 * len(labels)
+    fig, ax = plt.subplots(figsize=(8.0, height))
+    positions = np.arange(len(labels))[::-1]
+    ax.barh(positions, values, color="tab:orange")
+    ax.set_yticks(positions, labels, fontsize=7)
+    for position, value, text in zip(positions, values, annotations or [""] * len(labels)):
+        ax.text(value, position, f" {text}", va="center", fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
