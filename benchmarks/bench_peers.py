@@ -78,6 +78,9 @@ from dms_lightning.utils.plotting import plt  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 THREADS = 1  # ONNX Runtime intra-op threads for latency (accuracy runs with 2)
+# Two p50 latencies closer than this count as equal in the verdicts (run-to-run spread of the interleaved rounds
+# on the shared 2-core machine); the table shows the raw ratio either way.
+LATENCY_NOISE = 0.03
 SAFETY_CLASSES = ("eyes_closed", "looking_away", "phone")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 MODELS = {"teacher": "ResNet-18 (teacher)", "mnv3": "MobileNetV3-small (student)", "mnv2": "MobileNetV2 (student)"}
@@ -491,10 +494,13 @@ def verdicts(cells: list[Cell]) -> list[dict]:
             continue
         best = max(peers, key=lambda c: (c.metrics["accuracy"], -c.metrics["p50_ms"]))
         a, b = ours.metrics, best.metrics
+        def faster(x: dict, y: dict) -> bool:  # x at most as slow as y, within the noise
+            return x["p50_ms"] <= y["p50_ms"] * (1 + LATENCY_NOISE)
+
         dominating = [f"{c.tool} {c.setting}" for c in peers
-                      if c.metrics["accuracy"] >= a["accuracy"] and c.metrics["p50_ms"] <= a["p50_ms"]
-                      and (c.metrics["accuracy"] > a["accuracy"] or c.metrics["p50_ms"] < a["p50_ms"])]
-        wins = a["accuracy"] >= b["accuracy"] and a["p50_ms"] <= b["p50_ms"]
+                      if c.metrics["accuracy"] >= a["accuracy"] and faster(c.metrics, a)
+                      and (c.metrics["accuracy"] > a["accuracy"] or not faster(a, c.metrics))]
+        wins = a["accuracy"] >= b["accuracy"] and faster(a, b)
         out.append({"row": key[0], "model": key[1], "ours": f"{ours.tool} {ours.setting}",
                     "best_peer": f"{best.tool} {best.setting}", "accuracy_pt": 100 * (a["accuracy"] - b["accuracy"]),
                     "latency_ratio": a["p50_ms"] / b["p50_ms"], "size_ratio": a["size_bytes"] / b["size_bytes"],
@@ -546,8 +552,9 @@ def markdown(result: dict) -> str:
             f"{m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {'' if c.seconds is None else f'{c.seconds:.1f}'} | {c.note} |")
     lines += ["", "## Ours against the best peer, row by row", "",
               "Best peer = the most accurate peer of that row and model (ties: the faster). *win*: ours at least as "
-              "accurate and at most as slow; *loss*: some peer is at least as accurate **and** at least as fast; "
-              "*trade-off*: neither.", "",
+              "accurate as the best peer and at most as slow; *loss*: some peer is at least as accurate **and** at "
+              f"least as fast (better on one); *trade-off*: neither. Latencies within {LATENCY_NOISE:.0%} count as "
+              "equal (the spread between interleaved rounds here).", "",
               "| row | model | ours | best peer | Δ accuracy (pt) | latency × peer | size × peer | wall × peer "
               "| verdict | peers at least as good on both |", "|---|---|---|---|---:|---:|---:|---:|---|---|"]
     for v in result["verdicts"]:
@@ -677,7 +684,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.render_only:
         result = json.loads(stem.with_suffix(".json").read_text())
         result["closing_notes"] = CLOSING_NOTES or result.get("closing_notes", [])
+        result["verdicts"] = verdicts([Cell(**c) for c in result["cells"]])
         write_outputs(result, stem)
+        if not args.quick and not args.output:
+            import readme_results
+
+            readme_results.main()
         return result
     # The peers log every graph pass at INFO; only this script's progress and their warnings are shown.
     logging.basicConfig(level=logging.ERROR, format="[bench_peers %(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -749,6 +761,10 @@ def main(argv: list[str] | None = None) -> dict:
               "total_seconds": time.perf_counter() - started,
               "command": "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_outputs(result, stem)
+    if not args.quick and not args.output:
+        import readme_results  # benchmarks/ is on sys.path when the script runs
+
+        readme_results.main()  # the README's "Against the peers" lines follow the saved table
     return result
 
 

@@ -59,6 +59,30 @@ def _supporting() -> list[str]:
     return rows
 
 
+def _peers() -> list[str]:
+    """One line per row of ``peers.json``: ours against the best peer, measured in the same run."""
+    path = RESULTS / "peers.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    models = {"teacher": "ResNet-18", "mnv3": "MobileNetV3-small", "mnv2": "MobileNetV2"}
+    lines = ["Against the peers (`benchmarks/bench_peers.py`: the tools a team would otherwise use, same models, "
+             f"calibration images and test split, one run of {data['total_seconds'] / 60:.0f} min, "
+             f"{data['machine'].get('cpu_model', 'a CPU')} AVX2 without VNNI; every row in "
+             "[peers.md](benchmarks/results/peers.md)):", ""]
+    for v in data["verdicts"]:
+        where = f"{v['row']}, {models.get(v['model'], v['model'])}"
+        if "best_peer" not in v:
+            lines.append(f"* {where}: {v['verdict']}.")
+            continue
+        lines.append(f"* {where}: ours {100 * v['ours_accuracy']:.1f} % at {v['ours_p50_ms']:.2f} ms vs best peer "
+                     f"({v['best_peer']}) {100 * v['peer_accuracy']:.1f} % at {v['peer_p50_ms']:.2f} ms: "
+                     f"{v['accuracy_pt']:+.1f} pt, {v['latency_ratio']:.2f}× its latency — **{v['verdict']}**"
+                     + (f" (as accurate and as fast: {'; '.join(v['dominated_by'])})" if v["dominated_by"] else "")
+                     + ".")
+    return lines
+
+
 def render() -> str:
     """The README's results section as it should read now."""
     parts = [BEGIN, "", "`benchmarks/bench_pipeline.py` (the full pipeline on the synthetic set, ONNX Runtime CPU, "
@@ -78,6 +102,9 @@ def render() -> str:
     supporting = _supporting()
     if supporting:
         parts += ["", *supporting]
+    peers = _peers()
+    if peers:
+        parts += ["", *peers]
     parts += ["", END]
     return "\n".join(parts)
 
