@@ -67,6 +67,9 @@ def test_teacher_then_distill_config_produces_the_deploy_artifacts(tmp_path, mon
     assert "student_fp32.onnx" in listed and "student_int8.onnx" in listed and "snpe_bundle" in listed
     assert (artifacts / "snpe_bundle/convert.sh").is_file()
     assert any((artifacts / "report").glob("*.md"))
+    report = (artifacts / "report/report.md").read_text()
+    assert "Quantization sensitivity of **" in report  # every quantizer of the QAT student, worst first
+    assert any((artifacts / "report").glob("*_sensitivity.png"))
     assert cli.trainer.current_epoch == 3
 
 

@@ -110,7 +110,7 @@ def test_callback_after_ptq_writes_table_json_and_chart_for_a_plain_module(tmp_p
                                                             export=False), sensitivity])
     datamodule = DMSDataModule(image_size=32, train_size=32, val_size=16, test_size=16, batch_size=16, augment=False)
     trainer.fit(_PlainModule(), datamodule)
-    (name, report), = sensitivity.reports.items()
+    (name, report), = sensitivity.sensitivity_reports.items()
     files = {p.name for p in (tmp_path / "sens").iterdir()}
     assert files == {f"{name}_sensitivity.md", f"{name}_sensitivity.json", f"{name}_sensitivity.png"}
     saved = json.loads((tmp_path / "sens" / f"{name}_sensitivity.json").read_text())
@@ -128,4 +128,18 @@ def test_callback_without_a_quantized_network_warns_and_writes_nothing(tmp_path)
     datamodule = DMSDataModule(image_size=32, train_size=16, val_size=16, test_size=16, batch_size=16, augment=False)
     with pytest.warns(UserWarning, match="no fake-quantized network"):
         trainer.fit(_PlainModule(), datamodule)
-    assert not (tmp_path / "sens").exists() and not sensitivity.reports
+    assert not (tmp_path / "sens").exists() and not sensitivity.sensitivity_reports
+
+
+def test_the_compression_report_carries_every_row_worst_first(quantized_with_labels):
+    from dms_lightning.report.measure import Report
+    from dms_lightning.report.tables import to_markdown
+
+    quantized, batches = quantized_with_labels
+    analysed = quantization_sensitivity(quantized, batches)
+    report = Report(rows=[], baseline="fp32", machine={}, settings={}, sensitivity={"student_int8": analysed.to_dict()})
+    text = to_markdown(report)
+    section = text[text.index("Quantization sensitivity of **student_int8**"):]
+    assert section.count("\n| `") == len(analysed.rows)
+    assert f"most harmful: `{analysed.rows[0].name}` ({analysed.rows[0].kind})" in section
+    assert report.to_dict()["sensitivity"]["student_int8"]["rows"][0]["name"] == analysed.rows[0].name

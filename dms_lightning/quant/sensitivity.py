@@ -70,6 +70,11 @@ class SensitivityReport:
         return {"float_accuracy": self.float_accuracy, "quantized_accuracy": self.quantized_accuracy,
                 "images": self.images, "rows": [asdict(row) for row in self.rows]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> SensitivityReport:
+        return cls(data["float_accuracy"], data["quantized_accuracy"],
+                   [QuantizerSensitivity(**row) for row in data["rows"]], data.get("images", 0))
+
     def to_markdown(self, count: int | None = 15) -> str:
         """A table of the worst ``count`` quantizers (``None``: all), accuracies in %."""
         lines = [f"Float {100 * self.float_accuracy:.2f} %, every quantizer on {100 * self.quantized_accuracy:.2f} % "

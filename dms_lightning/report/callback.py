@@ -280,6 +280,8 @@ class CompressionReport(Callback):
                            "accuracy is not measured")
         class_names = getattr(datamodule, "class_names", None) or getattr(pl_module, "class_names", None)
         self.report = self._measure(found, dataloader, class_names)
+        self.report.sensitivity = {name: analysed.to_dict() for callback in trainer.callbacks
+                                   for name, analysed in (getattr(callback, "sensitivity_reports", None) or {}).items()}
         violations = self._apply_safety_gate(self.report)
         output_dir = self._output_dir(trainer)
         self.written = dict(write_tables(self.report, output_dir))

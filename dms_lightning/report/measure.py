@@ -164,6 +164,8 @@ class Report:
     settings: dict
     #: The safety gate's policy and verdict (``report.safety``), filled in by the caller that applies it.
     safety: dict | None = None
+    #: Per-quantizer sensitivity of the run's fake-quant networks (``{name: SensitivityReport.to_dict()}``).
+    sensitivity: dict | None = None
 
     def row(self, name: str) -> VariantMetrics:
         for row in self.rows:
@@ -176,6 +178,8 @@ class Report:
                   "variants": [row.to_dict() for row in self.rows]}
         if self.safety is not None:
             result["safety"] = self.safety
+        if self.sensitivity:
+            result["sensitivity"] = self.sensitivity
         return result
 
 

@@ -39,7 +39,8 @@ class QuantizationSensitivity(Callback):
     :class:`~dms_lightning.callbacks.PostTrainingQuantization` (it reads the networks they hand down; in a run
     without them, the LightningModule itself when it holds fake quantizers). For each network it writes
     ``<dirpath>/<name>_sensitivity.{md,json,png}`` (table of the worst ``top`` quantizers, every row, bar
-    chart) and logs the chart and the table to TensorBoard (``quantization/sensitivity/<name>``).
+    chart) and logs the chart and the table to TensorBoard (``quantization/sensitivity/<name>``). A
+    :class:`~dms_lightning.callbacks.CompressionReport` placed after it adds the table to its report.
 
     Args:
         dirpath: output folder (default ``<log_dir>/quantization``).
@@ -59,7 +60,7 @@ class QuantizationSensitivity(Callback):
         if not kinds or set(kinds) - {"weight", "activation"}:
             raise ValueError(f"QuantizationSensitivity: kinds={list(kinds)!r}: choose from 'weight' and 'activation'")
         self.dirpath, self.split, self.batches, self.kinds, self.top = dirpath, split, batches, tuple(kinds), top
-        self.reports: dict[str, SensitivityReport] = {}
+        self.sensitivity_reports: dict[str, SensitivityReport] = {}
 
     def _loader(self, trainer: Trainer):
         datamodule = trainer.datamodule
@@ -84,7 +85,7 @@ class QuantizationSensitivity(Callback):
             rank_zero_warn(f"QuantizationSensitivity: the run has no {self.split} dataloader; nothing analysed")
             return
         for name, network in networks:
-            self.reports[name] = quantization_sensitivity(network, loader, batches=self.batches, kinds=self.kinds)
+            self.sensitivity_reports[name] = quantization_sensitivity(network, loader, batches=self.batches, kinds=self.kinds)
         self._write(trainer)
 
     @rank_zero_only
@@ -93,7 +94,7 @@ class QuantizationSensitivity(Callback):
 
         folder = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "quantization")
         folder.mkdir(parents=True, exist_ok=True)
-        for name, report in self.reports.items():
+        for name, report in self.sensitivity_reports.items():
             table = report.to_markdown(self.top)
             write_text_atomic(folder / f"{name}_sensitivity.md", f"# Quantization sensitivity: {name}\n\n{table}")
             write_json_atomic(folder / f"{name}_sensitivity.json", report.to_dict())

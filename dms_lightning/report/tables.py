@@ -116,6 +116,20 @@ def safety_section(report: Report) -> str:
     return head + f" **{len(violations)} violation(s):**\n\n" + "\n".join(items) + "\n"
 
 
+def sensitivity_section(report: Report) -> str:
+    """Every quantizer of each analysed network, worst first (empty when no sensitivity was measured)."""
+    from dms_lightning.quant.sensitivity import SensitivityReport
+
+    parts = []
+    for name, data in (report.sensitivity or {}).items():
+        analysed = SensitivityReport.from_dict(data)
+        worst = ", ".join(f"`{row.name}` ({row.kind})" for row in analysed.worst(3))
+        parts.append(f"Quantization sensitivity of **{name}** (every quantizer, worst first; most harmful: {worst}; "
+                     f"chart: `{name}_sensitivity.png` where QuantizationSensitivity wrote it):\n\n"
+                     + analysed.to_markdown(None))
+    return "\n".join(parts)
+
+
 def to_markdown(report: Report, title: str = "Compression report") -> str:
     """A self-contained markdown document: title, machine, settings, the table and any notes."""
     settings = report.settings
@@ -136,6 +150,9 @@ def to_markdown(report: Report, title: str = "Compression report") -> str:
     safety = safety_section(report)
     if safety:
         parts.append(safety)
+    sensitivity = sensitivity_section(report)
+    if sensitivity:
+        parts.append(sensitivity)
     notes = [f"- {row.name}: {note}" for row in report.rows for note in row.notes]
     if notes:
         parts.append("Notes:\n\n" + "\n".join(notes) + "\n")
