@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["closing_notes"] = CLOSING_NOTES or result.get("closing_notes", [])
         result["verdicts"] = verdicts([Cell(**c) for c in result["cells"]])
         write_outputs(result, stem)
-        if not args.quick and not args.output:
+        if not args.output:
             import readme_results
 
             readme_results.main()
@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
               "total_seconds": time.perf_counter() - started,
               "command": "python benchmarks/bench_peers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_outputs(result, stem)
-    if not args.quick and not args.output:
+    if not args.output:
         import readme_results  # benchmarks/ is on sys.path when the script runs
 
         readme_results.main()  # the README's "Against the peers" lines follow the saved table

@@ -62,14 +62,20 @@ def _supporting() -> list[str]:
 def _peers() -> list[str]:
     """One line per row of ``peers.json``: ours against the best peer, measured in the same run."""
     path = RESULTS / "peers.json"
+    if not path.is_file():  # until a full run is saved, the quick one, said to be one
+        path = RESULTS / "peers_quick.json"
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
+    args = data["args"]
     models = {"teacher": "ResNet-18", "mnv3": "MobileNetV3-small", "mnv2": "MobileNetV2"}
+    quick = (f" **Quick run only** (`--quick`: {args['train_size']} training images, {args['distill_epochs']} "
+             f"distillation, {args['qat_epochs']} QAT and {args['finetune_epochs']} pruning fine-tune epochs): "
+             "wiring-level numbers, not the full benchmark." if args.get("quick") else "")
     lines = ["Against the peers (`benchmarks/bench_peers.py`: the tools a team would otherwise use, same models, "
              f"calibration images and test split, one run of {data['total_seconds'] / 60:.0f} min, "
              f"{data['machine'].get('cpu_model', 'a CPU')} AVX2 without VNNI; every row in "
-             "[peers.md](benchmarks/results/peers.md)):", ""]
+             f"[{path.stem}.md](benchmarks/results/{path.stem}.md)).{quick}", ""]
     for v in data["verdicts"]:
         where = f"{v['row']}, {models.get(v['model'], v['model'])}"
         if "best_peer" not in v:
