@@ -2,7 +2,7 @@
 
     pip install -e ".[peers]" -c benchmarks/peers-constraints.txt   # NNCF, AIMET-onnx, torchao (never at run time)
     nice -n 19 python benchmarks/bench_peers.py --artifacts .          # reuse artifacts/teacher/best.ckpt
-    python benchmarks/bench_peers.py --quick                           # < 10 min, smaller data and epochs
+    python benchmarks/bench_peers.py --quick                           # smaller data and epochs (budget 10 min)
     python benchmarks/bench_peers.py --render-only                     # rewrite the table from peers.json
 
 The teacher is the main job's ResNet-18 (``--artifacts DIR`` reuses ``DIR/artifacts/teacher/best.ckpt`` from a
