@@ -68,6 +68,13 @@ def _peers() -> list[str]:
         return []
     data = json.loads(path.read_text())
     args = data["args"]
+    if args.get("quick"):
+        # A quick run's students are near chance: its verdicts would say who wins on noise. Point to it, no verdicts.
+        return [f"Against the peers (`benchmarks/bench_peers.py`): only a `--quick` wiring run is saved "
+                f"([{path.stem}.md](benchmarks/results/{path.stem}.md), {data['total_seconds'] / 60:.1f} min, "
+                f"{data['machine'].get('cpu_model', 'a CPU')}): every tool runs and its latency is measured, but "
+                f"with {args['train_size']} training images and {args['distill_epochs']} distillation epochs the "
+                "students are near chance, so it says nothing about who is more accurate. The full run is to do."]
     models = {"teacher": "ResNet-18", "mnv3": "MobileNetV3-small", "mnv2": "MobileNetV2"}
     quick = (f" **Quick run only** (`--quick`: {args['train_size']} training images, {args['distill_epochs']} "
              f"distillation, {args['qat_epochs']} QAT and {args['finetune_epochs']} pruning fine-tune epochs): "
