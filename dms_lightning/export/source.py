@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dms_lightning.export.metadata import preprocessing_info
 from dms_lightning.utils.artifacts import ParityRule
 from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
-from dms_lightning.utils.predictions import batch_images
+from dms_lightning.utils.predictions import batch_images, split_dataloaders
 
 CHECKPOINT_CHOICES = ("best", "last")
 
@@ -111,22 +111,10 @@ def uses_fake_quant(model: nn.Module, example_input: torch.Tensor) -> bool:
     return bool(recorder.seen)
 
 
-def _split_loaders(trainer: Trainer, split: str):
-    loaders = trainer.val_dataloaders if split == "val" else None
-    if loaders is None:
-        datamodule = getattr(trainer, "datamodule", None)
-        method = getattr(datamodule, f"{split}_dataloader", None)
-        if method is not None:
-            loaders = method()
-    if loaders is None and split == "train":
-        loaders = trainer.train_dataloader
-    return loaders
-
-
 def _loaders(trainer: Trainer, split: str) -> list:
     """The ``split`` dataloaders; without them (a module that brings only its own loaders) val, then train."""
     for candidate in dict.fromkeys((split, "val", "train")):
-        loaders = _split_loaders(trainer, candidate)
+        loaders = split_dataloaders(trainer, candidate)
         if loaders is not None:
             break
     else:

@@ -18,6 +18,7 @@ from dms_lightning.quant.sensitivity import SensitivityReport, named_quantizers,
 from dms_lightning.utils.artifacts import quantized_networks
 from dms_lightning.utils.io import atomic_path, write_json_atomic, write_text_atomic
 from dms_lightning.utils.plotting import bar_chart_figure
+from dms_lightning.utils.predictions import split_dataloaders
 from dms_lightning.utils.tensorboard import log_figure, log_text
 from dms_lightning.utils.validation import check_int
 
@@ -62,15 +63,6 @@ class QuantizationSensitivity(Callback):
         self.dirpath, self.split, self.batches, self.kinds, self.top = dirpath, split, batches, tuple(kinds), top
         self.sensitivity_reports: dict[str, SensitivityReport] = {}
 
-    def _loader(self, trainer: Trainer):
-        datamodule = trainer.datamodule
-        if datamodule is not None:
-            return datamodule.val_dataloader() if self.split == "val" else datamodule.test_dataloader()
-        loaders = trainer.val_dataloaders if self.split == "val" else trainer.test_dataloaders
-        if isinstance(loaders, (list, tuple)):
-            loaders = loaders[0] if loaders else None
-        return loaders
-
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         networks = [(n.name, n.network) for n in quantized_networks(trainer)]
@@ -80,7 +72,9 @@ class QuantizationSensitivity(Callback):
             rank_zero_warn("QuantizationSensitivity: no fake-quantized network in this run; place it after "
                            "QuantizationAwareTraining or PostTrainingQuantization")
             return
-        loader = self._loader(trainer)
+        loader = split_dataloaders(trainer, self.split)
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
         if loader is None:
             rank_zero_warn(f"QuantizationSensitivity: the run has no {self.split} dataloader; nothing analysed")
             return

@@ -14,6 +14,20 @@ import torch
 from torch import nn
 
 
+def split_dataloaders(trainer, split: str):
+    """The ``split`` (``"train"``, ``"val"``, ``"test"``) dataloader(s) of a run, or ``None``: the Trainer's own
+    validation loaders first, then the data module's ``<split>_dataloader()``, then the Trainer's train loader."""
+    loaders = trainer.val_dataloaders if split == "val" else None
+    if loaders is None:
+        datamodule = getattr(trainer, "datamodule", None)
+        method = getattr(datamodule, f"{split}_dataloader", None)
+        if method is not None:
+            loaders = method()
+    if loaders is None and split == "train":
+        loaders = trainer.train_dataloader
+    return loaders
+
+
 def batch_images(batch) -> torch.Tensor:
     """The image tensor of a batch: a tensor, ``(images, labels, ...)`` or a dict with an image key."""
     if isinstance(batch, torch.Tensor):
