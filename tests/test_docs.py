@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,15 +21,28 @@ def test_api_reference_is_up_to_date_with_the_code():
         "docs/reference.md is stale: run `python docs/make_reference.py`"
 
 
-def test_relative_links_in_readme_and_docs_point_at_existing_files():
-    broken = []
+def _relative_links():
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            if not (page.parent / target).exists():
-                broken.append(f"{page.name} -> {target}")
+            yield page, page.parent / target
+
+
+def test_relative_links_in_readme_and_docs_point_at_existing_files():
+    broken = [f"{page.name} -> {target.relative_to(page.parent)}"
+              for page, target in _relative_links() if not target.exists()]
     assert not broken
+
+
+def test_no_linked_file_is_git_ignored():
+    """A linked file that exists here but is ignored by git is missing from every clone."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    targets = [str(target.resolve().relative_to(ROOT)) for _, target in _relative_links() if target.exists()]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *targets], cwd=ROOT,
+                             capture_output=True, text=True).stdout.split()
+    assert not ignored, f"linked from the docs but ignored by .gitignore: {ignored}"
 
 
 def test_every_config_named_in_the_readme_exists():
