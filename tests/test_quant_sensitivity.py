@@ -66,6 +66,15 @@ def test_the_analysis_leaves_quantizers_mode_and_outputs_unchanged(quantized_wit
         assert torch.equal(quantized.eval()(batches[0][0]), before)
 
 
+def test_images_caps_the_analysed_images_across_batches(quantized_with_labels):
+    quantized, batches = quantized_with_labels
+    report = quantization_sensitivity(quantized, batches, kinds=["activation"], images=40)
+    assert report.images == 40  # all of the first batch, 8 of the second
+    full = quantization_sensitivity(quantized, batches[:1], kinds=["activation"])
+    capped = quantization_sensitivity(quantized, batches, kinds=["activation"], images=32)
+    assert capped.to_dict() == full.to_dict()
+
+
 def test_bad_input_names_what_is_wrong(quantized_with_labels):
     quantized, batches = quantized_with_labels
     with pytest.raises(ValueError, match="no fake quantizer"):

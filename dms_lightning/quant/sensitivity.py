@@ -123,6 +123,24 @@ def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
     raise ValueError("quantization_sensitivity() needs batches of (images, labels)")
 
 
+def labelled_batches(data: Iterable, batches: int | None, owner: str, images: int | None = None
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``batches`` ``(images, labels)`` of ``data``, at most ``images`` images (``None``: all), kept."""
+    kept, count = [], 0
+    for index, batch in enumerate(data):
+        if (batches is not None and index >= batches) or (images is not None and count >= images):
+            break
+        inputs, labels = _split(batch)
+        labels = torch.as_tensor(labels).reshape(-1).cpu()
+        if images is not None and count + len(labels) > images:
+            inputs, labels = inputs[:images - count], labels[:images - count]
+        kept.append((inputs, labels))
+        count += len(labels)
+    if not kept:
+        raise ValueError(f"{owner} got no batch")
+    return kept
+
+
 @torch.no_grad()
 def _logits(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], device) -> torch.Tensor:
     return torch.cat([model(images.to(device)).float().cpu() for images, _ in batches])
@@ -137,7 +155,8 @@ def _sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def quantization_sensitivity(model: nn.Module, data: Iterable, *, batches: int | None = None,
-                             kinds: Sequence[str] = ("weight", "activation")) -> SensitivityReport:
+                             kinds: Sequence[str] = ("weight", "activation"), images: int | None = None
+                             ) -> SensitivityReport:
     """Per-quantizer sensitivity of the fake-quantized ``model`` on labelled ``data``.
 
     Args:
@@ -145,6 +164,8 @@ def quantization_sensitivity(model: nn.Module, data: Iterable, *, batches: int |
             eval mode and never changes them), or a LightningModule holding one.
         data: a DataLoader (or any iterable) of ``(images, labels, ...)`` batches, e.g. the validation split.
         batches: use only the first ``batches`` batches (``None``: all).
+        images: use at most this many images (``None``: all of those batches). The cost is two forward passes
+            of them per quantizer; the SQNR column stays informative on a few dozen images.
         kinds: which quantizers to analyse: ``"weight"``, ``"activation"`` or both.
 
     Returns:
@@ -158,14 +179,7 @@ def quantization_sensitivity(model: nn.Module, data: Iterable, *, batches: int |
     if not quantizers:
         raise ValueError(f"{type(model).__name__} has no fake quantizer: prepare and calibrate it first "
                          "(dms_lightning.quant.post_training_quantize, or QuantizationAwareTraining)")
-    kept = []
-    for index, batch in enumerate(data):
-        if batches is not None and index >= batches:
-            break
-        images, labels = _split(batch)
-        kept.append((images, torch.as_tensor(labels).reshape(-1).cpu()))
-    if not kept:
-        raise ValueError("quantization_sensitivity() got no batch")
+    kept = labelled_batches(data, batches, "quantization_sensitivity()", images)
     labels = torch.cat([label for _, label in kept])
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")

@@ -47,17 +47,21 @@ class QuantizationSensitivity(Callback):
         dirpath: output folder (default ``<log_dir>/quantization``).
         split: ``"val"`` or ``"test"``: the labelled batches analysed.
         batches: batches of that split (``None``: all).
+        images: at most this many images of them (``None``: all); the cost is two forward passes of them per
+            quantizer.
         kinds: ``["weight", "activation"]`` or one of them.
         top: rows in the markdown table and the chart.
     """
 
     def __init__(self, dirpath: str | None = None, split: str = "val", batches: int | None = 4,
-                 kinds: Sequence[str] = ("weight", "activation"), top: int = 15) -> None:
+                 kinds: Sequence[str] = ("weight", "activation"), top: int = 15, images: int | None = None) -> None:
         super().__init__()
         if split not in ("val", "test"):
             raise ValueError(f"QuantizationSensitivity: split={split!r} must be 'val' or 'test'")
         check_int("QuantizationSensitivity: batches", batches, 1, optional=True, hint="(or None for the whole split)")
         check_int("QuantizationSensitivity: top", top, 1)
+        check_int("QuantizationSensitivity: images", images, 1, optional=True, hint="(or None for every image)")
+        self.images = images
         if not kinds or set(kinds) - {"weight", "activation"}:
             raise ValueError(f"QuantizationSensitivity: kinds={list(kinds)!r}: choose from 'weight' and 'activation'")
         self.dirpath, self.split, self.batches, self.kinds, self.top = dirpath, split, batches, tuple(kinds), top
@@ -79,7 +83,8 @@ class QuantizationSensitivity(Callback):
             rank_zero_warn(f"QuantizationSensitivity: the run has no {self.split} dataloader; nothing analysed")
             return
         for name, network in networks:
-            self.sensitivity_reports[name] = quantization_sensitivity(network, loader, batches=self.batches, kinds=self.kinds)
+            self.sensitivity_reports[name] = quantization_sensitivity(network, loader, batches=self.batches,
+                                                                    kinds=self.kinds, images=self.images)
         self._write(trainer)
 
     @rank_zero_only
