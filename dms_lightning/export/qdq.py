@@ -123,6 +123,7 @@ def export_qdq_onnx(model: nn.Module, example_input: torch.Tensor, path: str | P
                 proto, folded = fold_weight_quantize(onnx.load(str(float_qdq)), weight_layers(model))
             finally:
                 float_qdq.unlink(missing_ok=True)
+            proto = widen_activation_qdq(proto, wide_activations(model))
             narrow = {name: bits for name, bits in folded.items() if bits < 8}
             if narrow:
                 entry = proto.metadata_props.add()
@@ -153,6 +154,55 @@ def weight_layers(model: nn.Module) -> dict[str, tuple[str, int]]:
             layer_path = quantizer_path.rpartition(".")[0]
             layers[f"{quantizer_path}.scale"] = (layer_path, quantizer.spec.bits)
     return layers
+
+
+#: The first standard opset whose QuantizeLinear / DequantizeLinear take uint16 / int16 (16-bit activations).
+WIDE_QDQ_OPSET = 21
+
+
+def wide_activations(model: nn.Module) -> dict[str, tuple[int, bool]]:
+    """``{name of a 16-bit activation quantizer's scale buffer: (zero point, signed)}`` of a fake-quant model."""
+    return {f"{path}.scale": (int(quantizer.zero_point), quantizer.spec.signed)
+            for path, quantizer in model.named_modules()
+            if isinstance(quantizer, FakeQuantizer) and not quantizer.is_weight and quantizer.spec.bits > 8}
+
+
+def widen_activation_qdq(model: onnx.ModelProto, wide: dict[str, tuple[int, bool]]) -> onnx.ModelProto:
+    """Give the Q/DQ pairs of 16-bit activation quantizers their uint16 / int16 zero point (opset 21).
+
+    The exporter traced them as 8-bit pairs with the right scale (:class:`FakeQuantizer` does so while tracing);
+    the pair is found by its scale initializer, named after the quantizer's ``scale`` buffer. Opsets 19–21
+    only widen the types of the ops the exporter writes, so the model's default-domain opset is raised to 21.
+    """
+    if not wide:
+        return model
+    taken = {init.name for init in model.graph.initializer}
+    zero_points: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in QDQ_OPS or len(node.input) < 2 or node.input[1] not in wide:
+            continue
+        scale = node.input[1]
+        if scale not in zero_points:
+            value, signed = wide[scale]
+            name = _unique(scale.removesuffix(".scale") + ".zero_point", taken)
+            taken.add(name)
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.array(value, dtype=np.int16 if signed else np.uint16), name))
+            zero_points[scale] = name
+        if len(node.input) < 3:
+            node.input.append(zero_points[scale])
+        else:
+            node.input[2] = zero_points[scale]
+    missing = sorted(set(wide) - set(zero_points))
+    if missing:
+        raise ValueError(f"16-bit activation quantizers {missing} have no QuantizeLinear reading their scale in the "
+                         "exported graph: their 16-bit grid cannot be written")
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < WIDE_QDQ_OPSET:
+            opset.version = WIDE_QDQ_OPSET
+    model.ir_version = max(model.ir_version, 10)  # IR 10 is the first that allows opset 21
+    _prune(model.graph)
+    return model
 
 
 def fold_weight_quantize(model: onnx.ModelProto, layers: dict[str, tuple[str, int]] | None = None

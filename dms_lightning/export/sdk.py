@@ -76,8 +76,13 @@ class SDKStep:
 def conversion_steps(*, runtime: str, toolchains: tuple[str, ...] = TOOLCHAINS, has_encodings: bool,
                      model: str = "model.onnx", encodings: str = "encodings.json",
                      input_list: str = "input_list.txt", htp_socs: str = "sm8550",
-                     qnn_lib_target: str | None = None, qnn_htp_config: str | None = None) -> list[SDKStep]:
+                     qnn_lib_target: str | None = None, qnn_htp_config: str | None = None,
+                     activation_bits: int = 8) -> list[SDKStep]:
     """The SNPE and QNN steps that turn ``model`` (+ ``encodings``) into artifacts for ``runtime``.
+
+    ``activation_bits=16`` (a W8A16 model: every activation encoding is 16-bit) adds ``--act_bitwidth 16`` /
+    ``--act_bw 16``, so the tensors the SDK quantizes itself get 16 bits too; a mixed model keeps the 8-bit
+    default and its 16-bit tensors come from the encodings.
 
     SNPE: ``snpe-onnx-to-dlc`` → ``snpe-dlc-quantize`` (``--override_params`` keeps the QAT/PTQ grid,
     ``--bias_bitwidth 32``) → for HTP ``snpe-dlc-graph-prepare`` (offline graph cache for ``htp_socs``).
@@ -91,7 +96,10 @@ def conversion_steps(*, runtime: str, toolchains: tuple[str, ...] = TOOLCHAINS, 
     unknown = [t for t in toolchains if t not in TOOLCHAINS]
     if unknown or not toolchains:
         raise ValueError(f"toolchains={list(toolchains)!r} must be a non-empty subset of {list(TOOLCHAINS)}")
+    if activation_bits not in (8, 16):
+        raise ValueError(f"activation_bits={activation_bits!r} must be 8 or 16")
     overrides = ["--quantization_overrides", encodings] if has_encodings else []
+    wide = activation_bits != 8
     steps: list[SDKStep] = []
     if "snpe" in toolchains:
         steps.append(SDKStep("snpe", "snpe-onnx-to-dlc",
@@ -101,7 +109,8 @@ def conversion_steps(*, runtime: str, toolchains: tuple[str, ...] = TOOLCHAINS, 
         steps.append(SDKStep("snpe", "snpe-dlc-quantize",
                              ["--input_dlc", "snpe/model.dlc", "--input_list", input_list,
                               "--output_dlc", "snpe/model_quantized.dlc",
-                              *(["--override_params"] if has_encodings else []), "--bias_bitwidth", "32"],
+                              *(["--override_params"] if has_encodings else []), "--bias_bitwidth", "32",
+                              *(["--act_bitwidth", str(activation_bits)] if wide else [])],
                              ["snpe/model_quantized.dlc"],
                              "INT8 DLC: " + ("the QAT/PTQ encodings, calibration raws for the rest" if has_encodings
                                              else "ranges calibrated from the raws")))
@@ -114,7 +123,8 @@ def conversion_steps(*, runtime: str, toolchains: tuple[str, ...] = TOOLCHAINS, 
         quantize = runtime in ("dsp", "htp")
         converter_args = ["--input_network", model, "--output_path", "qnn/model.cpp"]
         if quantize:
-            converter_args += ["--input_list", input_list, *overrides, "--bias_bw", "32"]
+            converter_args += ["--input_list", input_list, *overrides, "--bias_bw", "32",
+                               *(["--act_bw", str(activation_bits)] if wide else [])]
         steps.append(SDKStep("qnn", "qnn-onnx-converter", converter_args, ["qnn/model.cpp", "qnn/model.bin"],
                              "ONNX → QNN C++ graph + weights" + (" (INT8)" if quantize else " (float)")))
         target = qnn_lib_target or (HOST if runtime == "htp" else "aarch64-android")

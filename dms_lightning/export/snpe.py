@@ -183,7 +183,8 @@ class SNPEExport(FitEndExporter):
             write_calibration_raws(images, staging)
             steps = conversion_steps(runtime=self.runtime, toolchains=self.toolchains,
                                      has_encodings=model_info["encodings"] is not None, htp_socs=self.htp_socs,
-                                     qnn_lib_target=self.qnn_lib_target)
+                                     qnn_lib_target=self.qnn_lib_target,
+                                     activation_bits=model_info.get("activation_bits") or 8)
             script = staging / SCRIPT
             header = f"Written by dms_lightning SNPEExport ({model_info['precision']})."
             script.write_text(render_convert_script(steps, runtime=self.runtime, header=header))
@@ -243,8 +244,10 @@ class SNPEExport(FitEndExporter):
         onnx.save(stripped.model, str(staging / MODEL))
         coverage = check_encodings_coverage(stripped.model, stripped.encodings, stripped.quantized_tensors)
         self._report_coverage(coverage)
+        widths = {entries[0]["bitwidth"] for entries in stripped.activation_encodings.values() if entries}
         return {"precision": "int8", "encodings": ENCODINGS, "encodings_version": self.encodings_version,
-                "encodings_source": origin,
+                "encodings_source": origin, "activation_bits": 16 if widths == {16} else 8,
+                "activation_bitwidths": sorted(widths),
                 "parity": parity.to_dict(), "coverage": coverage.to_dict()}
 
     def _registered_int8(self, trainer: Trainer):
@@ -307,6 +310,7 @@ class SNPEExport(FitEndExporter):
             "encodings_version": model_info["encodings_version"],
             "encodings_source": model_info["encodings_source"],
             "encodings_coverage": model_info["coverage"],
+            "activation_bitwidths": model_info.get("activation_bitwidths", []),
             "input": {"name": "input", "onnx_shape": [1, channels, height, width],
                       "device_layout": "NHWC", "device_shape": [1, height, width, channels], "dtype": "float32"},
             "calibration": {"images": len(images), "split": self.calibration_split, "input_list": INPUT_LIST},

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from dms_lightning.quant.modules import (
     QuantLinear,
     set_batch_norm_frozen,
 )
-from dms_lightning.quant.spec import QuantSpec, activation_spec, weight_spec
+from dms_lightning.quant.spec import QuantSpec, activation_spec, parse_precision, weight_spec
 from dms_lightning.utils.compression import FLOAT_NETWORK_ATTR, FloatNetworkRef, wrapped_float_network
 
 # GraphModule.__deepcopy__ and pickling keep only attributes listed here (torch.fx's user-preserved attributes).
@@ -62,6 +62,16 @@ class QuantizationConfig:
         exclude: ``fnmatch`` patterns of module names kept in float, e.g. ``"features.*.block.2.*"``.
         include: if given, only layers matching one of these ``fnmatch`` patterns are quantized (then
             ``exclude`` and ``quantize_depthwise`` still apply), e.g. ``["classifier.*"]``.
+        precision: per-layer precision overrides, ``{fnmatch pattern: "w8a16" | "w8a8" | "w4a8" | ... |
+            "float"}`` (a mapping, or pairs in order); the last matching pattern wins. ``w8a16`` keeps the
+            layer's weights at 8 bits and quantizes its input and output activations to 16 bits (what Hexagon
+            HTP runs); a tensor shared with a neighbouring 8-bit layer takes the wider grid. ``float`` keeps the
+            layer unquantized, like ``exclude``.
+
+    Example:
+        >>> config = QuantizationConfig(precision={"features.0.*": "w8a16", "classifier.*": "float"})
+        >>> config.layer_bits("features.0.0"), config.layer_bits("features.1.0"), config.layer_bits("classifier.3")
+        ((8, 16), (8, 8), None)
     """
 
     weight: QuantSpec = QuantSpec(8, symmetric=True, per_channel=True)
@@ -70,10 +80,22 @@ class QuantizationConfig:
     quantize_linear: bool = True
     exclude: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] = field(default_factory=tuple)
+    precision: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        pairs = tuple(self.precision.items()) if isinstance(self.precision, Mapping) else tuple(
+            tuple(pair) for pair in self.precision)
+        for pair in pairs:
+            if len(pair) != 2 or not isinstance(pair[0], str) or not pair[0]:
+                raise ValueError(f"precision={self.precision!r} must map layer-name patterns to precisions, "
+                                 "e.g. {'features.0.*': 'w8a16'}")
+            parse_precision(pair[1], f"precision[{pair[0]!r}]")
+        object.__setattr__(self, "precision", pairs)
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["exclude"], out["include"] = list(self.exclude), list(self.include)
+        out["precision"] = dict(self.precision)
         return out
 
     @classmethod
@@ -83,11 +105,27 @@ class QuantizationConfig:
                    activation=activation_spec(a["bits"], a["symmetric"]),
                    quantize_depthwise=data.get("quantize_depthwise", True),
                    quantize_linear=data.get("quantize_linear", True), exclude=tuple(data.get("exclude", ())),
-                   include=tuple(data.get("include", ())))
+                   include=tuple(data.get("include", ())), precision=data.get("precision", {}))
+
+    def layer_bits(self, name: str) -> tuple[int, int] | None:
+        """``(weight bits, activation bits)`` of layer ``name`` (its override, else the defaults); ``None``: float."""
+        for pattern, precision in reversed(self.precision):
+            if fnmatch.fnmatchcase(name, pattern):
+                return parse_precision(precision)
+        return self.weight.bits, self.activation.bits
+
+    def weight_spec_for(self, name: str) -> QuantSpec:
+        bits = self.layer_bits(name)
+        return self.weight if bits is None or bits[0] == self.weight.bits else replace(self.weight, bits=bits[0])
+
+    def activation_spec_for(self, name: str) -> QuantSpec:
+        bits = self.layer_bits(name)
+        return self.activation if bits is None or bits[1] == self.activation.bits else replace(
+            self.activation, bits=bits[1])
 
     def selects(self, name: str, module: nn.Module) -> bool:
         """Whether layer ``name`` is quantized under this config."""
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude) or self.layer_bits(name) is None:
             return False
         if self.include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.include):
             return False
@@ -164,7 +202,7 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None,
                          "with dms_lightning.export.ort_quantize.quantize_onnx") from err
     graph_module = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
     quantized = _swap_layers(graph_module, config)
-    _insert_activation_quantizers(graph_module, quantized, config.activation)
+    _insert_activation_quantizers(graph_module, quantized, config)
     _observe_outputs(graph_module, observed_modules)
     graph_module.graph.lint()
     graph_module.delete_all_unused_submodules()
@@ -233,16 +271,16 @@ def _swap_layers(gm: fx.GraphModule, config: QuantizationConfig) -> list[fx.Node
         if not isinstance(layer, (nn.Conv2d, nn.Linear)) or not config.selects(node.target, layer):
             continue
         if isinstance(layer, nn.Linear):
-            _set_submodule(gm, node.target, QuantLinear(layer, config.weight))
+            _set_submodule(gm, node.target, QuantLinear(layer, config.weight_spec_for(node.target)))
         else:
             users = list(node.users)
             bn = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
             if isinstance(bn, nn.BatchNorm2d) and bn.num_features == layer.out_channels and bn.track_running_stats:
                 users[0].replace_all_uses_with(node)
                 gm.graph.erase_node(users[0])
-                _set_submodule(gm, node.target, QuantConvBn2d(layer, bn, config.weight))
+                _set_submodule(gm, node.target, QuantConvBn2d(layer, bn, config.weight_spec_for(node.target)))
             else:
-                _set_submodule(gm, node.target, QuantConv2d(layer, config.weight))
+                _set_submodule(gm, node.target, QuantConv2d(layer, config.weight_spec_for(node.target)))
         quantized.append(node)
     return quantized
 
@@ -272,34 +310,41 @@ def _range_preserving_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.
     return None
 
 
-def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], spec: QuantSpec) -> None:
+def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], config: QuantizationConfig) -> None:
     modules = dict(gm.named_modules())
-    points: dict[fx.Node, None] = {}
+    points: dict[fx.Node, int] = {}  # quantized tensor -> activation bits (the widest any reader or writer asks for)
+
+    def add(point: fx.Node, bits: int) -> None:
+        points[point] = max(points.get(point, 0), bits)
+
     for node in quantized:
+        bits = config.activation_spec_for(str(node.target)).bits
         if node.args and isinstance(node.args[0], fx.Node):
-            points[node.args[0]] = None
-        points[_fused_output(node, modules)] = None
+            add(node.args[0], bits)
+        add(_fused_output(node, modules), bits)
     for node in gm.graph.nodes:  # residual adds of int8 tensors run as QLinearAdd
         if node.op == "call_function" and node.target in _ADD_FUNCTIONS or (
                 node.op == "call_method" and node.target in ("add", "add_")):
             inputs = [a for a in node.args if isinstance(a, fx.Node)]
             if len(inputs) == 2 and all(a in points for a in inputs):
-                points[_fused_output(node, modules)] = None
+                add(_fused_output(node, modules), max(points[a] for a in inputs))
 
-    container = nn.Module()
-    gm.add_module(ACTIVATION_QUANTIZERS, container)
     owner: dict[fx.Node, str] = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    group_bits: dict[str, int] = {}
     for node in gm.graph.nodes:  # graph order, so a shared quantizer's source is named first
         if node not in points:
             continue
         source = _range_preserving_input(node, modules)
-        if source is not None and source in owner:
-            name = owner[source]  # same scale on both sides, as int8 max-pool / reshape require
-        else:
-            name = node.name
-            container.add_module(name, FakeQuantizer(spec))
+        # Same scale on both sides, as int8 max-pool / reshape require; the group takes its widest grid.
+        name = owner[source] if source is not None and source in owner else node.name
         owner[node] = name
+        group_bits[name] = max(group_bits.get(name, 0), points[node])
+    container = nn.Module()
+    gm.add_module(ACTIVATION_QUANTIZERS, container)
+    for name, bits in group_bits.items():
+        spec = config.activation if bits == config.activation.bits else replace(config.activation, bits=bits)
+        container.add_module(name, FakeQuantizer(spec))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, name in owner.items():
         anchor = placeholders[-1] if node.op == "placeholder" else node
         with gm.graph.inserting_after(anchor):

@@ -11,6 +11,7 @@ same for both. For quantizing an ONNX file with ONNX Runtime instead, see
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -23,6 +24,7 @@ from typing_extensions import override
 
 from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
+from dms_lightning.quant.mixed_precision import PROMOTIONS, MixedPrecisionResult, select_mixed_precision
 from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
 from dms_lightning.quant.prepare import QuantizationConfig
 from dms_lightning.quant.spec import activation_spec, weight_spec
@@ -114,6 +116,14 @@ class PostTrainingQuantization(Callback):
         min_agreement: minimum top-1 agreement of the QDQ graph with the fake-quant model on the test split.
         exclude_op_types, exclude_nodes, include_nodes: arguments of the former ONNX Runtime-based
             callback (they named ONNX nodes); a non-empty value is an error naming its replacement.
+        precision: per-layer precision overrides, ``{layer-name pattern: "w8a16" | "w8a8" | "float" | ...}``
+            (the last matching pattern wins; see :class:`~dms_lightning.quant.QuantizationConfig`).
+        max_accuracy_drop_pt: automatic mixed precision: promote the fewest, most sensitive layers to
+            ``promote_to`` until the validation top-1 of the INT8 simulation is within this many points of the
+            float network (:func:`~dms_lightning.quant.mixed_precision.select_mixed_precision`); the chosen
+            layers are in :attr:`mixed_precision` and ``result["mixed_precision"]``. ``None``: uniform.
+        promote_to: ``"w8a16"`` (16-bit activations around a promoted layer, what HTP runs) or ``"float"``.
+        max_promoted: most layers promoted, a fraction of the quantized layers or a count.
 
     Example:
         >>> from dms_lightning.callbacks import PostTrainingQuantization
@@ -147,6 +157,10 @@ class PostTrainingQuantization(Callback):
         exclude_op_types: list[str] | None = None,
         exclude_nodes: list[str] | None = None,
         include_nodes: list[str] | None = None,
+        precision: dict[str, str] | None = None,
+        max_accuracy_drop_pt: float | None = None,
+        promote_to: Literal["w8a16", "float"] = "w8a16",
+        max_promoted: float | int = 0.2,
     ) -> None:
         super().__init__()
         if mode == "dynamic":
@@ -182,7 +196,20 @@ class PostTrainingQuantization(Callback):
             weight=weight_spec(7 if reduce_range else weight_bits, symmetric=True, per_channel=per_channel),
             activation=activation_spec(8, symmetric_activations),
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear,
-            exclude=_patterns("exclude", exclude), include=_patterns("include", include))
+            exclude=_patterns("exclude", exclude), include=_patterns("include", include),
+            precision=dict(precision or {}))
+        if max_accuracy_drop_pt is not None and (isinstance(max_accuracy_drop_pt, bool)
+                                                 or not isinstance(max_accuracy_drop_pt, (int, float))
+                                                 or max_accuracy_drop_pt < 0):
+            raise ValueError(f"max_accuracy_drop_pt={max_accuracy_drop_pt!r} must be a number >= 0 (points of "
+                             "top-1) or None (uniform precision)")
+        if promote_to not in PROMOTIONS:
+            raise ValueError(f"promote_to={promote_to!r} must be one of {list(PROMOTIONS)}")
+        if isinstance(max_promoted, bool) or not isinstance(max_promoted, (int, float)) or max_promoted < 0 or (
+                isinstance(max_promoted, float) and max_promoted > 1):
+            raise ValueError(f"max_promoted={max_promoted!r} must be a fraction in [0, 1] or a layer count >= 0")
+        self.max_accuracy_drop_pt, self.promote_to, self.max_promoted = max_accuracy_drop_pt, promote_to, max_promoted
+        self.mixed_precision: MixedPrecisionResult | None = None
         self.calibration_batches, self.calibration_split = calibration_batches, calibration_split
         self.export, self.dirpath, self.filename = export, dirpath, filename
         self.evaluate_batches, self.min_agreement = evaluate_batches, min_agreement
@@ -258,6 +285,8 @@ class PostTrainingQuantization(Callback):
         self.reestimate_batchnorm(compression_target(pl_module), batches)
         test_loader = _split_loader(trainer, "test")
         reference = self._predictions(pl_module, test_loader)
+        if self.max_accuracy_drop_pt is not None:
+            self._select_precision(trainer, pl_module, batches)
         quantize_target(pl_module, self.config)
         set_input_values(pl_module, datamodule_input_values(trainer))
         target = compression_target(pl_module)
@@ -265,6 +294,8 @@ class PostTrainingQuantization(Callback):
         self.result = {"calibration_method": self.calibration.method, "calibration_batches": len(batches),
                        "calibration_split": self.calibration_split, "config": self.config.to_dict(),
                        "activation_quantizers": len(self.ranges)}
+        if self.mixed_precision is not None:
+            self.result["mixed_precision"] = self.mixed_precision.to_dict()
         if reference is not None:
             quantized = self._predictions(pl_module, test_loader)
             self.result.update({"fp32_accuracy": accuracy(*reference), "int8_accuracy": accuracy(*quantized),
@@ -277,6 +308,28 @@ class PostTrainingQuantization(Callback):
             self.int8_networks = [QuantizedNetwork(
                 name=self.filename, network=target, producer=type(self).__name__, dirpath=self.dirpath,
                 parity=self.parity, info={k: v for k, v in self.result.items() if k != "config"})]
+
+    def _select_precision(self, trainer: Trainer, pl_module: LightningModule, batches: list[torch.Tensor]) -> None:
+        """Automatic mixed precision on the validation split; the chosen overrides join :attr:`config`."""
+        val_loader = _split_loader(trainer, "val")
+        if val_loader is None or (hasattr(val_loader, "__len__") and len(val_loader) == 0):
+            raise MisconfigurationException("PostTrainingQuantization(max_accuracy_drop_pt=...) selects the "
+                                            "precision on the validation split, and the run has none")
+        result = select_mixed_precision(compression_target(pl_module), batches, val_loader,
+                                        max_accuracy_drop_pt=self.max_accuracy_drop_pt, config=self.config,
+                                        calibration=self.calibration, promote_to=self.promote_to,
+                                        max_promoted=self.max_promoted)
+        result.model = None  # the network is quantized again below, in place
+        self.mixed_precision = result
+        self.config = replace(self.config, precision=tuple(self.config.precision) + tuple(result.precision.items()))
+        message = (f"[PostTrainingQuantization] mixed precision: {len(result.promoted)} of {result.quantized_layers} "
+                   f"layers at {result.promote_to} ({', '.join(result.promoted) or 'none'}); validation top-1 float "
+                   f"{result.float_accuracy:.4f}, uniform {result.uniform_accuracy:.4f}, mixed {result.accuracy:.4f}")
+        if result.met:
+            rank_zero_info(message)
+        else:
+            rank_zero_warn(f"{message}: the {self.max_accuracy_drop_pt} pt budget is not met with at most "
+                           f"{self.max_promoted} layers promoted (raise max_promoted or use promote_to='float')")
 
     def _predictions(self, pl_module: LightningModule, loader) -> tuple[np.ndarray, np.ndarray] | None:
         if loader is None or (hasattr(loader, "__len__") and len(loader) == 0):

@@ -59,7 +59,7 @@ class QuantizationAwareTraining(Callback):
         weight_bits: 8, 7 or 4 (narrow weights are stored in int8 QDQ containers with their own range; 7 is
             ONNX Runtime's ``reduce_range`` for x86 CPUs without VNNI, where 8-bit weights can saturate).
         per_channel_weights: one scale per output channel (``False``: one per tensor).
-        activation_bits: 8.
+        activation_bits: 8, or 16 (W8A16 everywhere: what Hexagon HTP runs at 16 bits).
         symmetric_activations: int8 with zero point 0 instead of uint8 affine.
         quantize_depthwise: also quantize depthwise convs (some CPUs run them faster in float).
         quantize_linear: also quantize ``Linear`` layers.
@@ -73,7 +73,10 @@ class QuantizationAwareTraining(Callback):
         parity_split: ``"test"`` or ``"val"`` split of ``trainer.datamodule`` used for the agreement check.
         parity_batches: number of batches of that split to compare (``None``: all).
         min_agreement: minimum top-1 agreement of the QDQ graph with the fake-quant PyTorch model.
-        opset: ONNX opset of the export.
+        opset: ONNX opset of the export (raised to 21 for 16-bit activations).
+        precision: per-layer precision overrides, ``{layer-name pattern: "w8a16" | "w8a8" | "float" | ...}``
+            (the last matching pattern wins), e.g. the ``precision`` a
+            :func:`~dms_lightning.quant.mixed_precision.select_mixed_precision` run chose as QAT's start.
 
     Example:
         >>> from dms_lightning.callbacks import QuantizationAwareTraining
@@ -104,6 +107,7 @@ class QuantizationAwareTraining(Callback):
         parity_batches: int | None = None,
         min_agreement: float = 0.99,
         opset: int = 18,
+        precision: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         check_int("start_epoch", start_epoch, minimum=0)
@@ -122,7 +126,7 @@ class QuantizationAwareTraining(Callback):
             weight=weight_spec(weight_bits, symmetric=True, per_channel=per_channel_weights),
             activation=activation_spec(activation_bits, symmetric_activations),
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear, exclude=tuple(exclude),
-            include=tuple(include))
+            include=tuple(include), precision=dict(precision or {}))
         self.start_epoch = start_epoch
         self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
         self.export, self.dirpath, self.filename, self.opset = export, dirpath, filename, opset

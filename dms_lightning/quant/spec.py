@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 #: Bit widths we can simulate and export: 8 everywhere; 4 and 7 for weights (stored in int8 QDQ containers).
 #: 7-bit weights are ONNX Runtime's ``reduce_range`` for x86 CPUs without VNNI, whose u8 × s8 integer
 #: kernels sum pairs of products in int16 and saturate with full 8-bit weights.
+#: 16-bit activations are what Hexagon HTP runs beside 8-bit weights (W8A16): in QDQ they are uint16 / int16
+#: Q/DQ pairs (opset 21), in the encodings ``bitwidth: 16``.
 WEIGHT_BITS = (4, 7, 8)
-ACTIVATION_BITS = (8,)
+ACTIVATION_BITS = (8, 16)
+
+#: Names of a layer's precision in :attr:`QuantizationConfig.precision`: ``w<weight bits>a<activation bits>``
+#: or ``float`` (the layer is not quantized).
+FLOAT = "float"
 
 
 @dataclass(frozen=True)
@@ -16,7 +23,7 @@ class QuantSpec:
     """The integer grid of a quantized tensor.
 
     Args:
-        bits: bit width (weights: 4, 7 or 8; activations: 8).
+        bits: bit width (weights: 4, 7 or 8; activations: 8 or 16).
         symmetric: zero point fixed at 0 (signed grid ``[-(2^(b-1)-1), 2^(b-1)-1]``); otherwise an
             unsigned affine grid ``[0, 2^b - 1]`` with a learned zero point.
         per_channel: one scale per output channel (weights only; axis 0 of conv / linear weights).
@@ -64,5 +71,21 @@ def activation_spec(bits: int, symmetric: bool, field: str = "activation_bits") 
     """A validated per-tensor activation spec; raises ``ValueError`` naming ``field`` for an unsupported width."""
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in ACTIVATION_BITS:
         raise ValueError(f"{field}={bits!r} is not supported: activations can be quantized to "
-                         f"{list(ACTIVATION_BITS)} bits (uint8 affine or int8 symmetric)")
+                         f"{list(ACTIVATION_BITS)} bits (unsigned affine or signed symmetric)")
     return QuantSpec(bits, symmetric, per_channel=False)
+
+
+def parse_precision(value: str, field: str = "precision") -> tuple[int, int] | None:
+    """``"w8a16"`` → ``(8, 16)``; ``"float"`` → ``None``; anything else a ``ValueError`` naming ``field``.
+
+    Example:
+        >>> parse_precision("w8a16"), parse_precision("float")
+        ((8, 16), None)
+    """
+    if value == FLOAT:
+        return None
+    match = re.fullmatch(r"w(\d+)a(\d+)", value) if isinstance(value, str) else None
+    valid = [FLOAT] + [f"w{w}a{a}" for w in WEIGHT_BITS for a in ACTIVATION_BITS]
+    if match is None or int(match[1]) not in WEIGHT_BITS or int(match[2]) not in ACTIVATION_BITS:
+        raise ValueError(f"{field}={value!r} is not a precision: use one of {valid}")
+    return int(match[1]), int(match[2])
