@@ -21,6 +21,7 @@ from dms_lightning.export.runtimes import loader_logits, ort_session, top1_agree
 from dms_lightning.quant import CalibrationConfig, QuantizationConfig, float_model, is_quantized, post_training_quantize
 from dms_lightning.quant.fake_quant import named_activation_quantizers
 from dms_lightning.quant.observers import RANGE_ESTIMATORS
+from dms_lightning.quant.prepare import graph_output_quantizers
 from dms_lightning.quant.spec import QuantSpec
 from dms_lightning.utils.artifacts import variants
 
@@ -233,6 +234,36 @@ def test_percentile_and_entropy_clip_an_outlier_that_minmax_keeps():
     # One value in 24576: clipping it costs more squared error than 8-bit rounding saves, so MSE keeps most of it.
     mse_low, mse_high = _input_range("mse")
     assert low <= mse_low < 0 < mse_high <= high
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_clipping_estimators_never_clip_the_logits(method):
+    # A clipped top logit ties with the next one and the tie picks the class by index: the network's outputs
+    # keep the range they were seen in.
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 5)).eval()
+    batches = _batches_with_outliers()
+    with torch.no_grad():
+        logits = torch.cat([net(b) for b in batches])
+    int8 = post_training_quantize(net, batches, calibration=CalibrationConfig(method, percentile=99.0))
+    (output,) = graph_output_quantizers(int8)
+    assert float(output.min_val) == pytest.approx(float(logits.min()), rel=1e-5)
+    assert float(output.max_val) == pytest.approx(float(logits.max()), rel=1e-5)
+    hidden = [q for q in named_activation_quantizers(int8).values() if q is not output]
+    assert hidden  # the other tensors are still calibrated by the estimator
+
+
+def test_entropy_is_not_fooled_by_the_zeros_of_a_relu6_output():
+    # Half of a ReLU6 output is exactly 0; the rest spreads over (0, 6]. The zero spike once made KL clip at
+    # a quarter of the range (MobileNetV2: 79 % -> 30 % top-1).
+    generator = torch.Generator().manual_seed(0)
+    values = torch.empty(200_000).exponential_(1 / 0.6, generator=generator).clamp(max=6.0)  # 4 % above 1.5
+    values[:100_000] = 0.0
+    estimator = CalibrationConfig("entropy").estimator()
+    for index in range(estimator.passes):
+        estimator.start_pass(index)
+        estimator.observe(values)
+    low, high = estimator.range(QuantSpec(8, symmetric=False, per_channel=False))
+    assert low == 0.0 and high > 4.0  # (with the zero spike counted: 1.49)
 
 
 @pytest.mark.parametrize("method", sorted(RANGE_ESTIMATORS))

@@ -27,7 +27,13 @@ from torch import fx, nn
 from dms_lightning.quant.fake_quant import FakeQuantizer, named_activation_quantizers
 from dms_lightning.quant.modules import QUANTIZED_LAYERS
 from dms_lightning.quant.observers import CalibrationConfig
-from dms_lightning.quant.prepare import QuantizationConfig, is_quantized, prepare_qat, set_quantizers_state
+from dms_lightning.quant.prepare import (
+    QuantizationConfig,
+    graph_output_quantizers,
+    is_quantized,
+    prepare_qat,
+    set_quantizers_state,
+)
 
 #: ``reestimate_batchnorm(float_model, batches)``: re-estimate BatchNorm statistics before calibration.
 BatchNormHook = Callable[[nn.Module, Sequence[torch.Tensor]], None]
@@ -137,12 +143,15 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], config: Calibra
     finally:
         model.train(was_training)
     ranges = {}
+    outputs = {id(q) for q in graph_output_quantizers(model)}
     for name, quantizer in quantizers.items():
         estimator = estimators[name]
         if not estimator.observed:
             raise ValueError(f"activation quantizer {name!r} saw no tensor during calibration: it is not on the "
                              "path of the network's forward")
-        low, high = estimator.range(quantizer.spec)
+        # The network's outputs (logits) are never clipped: a clipped top logit ties with the next one, and
+        # a tie decides the class by index. Clipping estimators did exactly that to MobileNetV2 (30 % top-1).
+        low, high = (estimator.low, estimator.high) if id(quantizer) in outputs else estimator.range(quantizer.spec)
         quantizer.set_range(low, high)
         ranges[name] = (low, high)
     set_weight_ranges(model)

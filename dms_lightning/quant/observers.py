@@ -152,6 +152,13 @@ class EntropyEstimator(HistogramEstimator):
 
     def threshold(self, hist: np.ndarray, edges: np.ndarray, spec: QuantSpec) -> float:
         levels = min(_levels(spec, self.low < 0 < self.high), len(hist))
+        # The first bin of |x| holds every exact zero: half of a ReLU / ReLU6 output. Merged with its neighbours
+        # into one level and spread back over them, that spike dominates the divergence at every threshold but
+        # the smallest, so KL picked ~1.5 for MobileNetV2's ReLU6 outputs (30 % top-1). NVIDIA's
+        # pytorch-quantization sets the zero bin to its neighbour's count for this reason; so do we.
+        hist = hist.copy()
+        if len(hist) > 1:
+            hist[0] = hist[1]
         tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = hist[i:].sum()
         best, best_index = math.inf, len(hist)
         for i in np.unique(np.linspace(levels, len(hist), self.candidates).astype(int)):

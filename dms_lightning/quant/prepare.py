@@ -160,6 +160,24 @@ def graph_input_quantizers(model: nn.Module) -> list[FakeQuantizer]:
     return found
 
 
+def graph_output_quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    """The activation quantizers whose output is a network output (a classifier's logits)."""
+    found: list[FakeQuantizer] = []
+    for module in model.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        outputs = [node for node in module.graph.nodes if node.op == "output"]
+        nodes: list[fx.Node] = []
+        for output in outputs:
+            fx.node.map_arg(output.args, nodes.append)
+        for node in nodes:
+            if node.op == "call_module" and str(node.target).startswith(f"{ACTIVATION_QUANTIZERS}."):
+                quantizer = module.get_submodule(str(node.target))
+                if isinstance(quantizer, FakeQuantizer) and all(quantizer is not q for q in found):
+                    found.append(quantizer)
+    return found
+
+
 def quantizable_layers(model: nn.Module, config: QuantizationConfig) -> list[str]:
     """Names of the conv / linear layers of ``model`` that ``config`` would quantize."""
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and config.selects(name, m)]
