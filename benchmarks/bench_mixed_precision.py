@@ -84,7 +84,9 @@ def main() -> None:
     datamodule.setup("test")
     work = Path(tempfile.mkdtemp(prefix="bench_mp_"))
     if args.checkpoint:
-        module = DMSClassifier.load_from_checkpoint(args.checkpoint, map_location="cpu")
+        saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        module = DMSClassifier(**saved["hyper_parameters"])  # what --save-checkpoint writes, or a Lightning one
+        module.load_state_dict(saved["state_dict"])
         train_seconds = 0.0
     else:
         start = time.time()
