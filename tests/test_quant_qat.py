@@ -22,13 +22,9 @@ from dms_lightning.utils.artifacts import variants
 IMAGE = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on the shared 2-core machine two OpenMP threads per test spin against other jobs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread (conftest.one_torch_thread): on 2 shared cores, two OpenMP threads per test spin
+# against other jobs.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _datamodule() -> DMSDataModule:

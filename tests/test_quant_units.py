@@ -19,13 +19,9 @@ from dms_lightning.quant.modules import QuantConvBn2d, fold_batch_norm
 from dms_lightning.quant.spec import activation_spec, weight_spec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One intra-op thread: on the shared 2-core machine two OpenMP threads per test spin against other jobs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread (conftest.one_torch_thread): on 2 shared cores, two OpenMP threads per test spin
+# against other jobs.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _optimized_op_types(onnx_path, tmp_path) -> list[str]:
