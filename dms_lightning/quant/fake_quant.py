@@ -194,9 +194,7 @@ class FakeQuantizer(nn.Module):
             # export_qdq_onnx gives it a 16-bit zero point (found by this quantizer's scale initializer).
             container = (-128, 127) if self.spec.signed else (0, 255)
             zero_point = torch.clamp(self.zero_point, *container)
-            if self.per_channel:
-                return torch.fake_quantize_per_channel_affine(x, self.scale, zero_point, 0, *container)
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, zero_point, *container)
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, zero_point, *container)  # activations: per tensor
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 0, quant_min, quant_max)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, quant_min, quant_max)

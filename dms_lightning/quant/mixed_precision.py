@@ -42,7 +42,7 @@ from dms_lightning.quant.modules import QUANTIZED_LAYERS
 from dms_lightning.quant.observers import CalibrationConfig
 from dms_lightning.quant.prepare import ACTIVATION_QUANTIZERS, QuantizationConfig, _fused_output
 from dms_lightning.quant.sensitivity import _bypassed, _logits, _sqnr_db, labelled_batches
-from dms_lightning.quant.spec import FLOAT, parse_precision
+from dms_lightning.quant.spec import FLOAT
 
 PROMOTIONS = ("w8a16", FLOAT)
 
@@ -100,6 +100,15 @@ class MixedPrecisionResult:
                 lines.append(f"| `{layer}` | {100 * row.get('accuracy', float('nan')):.2f} | "
                              f"{row.get('sqnr_db', float('nan')):.1f} |")
         return "\n".join(lines) + "\n"
+
+
+def check_selection_arguments(max_accuracy_drop_pt: float, promote_to: str) -> None:
+    """Raise a ``ValueError`` naming the field for a budget that is not a number >= 0 or an unknown promotion."""
+    if not isinstance(max_accuracy_drop_pt, (int, float)) or isinstance(max_accuracy_drop_pt, bool) \
+            or max_accuracy_drop_pt < 0:
+        raise ValueError(f"max_accuracy_drop_pt={max_accuracy_drop_pt!r} must be a number >= 0 (points of top-1)")
+    if promote_to not in PROMOTIONS:
+        raise ValueError(f"promote_to={promote_to!r} must be one of {list(PROMOTIONS)}")
 
 
 def layer_quantizers(model: nn.Module, promote_to: str = "w8a16") -> dict[str, list[FakeQuantizer]]:
@@ -172,14 +181,8 @@ def select_mixed_precision(
         mode). When the budget cannot be met within ``max_promoted``, the best set measured is returned
         with ``met`` false.
     """
-    if promote_to not in PROMOTIONS:
-        raise ValueError(f"promote_to={promote_to!r} must be one of {list(PROMOTIONS)}")
-    if not isinstance(max_accuracy_drop_pt, (int, float)) or isinstance(max_accuracy_drop_pt, bool) \
-            or max_accuracy_drop_pt < 0:
-        raise ValueError(f"max_accuracy_drop_pt={max_accuracy_drop_pt!r} must be a number >= 0 (points of top-1)")
+    check_selection_arguments(max_accuracy_drop_pt, promote_to)
     config = config or QuantizationConfig()
-    if promote_to != FLOAT:
-        parse_precision(promote_to, "promote_to")
     batches = calibration_inputs(calibration_data, calibration_batches)
     kept = labelled_batches(evaluation_data, evaluation_batches, "select_mixed_precision()")
     labels = torch.cat([label for _, label in kept])

@@ -24,7 +24,11 @@ from typing_extensions import override
 
 from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
-from dms_lightning.quant.mixed_precision import PROMOTIONS, MixedPrecisionResult, select_mixed_precision
+from dms_lightning.quant.mixed_precision import (
+    MixedPrecisionResult,
+    check_selection_arguments,
+    select_mixed_precision,
+)
 from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
 from dms_lightning.quant.prepare import QuantizationConfig
 from dms_lightning.quant.spec import activation_spec, weight_spec
@@ -198,13 +202,7 @@ class PostTrainingQuantization(Callback):
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear,
             exclude=_patterns("exclude", exclude), include=_patterns("include", include),
             precision=dict(precision or {}))
-        if max_accuracy_drop_pt is not None and (isinstance(max_accuracy_drop_pt, bool)
-                                                 or not isinstance(max_accuracy_drop_pt, (int, float))
-                                                 or max_accuracy_drop_pt < 0):
-            raise ValueError(f"max_accuracy_drop_pt={max_accuracy_drop_pt!r} must be a number >= 0 (points of "
-                             "top-1) or None (uniform precision)")
-        if promote_to not in PROMOTIONS:
-            raise ValueError(f"promote_to={promote_to!r} must be one of {list(PROMOTIONS)}")
+        check_selection_arguments(0.0 if max_accuracy_drop_pt is None else max_accuracy_drop_pt, promote_to)
         if isinstance(max_promoted, bool) or not isinstance(max_promoted, (int, float)) or max_promoted < 0 or (
                 isinstance(max_promoted, float) and max_promoted > 1):
             raise ValueError(f"max_promoted={max_promoted!r} must be a fraction in [0, 1] or a layer count >= 0")
