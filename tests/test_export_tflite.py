@@ -84,3 +84,146 @@ def test_tflite_export_validates_its_arguments_and_names_the_extra():
     if not tflite_available():
         with pytest.raises(ModuleNotFoundError, match=r"dms_lightning\[tflite\]"):
             TFLiteExport()
+
+
+class _SqueezeNet(nn.Module):
+    """The MobileNetV3 pieces the INT8 file must hold in integers: hardswish, a squeeze-excitation with
+    hardsigmoid, a residual add, a max-pool and a global average pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU())
+        self.se_fc1, self.se_fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.se_act, self.gate = nn.ReLU(), nn.Hardsigmoid()
+        self.pool, self.head = nn.MaxPool2d(2), nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x)
+        scale = self.gate(self.se_fc2(self.se_act(self.se_fc1(y.mean((2, 3), keepdim=True)))))
+        x = self.pool(x + y * scale)
+        return self.head(torch.flatten(x.mean((2, 3), keepdim=True), 1))
+
+
+def _int8_network(images):
+    from dms_lightning.quant.calibration import post_training_quantize
+
+    torch.manual_seed(0)
+    net = _SqueezeNet().eval()
+    with torch.no_grad():
+        for module in net.modules():  # non-trivial BatchNorm statistics, so folding is exercised
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    return post_training_quantize(net, [images[:16], images[16:32]]).eval()
+
+
+@needs_tflite
+def test_int8_tflite_is_full_integer_and_carries_the_fake_quant_scales(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from dms_lightning.export.encodings import encodings_from_qdq_onnx
+    from dms_lightning.export.qdq import export_qdq_onnx
+    from dms_lightning.export.tflite import check_tflite_parity, export_tflite_model, read_tflite_metadata
+    from dms_lightning.export.tflite_int8 import compare_with_encodings, float_operators
+
+    images = torch.randn(64, 3, 16, 16)
+    int8 = _int8_network(images)
+    path, form = export_tflite_model(int8, images[:1], tmp_path / "m8.tflite", precision="int8", io="int8",
+                                     calibration=images[:32])
+    interpreter = Interpreter(model_path=str(path))
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    assert float_operators(path) == []  # every operator runs in integers
+    kernels = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "HARD_SWISH", "FULLY_CONNECTED", "MAX_POOL_2D"} <= kernels
+    result = check_tflite_parity(int8, path, images, atol=None, min_top1_agreement=0.0)[0]
+    assert result.top1_agreement >= 0.95, result.describe()
+
+    # Every encoding of the network's INT8 QDQ export (what the Qualcomm bundle carries) is in the file ...
+    encodings = encodings_from_qdq_onnx(export_qdq_onnx(int8, images[:1], tmp_path / "q.onnx"))
+    scales = compare_with_encodings(path, encodings, form.exceptions)
+    assert scales["activation_encodings"] >= 5 and scales["weight_encodings"] == 5
+    assert scales["activation_encodings_missing"] == [] and scales["weight_encodings_missing"] == []
+    # ... and each int8 activation of the file that is not an encoding is one the export lists, with its reason.
+    assert scales["tflite_activations_not_in_encodings"] > 0 and scales["tflite_activations_unexplained"] == []
+    assert {e["source"] for e in form.exceptions} == {"calibrated at export", "fixed range"}
+    assert all(e["reason"] for e in form.exceptions)
+    listed = json.loads(read_tflite_metadata(path)["int8_scales"])
+    assert listed["fixed range"] == ["gate (middle)"] and listed["carried"] == form.carried
+
+
+@needs_tflite
+@pytest.mark.parametrize("io, dtype", [("float", np.float32), ("uint8", np.uint8)])
+def test_int8_tflite_input_and_output_type_and_nhwc_layout(tmp_path, io, dtype):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from dms_lightning.export.tflite import check_tflite_parity, export_tflite
+
+    images = torch.randn(32, 3, 16, 16)
+    int8 = _int8_network(images)
+    path = export_tflite(int8, images[:1], tmp_path / f"m_{io}.tflite", precision="int8", io=io, layout="NHWC",
+                         calibration=images)
+    feed = Interpreter(model_path=str(path)).get_input_details()[0]
+    assert feed["dtype"] == dtype and list(feed["shape"]) == [1, 16, 16, 3]
+    if io == "uint8":  # the same grid as int8, shifted by 128
+        assert 0 <= feed["quantization"][1] <= 255
+    assert check_tflite_parity(int8, path, images, atol=None, min_top1_agreement=0.9)[0].passed
+
+
+def test_int8_tflite_refuses_a_float_network_and_16_bit_activations(tmp_path):
+    from dms_lightning.export.tflite_int8 import integer_network
+    from dms_lightning.quant.calibration import post_training_quantize
+    from dms_lightning.quant.prepare import QuantizationConfig
+
+    with pytest.raises(ValueError, match="not fake-quantized"):
+        integer_network(_cnn(), torch.zeros(1, 3, 8, 8))
+    images = torch.randn(8, 3, 16, 16)
+    wide = post_training_quantize(_cnn(), [images], QuantizationConfig(precision={"3": "w8a16"}))
+    with pytest.raises(ValueError, match="16-bit"):
+        integer_network(wide, images)
+    with pytest.raises(ValueError, match="io='int8' needs precision='int8'"):
+        from dms_lightning.export.tflite import export_tflite
+
+        export_tflite(_cnn(), images[:1], tmp_path / "x.tflite", io="int8")
+
+
+@needs_tflite
+def test_tflite_export_int8_after_ptq_carries_the_qualcomm_bundle_encodings(tmp_path):
+    from test_export_callbacks import TinyClassifier, _datamodule, _trainer
+
+    from dms_lightning.callbacks import PostTrainingQuantization, SNPEExport, TFLiteExport
+    from dms_lightning.export.manifest import read_manifest
+    from dms_lightning.export.tflite_int8 import compare_with_encodings
+
+    torch.manual_seed(0)
+    export = tmp_path / "export"
+    callbacks = [PostTrainingQuantization(calibration_batches=1, evaluate_batches=1, min_agreement=0.0, export=False),
+                 SNPEExport(dirpath=str(export), checkpoint="last", calibration_images=4),
+                 TFLiteExport(dirpath=str(export), name="tiny", checkpoint="last", io="int8", parity_images=16,
+                              calibration_images=16)]
+    trainer = _trainer(tmp_path, callbacks, epochs=1)
+    trainer.fit(TinyClassifier(in_channels=3), _datamodule(channels=3))
+    # default precisions of a fake-quantized network: the float files and the INT8 one
+    assert sorted(p.name for p in export.glob("*.tflite")) == ["tiny_fp16.tflite", "tiny_fp32.tflite",
+                                                               "tiny_int8.tflite"]
+    scales = compare_with_encodings(export / "tiny_int8.tflite",
+                                    json.loads((export / "snpe_bundle" / "encodings.json").read_text()))
+    assert scales["activation_encodings"] > 0 and scales["weight_encodings"] == 3
+    assert scales["activation_encodings_missing"] == [] and scales["weight_encodings_missing"] == []
+    entry = next(a for a in read_manifest(export)["artifacts"] if a["name"] == "tiny_int8_tflite")
+    assert entry["parity"]["passed"] and entry["io"] == "int8" and entry["metadata"]["io"] == "int8"
+    assert entry["int8_scales"]["encodings"]["activation_encodings_missing"] == []
+    assert entry["int8_scales"]["encodings"]["tflite_activations_unexplained"] == []
+
+
+def test_tflite_export_can_skip_when_the_extra_is_missing(tmp_path, monkeypatch):
+    import dms_lightning.export.tflite as tflite
+
+    monkeypatch.setattr(tflite, "tflite_available", lambda: False)
+    with pytest.raises(ModuleNotFoundError, match=r"dms_lightning\[tflite\]"):
+        tflite.TFLiteExport()
+    with pytest.warns(UserWarning, match="no .tflite file will be written"):
+        callback = tflite.TFLiteExport(dirpath=str(tmp_path), skip_if_unavailable=True)
+    assert callback.export(None, None) == {} and list(tmp_path.iterdir()) == []

@@ -1,8 +1,10 @@
-"""TFLiteExport: the network as LiteRT / TFLite flatbuffers (FP32, FP16), parity-checked in the LiteRT interpreter.
+"""TFLiteExport: the network as LiteRT / TFLite flatbuffers (FP32, FP16, INT8), parity-checked in the LiteRT interpreter.
 
 Conversion goes straight from PyTorch with ``litert-torch`` (``torch.export`` → LiteRT, no TensorFlow);
 the FP16 file stores its weights in float16 (``ai-edge-quantizer``'s float-casting recipe, the
-weights dequantized to float32 by the runtime or kept in half precision by a GPU delegate). Input
+weights dequantized to float32 by the runtime or kept in half precision by a GPU delegate). The INT8
+file is full-integer and carries the scales of the QAT / PTQ network (:mod:`dms_lightning.export.tflite_int8`),
+with float32, int8 or uint8 input and output (``io``). Input
 layout is an option: ``NCHW`` like the ONNX files, or ``NHWC``, which NPU delegates want (the
 permute sits in front of the first convolution, where the converter folds it away). The class names
 and preprocessing go into the file's metadata under the same keys as the ONNX ``metadata_props``.
@@ -14,6 +16,7 @@ Both packages are heavy (jax, the LiteRT converter; about 1 GB) and live in the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from dms_lightning.export.fit_end import FitEndExporter
@@ -30,11 +33,12 @@ from dms_lightning.export.parity import ParityError, ParityResult, check_runtime
 from dms_lightning.export.qdq import fake_quant_disabled
 from dms_lightning.export.metadata import onnx_metadata
 from dms_lightning.export.source import CHECKPOINT_CHOICES, export_source, model_preprocessing, sample_images
+from dms_lightning.export.tflite_int8 import IO_TYPES, IntegerForm, integer_network, set_io_type, static_quant_config
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 LAYOUTS = ("NCHW", "NHWC")
 INSTALL_HINT = 'pip install "dms_lightning[tflite]" (litert-torch, ai-edge-litert)'
 
@@ -114,42 +118,90 @@ def read_tflite_metadata(path: str | Path) -> dict[str, str]:
     return entries
 
 
-def export_tflite(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, precision: str = "fp32",
-                  layout: str = "NCHW", metadata: dict[str, str] | None = None) -> Path:
-    """Convert ``model`` (float, eval) to a .tflite file at ``path`` atomically; batch size of ``example_input``.
+def _input_qdq(network: nn.Module) -> nn.Module:
+    """The integer form's quantize-dequantize of the network input (it must come before an NHWC permute)."""
+    from torch import fx
 
-    ``precision="fp16"`` stores the weights in float16; ``layout="NHWC"`` makes the input channels-last
-    (``example_input`` stays NCHW). ``metadata`` goes into the file's named metadata.
+    from dms_lightning.export.tflite_int8 import IntegerQDQ
+
+    for module in network.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.op == "call_module" and node.args and getattr(node.args[0], "op", None) == "placeholder":
+                    found = module.get_submodule(str(node.target))
+                    if isinstance(found, IntegerQDQ):
+                        return found
+    raise ValueError("the INT8 network's input is not quantized; quantize its first layer for an INT8 TFLite file")
+
+
+def export_tflite(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, precision: str = "fp32",
+                  layout: str = "NCHW", metadata: dict[str, str] | None = None, io: str = "float",
+                  calibration: torch.Tensor | None = None) -> Path:
+    """Convert ``model`` (eval) to a .tflite file at ``path`` atomically; batch size of ``example_input``.
+
+    ``precision="fp16"`` stores the weights in float16. ``precision="int8"`` takes a fake-quantized
+    ``model`` (after QAT or PTQ) and writes the full-integer file with *its* scales; the tensors it keeps in
+    float get min/max ranges over ``calibration`` images and are named in the file's ``int8_scales``
+    metadata; ``io`` is then the input / output type (``float``, ``int8``, ``uint8``). ``layout="NHWC"``
+    makes the input channels-last (``example_input`` stays NCHW). ``metadata`` goes into the file's named
+    metadata.
 
     Example:
         >>> export_tflite(net, torch.zeros(1, 1, 96, 96), "student_fp32.tflite", layout="NHWC")  # doctest: +SKIP
+        >>> export_tflite(qat_net, x[:1], "student_int8.tflite", precision="int8", calibration=x)  # doctest: +SKIP
     """
+    return export_tflite_model(model, example_input, path, precision=precision, layout=layout, metadata=metadata,
+                               io=io, calibration=calibration)[0]
+
+
+def export_tflite_model(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, precision: str = "fp32",
+                        layout: str = "NCHW", metadata: dict[str, str] | None = None, io: str = "float",
+                        calibration: torch.Tensor | None = None) -> tuple[Path, IntegerForm | None]:
+    """:func:`export_tflite`, also returning the INT8 integer form (which tensors carry our scales), else ``None``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if io not in IO_TYPES:
+        raise ValueError(f"io={io!r} must be one of {IO_TYPES}")
+    if io != "float" and precision != "int8":
+        raise ValueError(f"io={io!r} needs precision='int8' (a {precision} file has float32 input and output)")
     _require_tflite()
     import litert_torch
 
     was_training = model.training
-    network = model.cpu().float().eval()
     example = example_input.detach().cpu().float()
+    form = None
+    if precision == "int8":
+        form = integer_network(model, calibration if calibration is not None else example)
+        network = form.network
+    else:
+        network = model.cpu().float().eval()
     if layout == "NHWC":
-        network, example = _ChannelsLast(network).eval(), example.permute(0, 2, 3, 1).contiguous()
+        channels_last = _ChannelsLast(network)
+        network = (nn.Sequential(_input_qdq(network), channels_last) if form is not None else channels_last).eval()
+        example = example.permute(0, 2, 3, 1).contiguous()
     path = Path(path)
     try:
         with atomic_path(path) as tmp, tempfile.TemporaryDirectory() as work, torch.no_grad():
-            float_file = Path(work) / "float.tflite"
-            litert_torch.convert(network, (example,)).export(str(float_file))
+            converted = Path(work) / "converted.tflite"
+            litert_torch.convert(network, (example,),
+                                 quant_config=static_quant_config() if form is not None else None
+                                 ).export(str(converted))
             if precision == "fp16":
                 half_file = Path(work) / "half.tflite"
-                _float16_weights(float_file, half_file)
-                float_file = half_file
+                _float16_weights(converted, half_file)
+                converted = half_file
+            buffer = converted.read_bytes()
             props = {**(metadata or {}), "layout": layout, "precision": precision}
-            tmp.write_bytes(add_tflite_metadata(float_file.read_bytes(), props))
+            if form is not None:
+                buffer = set_io_type(buffer, io)
+                props["io"] = io
+                props["int8_scales"] = json.dumps(form.summary())
+            tmp.write_bytes(add_tflite_metadata(buffer, props))
     finally:
         model.train(was_training)
-    return path
+    return path, form
 
 
 def tflite_outputs(path: str | Path, inputs: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -160,6 +212,10 @@ def tflite_outputs(path: str | Path, inputs: np.ndarray, threads: int = 1) -> np
     interpreter.allocate_tensors()
     feed, fetch = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     inputs = np.asarray(inputs, dtype=np.float32)
+    if feed["dtype"] != np.float32:  # integer input: quantize with the file's own input scale
+        scale, zero_point = feed["quantization"]
+        limits = np.iinfo(feed["dtype"])
+        inputs = np.clip(np.round(inputs / scale) + zero_point, limits.min, limits.max)
     if read_tflite_metadata(path).get("layout") == "NHWC":
         inputs = inputs.transpose(0, 2, 3, 1)
     step = int(feed["shape"][0]) or 1
@@ -171,7 +227,11 @@ def tflite_outputs(path: str | Path, inputs: np.ndarray, threads: int = 1) -> np
         interpreter.set_tensor(feed["index"], chunk.astype(feed["dtype"]))
         interpreter.invoke()
         outputs.append(np.array(interpreter.get_tensor(fetch["index"]), dtype=np.float32)[:len(inputs) - start])
-    return np.concatenate(outputs)[:len(inputs)]
+    logits = np.concatenate(outputs)[:len(inputs)]
+    if fetch["dtype"] != np.float32:  # integer output: dequantize with the file's own output scale
+        scale, zero_point = fetch["quantization"]
+        logits = (logits - zero_point) * scale
+    return logits
 
 
 def check_tflite_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor | np.ndarray, *,
@@ -203,81 +263,168 @@ DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2}
 class TFLiteExport(FitEndExporter):
     """Write LiteRT / TFLite files of the trained network when ``fit`` ends, each checked in the LiteRT interpreter.
 
-    On rank zero, after ``fit``: the compression target with the ``checkpoint`` weights (fake
-    quantization bypassed: these are float files) becomes ``<name>_<precision>.tflite`` for each of
-    ``precisions`` (batch 1, ``layout`` input), with the class names and preprocessing in its metadata.
-    Each file is compared with PyTorch on ``parity_images`` validation images: FP32 within ``atol``
-    (default 1e-4), FP16 within 5e-2, top-1 agreement at least ``min_top1_agreement``; a file over
-    tolerance raises :class:`~dms_lightning.export.parity.ParityError` and is not left behind. Entries
-    go into ``manifest.json`` of ``dirpath``. Needs the ``[tflite]`` extra (checked in ``__init__``).
+    On rank zero, after ``fit``: the compression target with the ``checkpoint`` weights becomes
+    ``<name>_<precision>.tflite`` for each of ``precisions`` (batch 1, ``layout`` input), with the class
+    names and preprocessing in its metadata:
+
+    * ``fp32`` / ``fp16``: the float network (fake quantization bypassed), compared with PyTorch within
+      ``atol`` (FP16: 5e-2);
+    * ``int8`` (default when the network is fake-quantized by QAT or PTQ): full-integer, carrying the
+      network's own scales and zero points; tensors it keeps in float get min/max ranges over
+      ``calibration_images`` images and are listed (tensor, reason) in the log and the manifest. Its input
+      and output are ``io`` (``float``, ``int8`` or ``uint8``). It is compared with the fake-quant network
+      (top-1 agreement), and its scales with the encodings of the network's INT8 QDQ export (the ones the
+      Qualcomm bundle carries): the manifest records every encoding the file does not carry.
+
+    Top-1 agreement must reach ``min_top1_agreement`` on ``parity_images`` validation images; a file below it
+    raises :class:`~dms_lightning.export.parity.ParityError` and is not left behind. Entries go into
+    ``manifest.json`` of ``dirpath``. Needs the ``[tflite]`` extra (checked in ``__init__``).
 
     Args:
         dirpath: output directory; default ``<log_dir>/export``.
         name: file prefix.
         checkpoint: ``"best"`` or ``"last"`` weights.
-        precisions: ``fp32`` and / or ``fp16``.
+        precisions: any of ``fp32``, ``fp16``, ``int8``; default ``fp32``, ``fp16`` and, for a fake-quantized
+            network, ``int8``.
         layout: ``NCHW`` or ``NHWC`` input.
+        io: input / output type of the INT8 file: ``float``, ``int8`` or ``uint8`` (NPU delegates want integer).
         parity_images: validation images for the parity check.
+        calibration_images: validation images that set the ranges of the tensors the INT8 network keeps in float.
         atol: FP32 tolerance (FP16 uses 5e-2).
-        min_top1_agreement: minimum top-1 agreement with PyTorch.
+        min_top1_agreement: minimum top-1 agreement with PyTorch (INT8: with the fake-quant network).
+        skip_if_unavailable: without the ``[tflite]`` extra, warn and write nothing instead of refusing to
+            start (for a shared config such as ``configs/distill.yaml``).
 
     Example:
-        >>> trainer = Trainer(callbacks=[TFLiteExport(name="student", layout="NHWC")])  # doctest: +SKIP
+        >>> trainer = Trainer(callbacks=[TFLiteExport(name="student", layout="NHWC", io="int8")])  # doctest: +SKIP
     """
 
     def __init__(self, dirpath: str | None = None, name: str = "model", checkpoint: str = "best",
-                 precisions: tuple[str, ...] | list[str] = PRECISIONS, layout: str = "NCHW",
-                 parity_images: int = 64, atol: float = DEFAULT_ATOL["fp32"],
-                 min_top1_agreement: float = 0.99) -> None:
+                 precisions: tuple[str, ...] | list[str] | None = None, layout: str = "NCHW", io: str = "float",
+                 parity_images: int = 64, calibration_images: int = 128, atol: float = DEFAULT_ATOL["fp32"],
+                 min_top1_agreement: float = 0.99, skip_if_unavailable: bool = False) -> None:
         super().__init__()
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
             raise ValueError(f"TFLiteExport.name={name!r} must be a plain file-name prefix such as 'student'")
         if checkpoint not in CHECKPOINT_CHOICES:
             raise ValueError(f"TFLiteExport.checkpoint={checkpoint!r} must be one of {CHECKPOINT_CHOICES}")
-        if isinstance(precisions, str) or not precisions or any(p not in PRECISIONS for p in precisions):
+        if precisions is not None and (isinstance(precisions, str) or not precisions
+                                       or any(p not in PRECISIONS for p in precisions)):
             raise ValueError(f"TFLiteExport.precisions={precisions!r} must be a non-empty list of {list(PRECISIONS)}")
         if layout not in LAYOUTS:
             raise ValueError(f"TFLiteExport.layout={layout!r} must be one of {LAYOUTS}")
-        if not isinstance(parity_images, int) or parity_images < 1:
-            raise ValueError(f"TFLiteExport.parity_images={parity_images!r} must be a positive integer")
+        if io not in IO_TYPES:
+            raise ValueError(f"TFLiteExport.io={io!r} must be one of {list(IO_TYPES)}")
+        for field_name, value in (("parity_images", parity_images), ("calibration_images", calibration_images)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TFLiteExport.{field_name}={value!r} must be a positive integer")
         if not atol > 0:
             raise ValueError(f"TFLiteExport.atol={atol!r} must be positive")
         if not 0.0 <= min_top1_agreement <= 1.0:
             raise ValueError(f"TFLiteExport.min_top1_agreement={min_top1_agreement!r} must be in [0, 1]")
-        _require_tflite("TFLiteExport")
+        self.unavailable = not tflite_available()
+        if self.unavailable and skip_if_unavailable:
+            rank_zero_warn(f"[dms_lightning] TFLiteExport: litert-torch / ai-edge-litert are not installed, so no "
+                           f".tflite file will be written ({INSTALL_HINT})")
+        else:
+            _require_tflite("TFLiteExport")
         self.dirpath, self.name, self.checkpoint = dirpath, name, checkpoint
-        self.precisions, self.layout = tuple(precisions), layout
-        self.parity_images, self.atol, self.min_top1_agreement = parity_images, atol, min_top1_agreement
+        self.precisions = None if precisions is None else tuple(precisions)
+        self.layout, self.io = layout, io
+        self.parity_images, self.calibration_images = parity_images, calibration_images
+        self.atol, self.min_top1_agreement = atol, min_top1_agreement
         self.exported: dict[str, Path] = {}
+
+    def _precisions(self, network: nn.Module) -> tuple[str, ...]:
+        from dms_lightning.quant import is_quantized
+
+        quantized = is_quantized(network)
+        if self.precisions is None:
+            return ("fp32", "fp16", "int8") if quantized else ("fp32", "fp16")
+        if "int8" in self.precisions and not quantized:
+            raise ValueError("TFLiteExport.precisions includes 'int8' but the network is not fake-quantized: add "
+                             "QuantizationAwareTraining or PostTrainingQuantization to the run, or drop 'int8'")
+        return self.precisions
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Path]:
         """Convert, check and record each precision; returns ``{variant: path}``."""
         from dms_lightning.export.callbacks import default_export_dir
 
+        if self.unavailable:
+            return {}
         directory = ensure_writable_dir(self.dirpath or default_export_dir(trainer), "TFLiteExport.dirpath")
         source = export_source(trainer, pl_module, self.checkpoint)
-        network = _float_network(source.model)
+        precisions = self._precisions(source.model)
         images = sample_images(trainer, self.parity_images, "val")
         info = model_preprocessing(trainer, pl_module, images[:1])
         exported = {}
-        for precision in self.precisions:
+        for precision in precisions:
             variant = f"{self.name}_{precision}_tflite"
             path = directory / f"{self.name}_{precision}.tflite"
-            atol = self.atol if precision == "fp32" else DEFAULT_ATOL["fp16"]
-            with fake_quant_disabled(), atomic_path(path) as tmp:
-                export_tflite(network, images[:1], tmp, precision=precision, layout=self.layout,
-                              metadata=onnx_metadata(info, variant=variant, precision=precision,
-                                                      source=source.origin))
-                result, _, _ = check_tflite_parity(network, tmp, images, atol=atol,
-                                                   min_top1_agreement=self.min_top1_agreement, raise_on_failure=False)
-                if not result.passed:
-                    raise ParityError(f"TFLiteExport: {variant} failed the parity check, not written: "
-                                      f"{result.describe()}")
-            update_manifest(directory, [{**file_record(path, directory), "name": variant, "format": "tflite",
-                                         "precision": precision, "layout": self.layout, "producer": "TFLiteExport",
-                                         "source": source.origin, "parity": result.to_dict(),
+            record: dict = {"name": variant, "format": "tflite", "precision": precision, "layout": self.layout,
+                            "producer": "TFLiteExport", "source": source.origin}
+            if precision == "int8":
+                result, extra = self._export_int8(trainer, source.model, images, info, variant, source.origin, path)
+                record.update(extra)
+            else:
+                network = _float_network(source.model)
+                atol = self.atol if precision == "fp32" else DEFAULT_ATOL["fp16"]
+                with fake_quant_disabled(), atomic_path(path) as tmp:
+                    export_tflite(network, images[:1], tmp, precision=precision, layout=self.layout,
+                                  metadata=onnx_metadata(info, variant=variant, precision=precision,
+                                                          source=source.origin))
+                    result, _, _ = check_tflite_parity(network, tmp, images, atol=atol,
+                                                       min_top1_agreement=self.min_top1_agreement,
+                                                       raise_on_failure=False)
+                    _raise_unless_passed(result, variant)
+            update_manifest(directory, [{**file_record(path, directory), **record, "parity": result.to_dict(),
                                          "metadata": read_tflite_metadata(path)}], run=export_run(trainer))
             rank_zero_info(f"[dms_lightning] TFLiteExport: {variant}: {result.describe()}")
             exported[variant] = path
         self.exported = exported
         return exported
+
+    def _export_int8(self, trainer: Trainer, network: nn.Module, images: torch.Tensor, info: dict, variant: str,
+                     origin: dict, path: Path) -> tuple[ParityResult, dict]:
+        calibration = sample_images(trainer, self.calibration_images, "val")
+        with atomic_path(path) as tmp:
+            _, form = export_tflite_model(network, images[:1], tmp, precision="int8", layout=self.layout, io=self.io,
+                                          calibration=calibration,
+                                          metadata=onnx_metadata(info, variant=variant, precision="int8",
+                                                                 source=origin))
+            result, _, _ = check_tflite_parity(network, tmp, images, atol=None,
+                                               min_top1_agreement=self.min_top1_agreement, raise_on_failure=False)
+            _raise_unless_passed(result, variant)
+            scales = _scales_against_encodings(network, images[:1], tmp, form.exceptions)
+        for entry in form.exceptions:
+            log.info("TFLiteExport: %s: %s has no scale of the QAT/PTQ network (%s): %s", variant, entry["tensor"],
+                     entry["source"], entry["reason"])
+        missing = scales["activation_encodings_missing"] + scales["weight_encodings_missing"]
+        if scales["tflite_activations_unexplained"]:
+            log.warning("TFLiteExport: %s: int8 tensors whose scale is neither an encoding nor a listed exception: %s",
+                        variant, scales["tflite_activations_unexplained"])
+        rank_zero_info(f"[dms_lightning] TFLiteExport: {variant}: {form.carried} activation scales carried from the "
+                       f"fake-quant network, {len(form.exceptions)} tensors without one (listed in the manifest); "
+                       f"{scales['activation_encodings'] + scales['weight_encodings'] - len(missing)} of "
+                       f"{scales['activation_encodings'] + scales['weight_encodings']} encodings carried")
+        if missing:
+            log.warning("TFLiteExport: %s does not carry these encodings of the INT8 QDQ export: %s", variant, missing)
+        return result, {"io": self.io, "int8_scales": {**form.to_dict(), "encodings": scales},
+                        "calibration": {"images": len(calibration), "split": "val"}}
+
+
+def _raise_unless_passed(result: ParityResult, variant: str) -> None:
+    if not result.passed:
+        raise ParityError(f"TFLiteExport: {variant} failed the parity check, not written: {result.describe()}")
+
+
+def _scales_against_encodings(network: nn.Module, example: torch.Tensor, path: Path, exceptions: list[dict]) -> dict:
+    """Compare the file's scales with the encodings of ``network``'s INT8 QDQ export (what the bundle carries)."""
+    from dms_lightning.export.encodings import encodings_from_qdq_onnx
+    from dms_lightning.export.qdq import export_qdq_onnx
+    from dms_lightning.export.tflite_int8 import compare_with_encodings
+
+    with tempfile.TemporaryDirectory() as work:
+        onnx_path = export_qdq_onnx(network, example, Path(work) / "int8.onnx", dynamic_batch=False)
+        encodings = encodings_from_qdq_onnx(onnx_path)
+    return compare_with_encodings(path, encodings, exceptions)

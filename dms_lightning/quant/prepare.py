@@ -319,7 +319,7 @@ def _fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
     return node
 
 
-def _range_preserving_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+def range_preserving_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
     if _is_module(node, modules, _RANGE_PRESERVING_MODULES) or (
             node.op == "call_function" and node.target in _RANGE_PRESERVING_FUNCTIONS) or (
             node.op == "call_method" and node.target in _RANGE_PRESERVING_METHODS):
@@ -352,7 +352,7 @@ def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], 
     for node in gm.graph.nodes:  # graph order, so a shared quantizer's source is named first
         if node not in points:
             continue
-        source = _range_preserving_input(node, modules)
+        source = range_preserving_input(node, modules)
         # Same scale on both sides, as int8 max-pool / reshape require; the group takes its widest grid.
         name = owner[source] if source is not None and source in owner else node.name
         owner[node] = name
