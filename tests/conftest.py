@@ -10,11 +10,15 @@ import torch
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
+# Under pytest-xdist (README's test command runs one worker per core) each worker gets one intra-op thread.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # Two cores: one intra-op thread per test process avoids oversubscription when DDP spawns workers.
+    # Two cores: at most two intra-op threads per test process (one per xdist worker) avoids oversubscription.
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(2, previous)))
+    torch.set_num_threads(max(1, min(_THREADS, previous)))
     yield
     torch.set_num_threads(previous)
 
