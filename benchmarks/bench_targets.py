@@ -3,7 +3,7 @@
 One short ``fit`` with ``QuantizationAwareTraining``, then on the final weights: ``ONNXExport`` (FP32,
 INT8 QDQ, FP16), ``TritonExport``, ``TensorRTExport``, ``CompressionReport`` (latency / size in ONNX
 Runtime, and the parity matrix) and, when the ``[tflite]`` extra is installed, ``TFLiteExport``
-(FP32, FP16; its LiteRT batch-1 latency measured here). Operator coverage per target is read from
+(FP32, FP16, INT8 with the QAT scales; LiteRT batch-1 latency measured by the exporter). Operator coverage per target is read from
 the manifest.
 
 Run (several minutes on 2 cores, under the shared lock; in an environment with the [tflite] extra for
@@ -25,7 +25,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
@@ -46,27 +45,6 @@ from dms_lightning.report.parity_matrix import parity_matrix, parity_matrix_mark
 from dms_lightning.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def litert_latency(path: Path, image: np.ndarray, runs: int) -> tuple[float, float]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    from dms_lightning.export.tflite import read_tflite_metadata
-
-    interpreter = Interpreter(model_path=str(path), num_threads=1)
-    interpreter.allocate_tensors()
-    feed = interpreter.get_input_details()[0]
-    if read_tflite_metadata(path).get("layout") == "NHWC":
-        image = image.transpose(0, 2, 3, 1)
-    interpreter.set_tensor(feed["index"], np.ascontiguousarray(image, dtype=np.float32))
-    for _ in range(10):
-        interpreter.invoke()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        interpreter.invoke()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
 def main() -> None:
@@ -100,7 +78,7 @@ def main() -> None:
         from dms_lightning.callbacks import TFLiteExport
 
         callbacks.append(TFLiteExport(dirpath=str(export_dir), name="student", checkpoint="last", layout="NHWC",
-                                      parity_images=64))
+                                      parity_images=64, latency_runs=args.latency_runs))
     callbacks.append(CompressionReport(output_dir=str(workdir / "report"), baseline="student_fp32", print_table=False,
                                        progress_bar=False, log_to_tensorboard=False,
                                        latency_runs=args.latency_runs))
@@ -112,11 +90,6 @@ def main() -> None:
     seconds = time.perf_counter() - start
     report = callbacks[-1].report
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    image = next(iter(datamodule.test_dataloader()))[0][:1].numpy()
-    for entry in manifest["artifacts"]:
-        if entry.get("format") == "tflite":
-            entry["latency_ms_p50"], entry["latency_ms_p99"] = litert_latency(export_dir / entry["path"], image,
-                                                                              args.latency_runs)
     rows = parity_matrix(report, [manifest])
     coverage = {e["name"]: e["coverage"] for e in manifest["artifacts"] if "coverage" in e}
     accuracy = {row.name: row.accuracy for row in report.rows}
@@ -126,7 +99,7 @@ def main() -> None:
         f"Machine: {machine_summary(machine_info())}. {args.image_size} px, {args.train_size} training images, "
         f"{args.epochs} epochs, QAT from epoch {args.qat_start}; the whole fit with every export took {seconds:.0f} s. "
         "Parity on the exporters' validation images; latency batch 1, one thread (ONNX Runtime from the report, "
-        f"LiteRT measured here, {args.latency_runs} runs). LiteRT installed: {tflite_available()}.",
+        f"LiteRT by TFLiteExport, {args.latency_runs} runs). LiteRT installed: {tflite_available()}.",
         "",
         parity_matrix_markdown(rows),
         "Test accuracy (ONNX Runtime): " + ", ".join(f"{k} {v:.2%}" for k, v in accuracy.items() if v is not None) + ".",

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from dms_lightning import DistillationModule, DMSDataModule  # noqa: E402
 from dms_lightning.export.parity import compare_outputs  # noqa: E402
 from dms_lightning.export.qdq import fake_quant_disabled  # noqa: E402
-from dms_lightning.export.tflite import export_tflite_model, tflite_outputs  # noqa: E402
+from dms_lightning.export.tflite import export_tflite_model, tflite_latency, tflite_outputs  # noqa: E402
 from dms_lightning.export.tflite_int8 import compare_with_encodings, float_operators  # noqa: E402
 from dms_lightning.quant import float_model  # noqa: E402
 from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
@@ -61,21 +61,6 @@ def _latency(run, runs: int) -> tuple[float, float]:
         run()
         times.append((time.perf_counter() - start) * 1e3)
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
-
-
-def litert_latency(path: Path, image: np.ndarray, runs: int) -> tuple[float, float]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path), num_threads=1)
-    interpreter.allocate_tensors()
-    feed = interpreter.get_input_details()[0]
-    value = image.transpose(0, 2, 3, 1) if list(feed["shape"][1:]) == list(image.shape[2:]) + [image.shape[1]] \
-        else image
-    if feed["dtype"] != np.float32:
-        scale, zero_point = feed["quantization"]
-        value = np.clip(np.round(value / scale) + zero_point, np.iinfo(feed["dtype"]).min, np.iinfo(feed["dtype"]).max)
-    interpreter.set_tensor(feed["index"], np.ascontiguousarray(value, dtype=feed["dtype"]))
-    return _latency(interpreter.invoke, runs)
 
 
 def onnx_runtime(path: Path):
@@ -133,7 +118,7 @@ def main() -> None:
         judged = fake_quant if precision == "int8" else reference
         result = compare_outputs(judged, logits, atol=None if precision == "int8" else BARS[precision][1],
                                  min_top1_agreement=0.99, runtime="litert")
-        p50, p99 = litert_latency(path, image, args.latency_runs)
+        p50, p99 = tflite_latency(path, image, args.latency_runs)
         row = {"variant": f"student_{precision}.tflite", "runtime": "LiteRT", "size_mb": path.stat().st_size / 1e6,
                "accuracy": float((logits.argmax(1) == labels).mean()), "top1_agreement": result.top1_agreement,
                "max_abs_diff": result.max_abs_diff, "p50_ms": p50, "p99_ms": p99, "convert_s": seconds,

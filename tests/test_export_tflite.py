@@ -216,6 +216,7 @@ def test_tflite_export_int8_after_ptq_carries_the_qualcomm_bundle_encodings(tmp_
     assert entry["parity"]["passed"] and entry["io"] == "int8" and entry["metadata"]["io"] == "int8"
     assert entry["int8_scales"]["encodings"]["activation_encodings_missing"] == []
     assert entry["int8_scales"]["encodings"]["tflite_activations_unexplained"] == []
+    assert entry["parity"]["reference"] == "pytorch fake-quant" and entry["latency_ms_p50"] > 0
 
 
 def test_tflite_export_can_skip_when_the_extra_is_missing(tmp_path, monkeypatch):

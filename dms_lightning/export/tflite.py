@@ -234,6 +234,35 @@ def tflite_outputs(path: str | Path, inputs: np.ndarray, threads: int = 1) -> np
     return logits
 
 
+def tflite_latency(path: str | Path, image: np.ndarray, runs: int = 100, warmup: int = 10, threads: int = 1
+                   ) -> tuple[float, float]:
+    """Batch-1 latency ``(p50, p99)`` in ms of the .tflite file in the LiteRT interpreter on ``threads`` threads,
+    for one NCHW float ``image`` (``1 × C × H × W``; transposed and quantized as the file's input wants)."""
+    import time
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    interpreter.allocate_tensors()
+    feed = interpreter.get_input_details()[0]
+    value = np.asarray(image, dtype=np.float32)
+    if read_tflite_metadata(path).get("layout") == "NHWC":
+        value = value.transpose(0, 2, 3, 1)
+    if feed["dtype"] != np.float32:
+        scale, zero_point = feed["quantization"]
+        limits = np.iinfo(feed["dtype"])
+        value = np.clip(np.round(value / scale) + zero_point, limits.min, limits.max)
+    interpreter.set_tensor(feed["index"], np.ascontiguousarray(value, dtype=feed["dtype"]))
+    for _ in range(warmup):
+        interpreter.invoke()
+    times = np.empty(runs)
+    for index in range(runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times[index] = (time.perf_counter() - start) * 1e3
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
 def check_tflite_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor | np.ndarray, *,
                         atol: float | None, min_top1_agreement: float, raise_on_failure: bool = True
                         ) -> tuple[ParityResult, np.ndarray, np.ndarray]:
@@ -292,6 +321,8 @@ class TFLiteExport(FitEndExporter):
         calibration_images: validation images that set the ranges of the tensors the INT8 network keeps in float.
         atol: FP32 tolerance (FP16 uses 5e-2).
         min_top1_agreement: minimum top-1 agreement with PyTorch (INT8: with the fake-quant network).
+        latency_runs: timed batch-1 runs in the LiteRT interpreter (one thread) for the manifest and the
+            report's parity matrix; 0 skips timing.
         skip_if_unavailable: without the ``[tflite]`` extra, warn and write nothing instead of refusing to
             start (for a shared config such as ``configs/distill.yaml``).
 
@@ -302,7 +333,7 @@ class TFLiteExport(FitEndExporter):
     def __init__(self, dirpath: str | None = None, name: str = "model", checkpoint: str = "best",
                  precisions: tuple[str, ...] | list[str] | None = None, layout: str = "NCHW", io: str = "float",
                  parity_images: int = 64, calibration_images: int = 128, atol: float = DEFAULT_ATOL["fp32"],
-                 min_top1_agreement: float = 0.99, skip_if_unavailable: bool = False) -> None:
+                 min_top1_agreement: float = 0.99, latency_runs: int = 100, skip_if_unavailable: bool = False) -> None:
         super().__init__()
         if not name or any(c in name for c in "/\\ ") or name.startswith("."):
             raise ValueError(f"TFLiteExport.name={name!r} must be a plain file-name prefix such as 'student'")
@@ -315,9 +346,10 @@ class TFLiteExport(FitEndExporter):
             raise ValueError(f"TFLiteExport.layout={layout!r} must be one of {LAYOUTS}")
         if io not in IO_TYPES:
             raise ValueError(f"TFLiteExport.io={io!r} must be one of {list(IO_TYPES)}")
-        for field_name, value in (("parity_images", parity_images), ("calibration_images", calibration_images)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TFLiteExport.{field_name}={value!r} must be a positive integer")
+        for field_name, value, least in (("parity_images", parity_images, 1),
+                                         ("calibration_images", calibration_images, 1), ("latency_runs", latency_runs, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"TFLiteExport.{field_name}={value!r} must be an integer >= {least}")
         if not atol > 0:
             raise ValueError(f"TFLiteExport.atol={atol!r} must be positive")
         if not 0.0 <= min_top1_agreement <= 1.0:
@@ -332,7 +364,7 @@ class TFLiteExport(FitEndExporter):
         self.precisions = None if precisions is None else tuple(precisions)
         self.layout, self.io = layout, io
         self.parity_images, self.calibration_images = parity_images, calibration_images
-        self.atol, self.min_top1_agreement = atol, min_top1_agreement
+        self.atol, self.min_top1_agreement, self.latency_runs = atol, min_top1_agreement, latency_runs
         self.exported: dict[str, Path] = {}
 
     def _precisions(self, network: nn.Module) -> tuple[str, ...]:
@@ -377,6 +409,9 @@ class TFLiteExport(FitEndExporter):
                                                        min_top1_agreement=self.min_top1_agreement,
                                                        raise_on_failure=False)
                     _raise_unless_passed(result, variant)
+            if self.latency_runs:
+                record["latency_ms_p50"], record["latency_ms_p99"] = tflite_latency(path, images[:1].numpy(),
+                                                                                    self.latency_runs)
             update_manifest(directory, [{**file_record(path, directory), **record, "parity": result.to_dict(),
                                          "metadata": read_tflite_metadata(path)}], run=export_run(trainer))
             rank_zero_info(f"[dms_lightning] TFLiteExport: {variant}: {result.describe()}")
@@ -394,6 +429,7 @@ class TFLiteExport(FitEndExporter):
                                                                  source=origin))
             result, _, _ = check_tflite_parity(network, tmp, images, atol=None,
                                                min_top1_agreement=self.min_top1_agreement, raise_on_failure=False)
+            result.reference = "pytorch fake-quant"
             _raise_unless_passed(result, variant)
             scales = _scales_against_encodings(network, images[:1], tmp, form.exceptions)
         for entry in form.exceptions:

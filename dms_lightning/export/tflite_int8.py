@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from dms_lightning.quant.fake_quant import FakeQuantizer
 from dms_lightning.quant.modules import QUANTIZED_LAYERS, QuantLinear
-from dms_lightning.quant.prepare import ACTIVATION_QUANTIZERS, ObservedOutput, range_preserving_input
+from dms_lightning.quant.prepare import ObservedOutput, range_preserving_input
 from dms_lightning.quant.spec import QuantSpec
 
 #: Input / output types of the INT8 file: float32 (a QUANTIZE / DEQUANTIZE op at each end), or integer.

@@ -58,8 +58,8 @@ def parity_matrix(report: Report, manifests: Sequence[dict] = ()) -> list[dict]:
             rows.append({
                 "variant": entry["name"], "precision": entry.get("precision", ""), "runtime": parity.get("runtime"),
                 "reference": parity.get("reference", "pytorch"), "top1_agreement": parity["top1_agreement"],
-                "max_abs_diff": parity.get("max_abs_diff"), "samples": parity.get("samples"),
-                "latency_ms_p50": entry.get("latency_ms_p50"), "latency_ms_p99": entry.get("latency_ms_p99"),
+                "max_abs_diff": parity.get("max_abs_diff") if entry.get("precision") != "int8" else None,
+                "samples": parity.get("samples"), "latency_ms_p50": entry.get("latency_ms_p50"), "latency_ms_p99": entry.get("latency_ms_p99"),
                 "size_mb": entry.get("bytes", 0) / 1e6,
             })
     return rows
