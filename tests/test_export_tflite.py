@@ -193,16 +193,18 @@ def test_int8_tflite_refuses_a_float_network_and_16_bit_activations(tmp_path):
 def test_tflite_export_int8_after_ptq_carries_the_qualcomm_bundle_encodings(tmp_path):
     from test_export_callbacks import TinyClassifier, _datamodule, _trainer
 
-    from dms_lightning.callbacks import PostTrainingQuantization, SNPEExport, TFLiteExport
+    from dms_lightning.callbacks import CompressionReport, PostTrainingQuantization, SNPEExport, TFLiteExport
     from dms_lightning.export.manifest import read_manifest
     from dms_lightning.export.tflite_int8 import compare_with_encodings
 
     torch.manual_seed(0)
     export = tmp_path / "export"
+    report = CompressionReport(output_dir=str(tmp_path / "report"), print_table=False, progress_bar=False,
+                               log_to_tensorboard=False, latency_runs=5, warmup_runs=1)
     callbacks = [PostTrainingQuantization(calibration_batches=1, evaluate_batches=1, min_agreement=0.0, export=False),
                  SNPEExport(dirpath=str(export), checkpoint="last", calibration_images=4),
                  TFLiteExport(dirpath=str(export), name="tiny", checkpoint="last", io="int8", parity_images=16,
-                              calibration_images=16)]
+                              calibration_images=16, latency_runs=5), report]
     trainer = _trainer(tmp_path, callbacks, epochs=1)
     trainer.fit(TinyClassifier(in_channels=3), _datamodule(channels=3))
     # default precisions of a fake-quantized network: the float files and the INT8 one
@@ -217,6 +219,13 @@ def test_tflite_export_int8_after_ptq_carries_the_qualcomm_bundle_encodings(tmp_
     assert entry["int8_scales"]["encodings"]["activation_encodings_missing"] == []
     assert entry["int8_scales"]["encodings"]["tflite_activations_unexplained"] == []
     assert entry["parity"]["reference"] == "pytorch fake-quant" and entry["latency_ms_p50"] > 0
+    # The report measures each file in the LiteRT interpreter like any other variant: accuracy, per class, latency.
+    rows = {row.name: row for row in report.report.rows}
+    assert {"tiny_fp32_tflite", "tiny_int8_tflite"} <= set(rows)
+    assert rows["tiny_int8_tflite"].accuracy is not None and rows["tiny_int8_tflite"].latency_ms_p50 > 0
+    assert rows["tiny_int8_tflite"].info["runtime"] == "litert" and rows["tiny_int8_tflite"].per_class
+    matrix = (tmp_path / "report" / "parity_matrix.md").read_text()
+    assert matrix.count("tiny_int8_tflite") == 1 and "pytorch fake-quant" in matrix
 
 
 def test_tflite_export_can_skip_when_the_extra_is_missing(tmp_path, monkeypatch):

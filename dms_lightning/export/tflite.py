@@ -20,6 +20,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -204,61 +205,82 @@ def export_tflite_model(model: nn.Module, example_input: torch.Tensor, path: str
     return path, form
 
 
-def tflite_outputs(path: str | Path, inputs: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Logits of the .tflite file for NCHW float ``inputs`` (transposed when the file takes NHWC)."""
-    from ai_edge_litert.interpreter import Interpreter
+class LiteRTModel:
+    """One LiteRT interpreter of a .tflite file, fed NCHW float images whatever the file takes.
 
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
-    feed, fetch = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    inputs = np.asarray(inputs, dtype=np.float32)
-    if feed["dtype"] != np.float32:  # integer input: quantize with the file's own input scale
-        scale, zero_point = feed["quantization"]
-        limits = np.iinfo(feed["dtype"])
-        inputs = np.clip(np.round(inputs / scale) + zero_point, limits.min, limits.max)
-    if read_tflite_metadata(path).get("layout") == "NHWC":
-        inputs = inputs.transpose(0, 2, 3, 1)
-    step = int(feed["shape"][0]) or 1
-    outputs = []
-    for start in range(0, len(inputs), step):
-        chunk = np.ascontiguousarray(inputs[start:start + step])
-        if len(chunk) < step:  # a static batch: pad the last chunk, keep its own rows
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
-        interpreter.set_tensor(feed["index"], chunk.astype(feed["dtype"]))
-        interpreter.invoke()
-        outputs.append(np.array(interpreter.get_tensor(fetch["index"]), dtype=np.float32)[:len(inputs) - start])
-    logits = np.concatenate(outputs)[:len(inputs)]
-    if fetch["dtype"] != np.float32:  # integer output: dequantize with the file's own output scale
-        scale, zero_point = fetch["quantization"]
-        logits = (logits - zero_point) * scale
-    return logits
+    The file's NHWC layout (its metadata) and integer input / output (its tensors' scale and zero point)
+    are applied here, and a static batch is fed in padded chunks, so callers always see float logits.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(path)
+        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+        self.interpreter.allocate_tensors()
+        self.feed, self.fetch = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
+        self.nhwc = read_tflite_metadata(path).get("layout") == "NHWC"
+        self.batch = int(self.feed["shape"][0]) or 1
+
+    @property
+    def sample_shape(self) -> list[int]:
+        """Per-sample NCHW input shape."""
+        dims = [int(d) for d in self.feed["shape"][1:]]
+        return [dims[2], dims[0], dims[1]] if self.nhwc else dims
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """NCHW float ``images`` as the file's input tensor wants them (layout, dtype, quantization)."""
+        value = np.asarray(images, dtype=np.float32)
+        if self.nhwc:
+            value = value.transpose(0, 2, 3, 1)
+        if self.feed["dtype"] != np.float32:  # integer input: quantize with the file's own input scale
+            scale, zero_point = self.feed["quantization"]
+            limits = np.iinfo(self.feed["dtype"])
+            value = np.clip(np.round(value / scale) + zero_point, limits.min, limits.max)
+        return np.ascontiguousarray(value, dtype=self.feed["dtype"])
+
+    def invoke(self, prepared: np.ndarray) -> np.ndarray:
+        """Run one batch-sized chunk already :meth:`prepare`-d; float logits."""
+        self.interpreter.set_tensor(self.feed["index"], prepared)
+        self.interpreter.invoke()
+        logits = np.array(self.interpreter.get_tensor(self.fetch["index"]), dtype=np.float32)
+        if self.fetch["dtype"] != np.float32:  # integer output: dequantize with the file's own output scale
+            scale, zero_point = self.fetch["quantization"]
+            logits = (logits - zero_point) * scale
+        return logits
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Float logits of NCHW float ``images`` (any count)."""
+        prepared = self.prepare(images)
+        outputs = []
+        for start in range(0, len(prepared), self.batch):
+            chunk = prepared[start:start + self.batch]
+            real = len(chunk)
+            if real < self.batch:  # a static batch: pad the last chunk, keep its own rows
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - real, axis=0)])
+            outputs.append(self.invoke(chunk)[:real])
+        return np.concatenate(outputs)
+
+
+def tflite_outputs(path: str | Path, inputs: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Logits of the .tflite file for NCHW float ``inputs`` (transposed / quantized as the file takes them)."""
+    return LiteRTModel(path, threads).predict(inputs)
 
 
 def tflite_latency(path: str | Path, image: np.ndarray, runs: int = 100, warmup: int = 10, threads: int = 1
                    ) -> tuple[float, float]:
     """Batch-1 latency ``(p50, p99)`` in ms of the .tflite file in the LiteRT interpreter on ``threads`` threads,
-    for one NCHW float ``image`` (``1 × C × H × W``; transposed and quantized as the file's input wants)."""
+    for one NCHW float ``image`` (``1 × C × H × W``)."""
     import time
 
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
-    feed = interpreter.get_input_details()[0]
-    value = np.asarray(image, dtype=np.float32)
-    if read_tflite_metadata(path).get("layout") == "NHWC":
-        value = value.transpose(0, 2, 3, 1)
-    if feed["dtype"] != np.float32:
-        scale, zero_point = feed["quantization"]
-        limits = np.iinfo(feed["dtype"])
-        value = np.clip(np.round(value / scale) + zero_point, limits.min, limits.max)
-    interpreter.set_tensor(feed["index"], np.ascontiguousarray(value, dtype=feed["dtype"]))
+    model = LiteRTModel(path, threads)
+    prepared = model.prepare(np.repeat(np.asarray(image)[:1], model.batch, axis=0))
     for _ in range(warmup):
-        interpreter.invoke()
+        model.invoke(prepared)
     times = np.empty(runs)
     for index in range(runs):
         start = time.perf_counter()
-        interpreter.invoke()
+        model.invoke(prepared)
         times[index] = (time.perf_counter() - start) * 1e3
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
@@ -330,6 +352,8 @@ class TFLiteExport(FitEndExporter):
         >>> trainer = Trainer(callbacks=[TFLiteExport(name="student", layout="NHWC", io="int8")])  # doctest: +SKIP
     """
 
+    produces_variants: ClassVar[bool] = True
+
     def __init__(self, dirpath: str | None = None, name: str = "model", checkpoint: str = "best",
                  precisions: tuple[str, ...] | list[str] | None = None, layout: str = "NCHW", io: str = "float",
                  parity_images: int = 64, calibration_images: int = 128, atol: float = DEFAULT_ATOL["fp32"],
@@ -366,6 +390,7 @@ class TFLiteExport(FitEndExporter):
         self.parity_images, self.calibration_images = parity_images, calibration_images
         self.atol, self.min_top1_agreement, self.latency_runs = atol, min_top1_agreement, latency_runs
         self.exported: dict[str, Path] = {}
+        self.variants: list = []  # one per file, measured by CompressionReport (in the LiteRT interpreter)
 
     def _precisions(self, network: nn.Module) -> tuple[str, ...]:
         from dms_lightning.quant import is_quantized
@@ -382,6 +407,9 @@ class TFLiteExport(FitEndExporter):
         """Convert, check and record each precision; returns ``{variant: path}``."""
         from dms_lightning.export.callbacks import default_export_dir
 
+        from dms_lightning.utils.artifacts import Variant
+
+        self.variants = []
         if self.unavailable:
             return {}
         directory = ensure_writable_dir(self.dirpath or default_export_dir(trainer), "TFLiteExport.dirpath")
@@ -416,6 +444,8 @@ class TFLiteExport(FitEndExporter):
                                          "metadata": read_tflite_metadata(path)}], run=export_run(trainer))
             rank_zero_info(f"[dms_lightning] TFLiteExport: {variant}: {result.describe()}")
             exported[variant] = path
+            self.variants.append(Variant(variant, str(path), precision, "TFLiteExport",
+                                         {"parity": result.to_dict(), "source": source.origin}))
         self.exported = exported
         return exported
 

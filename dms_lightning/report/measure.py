@@ -399,6 +399,39 @@ def _first_images(dataloader: Iterable | None) -> np.ndarray | None:
     return None
 
 
+class _LiteRTRunner:
+    """The :class:`_Runner` interface over a .tflite file in the LiteRT interpreter (``[tflite]`` extra)."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        from dms_lightning.export.tflite import LiteRTModel
+
+        self.model = LiteRTModel(path, threads)
+        self.dtype = np.float32
+        self.static_batch = self.model.batch
+
+    def sample_shape(self, fallback: Sequence[int] | None) -> list[int]:
+        return self.model.sample_shape
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.model.predict(images)
+
+    predict = run
+
+
+def _litert_row(path: Path, name: str | None, precision: str | None, producer: str, info: dict | None,
+                class_names: Sequence[str] | None, threads: int) -> tuple[VariantMetrics, _LiteRTRunner, list | None]:
+    from dms_lightning.export.tflite import read_tflite_metadata
+
+    metadata = read_tflite_metadata(path)
+    row = VariantMetrics(name=name or path.stem, onnx_path=str(path), precision=precision or metadata.get("precision", ""),
+                         producer=producer, info={**(info or {}), "runtime": "litert"})
+    row.file_size_bytes = path.stat().st_size
+    row.notes.append("measured in the LiteRT interpreter (XNNPACK on this CPU), not ONNX Runtime")
+    names = list(class_names) if class_names is not None else (
+        json.loads(metadata["class_names"]) if "class_names" in metadata else None)
+    return row, _LiteRTRunner(path, threads), names
+
+
 def measure_onnx(
     path: str | Path,
     dataloader: Iterable | None = None,
@@ -433,19 +466,23 @@ def measure_onnx(
         raise FileNotFoundError(f"onnx_path={str(path)!r} does not exist")
     settings = settings or MeasureSettings()
     notify = progress or (lambda stage: None)
-    model = onnx.load(str(path))
-    row = VariantMetrics(name=name or path.stem, onnx_path=str(path), precision=precision or detect_precision(model),
-                         producer=producer, info=dict(info or {}))
-    row.file_size_bytes = onnx_file_size(path)
-    row.parameters = count_parameters(model)
-    row.macs = count_onnx_macs(model, batch_size=1)
-    row.quantized_weight_fraction = quantized_weight_fraction(model)
-    qdq = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
-    names = list(class_names) if class_names is not None else onnx_class_names(model)
-    del model
+    if path.suffix == ".tflite":
+        row, runner, names = _litert_row(path, name, precision, producer, info, class_names, settings.threads)
+        qdq = False
+    else:
+        model = onnx.load(str(path))
+        row = VariantMetrics(name=name or path.stem, onnx_path=str(path),
+                             precision=precision or detect_precision(model), producer=producer, info=dict(info or {}))
+        row.file_size_bytes = onnx_file_size(path)
+        row.parameters = count_parameters(model)
+        row.macs = count_onnx_macs(model, batch_size=1)
+        row.quantized_weight_fraction = quantized_weight_fraction(model)
+        qdq = any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
+        names = list(class_names) if class_names is not None else onnx_class_names(model)
+        del model
+        runner = _Runner(path, settings.threads)
     notify("graph")
 
-    runner = _Runner(path, settings.threads)
     real = _first_images(dataloader)
     sample_shape = runner.sample_shape(None if real is None else real.shape[1:] if input_shape is None else input_shape)
     if real is not None:

@@ -50,11 +50,12 @@ def parity_matrix(report: Report, manifests: Sequence[dict] = ()) -> list[dict]:
                 "latency_ms_p99": variant.latency_ms_p99 if key != "openvino" else None,
                 "size_mb": variant.file_size_mb,
             })
+    measured = {variant.name for variant in report.rows}
     for manifest in manifests:
         for entry in manifest.get("artifacts", []):
             parity = entry.get("parity")
-            if entry.get("format") != "tflite" or not isinstance(parity, dict):
-                continue
+            if entry.get("format") != "tflite" or not isinstance(parity, dict) or entry.get("name") in measured:
+                continue  # a file the report measured is a row above, with the report's own latency
             rows.append({
                 "variant": entry["name"], "precision": entry.get("precision", ""), "runtime": parity.get("runtime"),
                 "reference": parity.get("reference", "pytorch"), "top1_agreement": parity["top1_agreement"],

@@ -28,6 +28,8 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 
 
 def _count(value: int) -> str:
+    if not value:  # not counted (a .tflite file: the report reads no graph statistics from it)
+        return "n/a"
     if value >= 1e9:
         return f"{value / 1e9:.2f} G"
     if value >= 1e6:
