@@ -157,8 +157,13 @@ def export_tflite(model: nn.Module, example_input: torch.Tensor, path: str | Pat
 
 def export_tflite_model(model: nn.Module, example_input: torch.Tensor, path: str | Path, *, precision: str = "fp32",
                         layout: str = "NCHW", metadata: dict[str, str] | None = None, io: str = "float",
-                        calibration: torch.Tensor | None = None) -> tuple[Path, IntegerForm | None]:
-    """:func:`export_tflite`, also returning the INT8 integer form (which tensors carry our scales), else ``None``."""
+                        calibration: torch.Tensor | None = None, float_file: str | Path | None = None
+                        ) -> tuple[Path, IntegerForm | None]:
+    """:func:`export_tflite`, also returning the INT8 integer form (which tensors carry our scales), else ``None``.
+
+    ``float_file``: for ``precision="fp16"``, an FP32 .tflite of the same ``model`` and ``layout`` already
+    written; its weights are cast instead of converting ``model`` again (the converter's run is most of the cost).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
     if layout not in LAYOUTS:
@@ -186,9 +191,12 @@ def export_tflite_model(model: nn.Module, example_input: torch.Tensor, path: str
     try:
         with atomic_path(path) as tmp, tempfile.TemporaryDirectory() as work, torch.no_grad():
             converted = Path(work) / "converted.tflite"
-            litert_torch.convert(network, (example,),
-                                 quant_config=static_quant_config() if form is not None else None
-                                 ).export(str(converted))
+            if precision == "fp16" and float_file is not None:
+                converted = Path(float_file)
+            else:
+                litert_torch.convert(network, (example,),
+                                     quant_config=static_quant_config() if form is not None else None
+                                     ).export(str(converted))
             if precision == "fp16":
                 half_file = Path(work) / "half.tflite"
                 _float16_weights(converted, half_file)
@@ -418,6 +426,7 @@ class TFLiteExport(FitEndExporter):
         images = sample_images(trainer, self.parity_images, "val")
         info = model_preprocessing(trainer, pl_module, images[:1])
         exported = {}
+        float_file = None  # the FP32 file, whose weights the FP16 one casts (one conversion for both)
         for precision in precisions:
             variant = f"{self.name}_{precision}_tflite"
             path = directory / f"{self.name}_{precision}.tflite"
@@ -430,9 +439,10 @@ class TFLiteExport(FitEndExporter):
                 network = _float_network(source.model)
                 atol = self.atol if precision == "fp32" else DEFAULT_ATOL["fp16"]
                 with fake_quant_disabled(), atomic_path(path) as tmp:
-                    export_tflite(network, images[:1], tmp, precision=precision, layout=self.layout,
-                                  metadata=onnx_metadata(info, variant=variant, precision=precision,
-                                                          source=source.origin))
+                    export_tflite_model(network, images[:1], tmp, precision=precision, layout=self.layout,
+                                        metadata=onnx_metadata(info, variant=variant, precision=precision,
+                                                               source=source.origin),
+                                        float_file=float_file if precision == "fp16" else None)
                     result, _, _ = check_tflite_parity(network, tmp, images, atol=atol,
                                                        min_top1_agreement=self.min_top1_agreement,
                                                        raise_on_failure=False)
@@ -444,6 +454,7 @@ class TFLiteExport(FitEndExporter):
                                          "metadata": read_tflite_metadata(path)}], run=export_run(trainer))
             rank_zero_info(f"[dms_lightning] TFLiteExport: {variant}: {result.describe()}")
             exported[variant] = path
+            float_file = path if precision == "fp32" else float_file
             self.variants.append(Variant(variant, str(path), precision, "TFLiteExport",
                                          {"parity": result.to_dict(), "source": source.origin}))
         self.exported = exported
