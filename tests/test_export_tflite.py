@@ -237,3 +237,18 @@ def test_tflite_export_can_skip_when_the_extra_is_missing(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="no .tflite file will be written"):
         callback = tflite.TFLiteExport(dirpath=str(tmp_path), skip_if_unavailable=True)
     assert callback.export(None, None) == {} and list(tmp_path.iterdir()) == []
+
+
+@needs_tflite
+def test_fp16_tflite_of_a_model_whose_weights_sit_after_the_flatbuffer_keeps_them(tmp_path):
+    # Over 256 KB of float16 weights, ai-edge-quantizer stores them after the flatbuffer (Buffer.offset); adding
+    # our metadata used to repack the model without them ("Constant buffer ... out of range offset").
+    from dms_lightning.export.tflite import check_tflite_parity, export_tflite, read_tflite_metadata
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16 * 16, 40),
+                        nn.ReLU(), nn.Linear(40, 5)).eval()
+    images = torch.randn(8, 3, 16, 16)
+    path = export_tflite(net, images[:1], tmp_path / "wide16.tflite", precision="fp16", metadata={"k": "v"})
+    assert read_tflite_metadata(path)["k"] == "v"
+    assert check_tflite_parity(net, path, images, atol=5e-2, min_top1_agreement=0.99)[0].passed

@@ -34,7 +34,14 @@ from dms_lightning.export.parity import ParityError, ParityResult, check_runtime
 from dms_lightning.export.qdq import fake_quant_disabled
 from dms_lightning.export.metadata import onnx_metadata
 from dms_lightning.export.source import CHECKPOINT_CHOICES, export_source, model_preprocessing, sample_images
-from dms_lightning.export.tflite_int8 import IO_TYPES, IntegerForm, integer_network, set_io_type, static_quant_config
+from dms_lightning.export.tflite_int8 import (
+    IO_TYPES,
+    IntegerForm,
+    integer_network,
+    set_io_type,
+    static_quant_config,
+    unpack_tflite,
+)
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 
 log = logging.getLogger(__name__)
@@ -83,7 +90,7 @@ def add_tflite_metadata(buffer: bytes, metadata: dict[str, str]) -> bytes:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
-    model = schema.ModelT.InitFromPackedBuf(buffer, 0)
+    model = unpack_tflite(buffer)
     model.metadata = list(model.metadata or [])
     model.buffers = list(model.buffers or [])
     replaced = set(metadata)

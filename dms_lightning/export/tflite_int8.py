@@ -320,6 +320,22 @@ def static_quant_config():
 
 # --- the file's input and output types -------------------------------------------------------------------------
 
+def unpack_tflite(buffer: bytes):
+    """The flatbuffer as an editable ``ModelT``, with every constant's bytes inside its buffer.
+
+    Large files keep constants *after* the flatbuffer (``Buffer.offset`` / ``size``; ai-edge-quantizer writes
+    them so); packing the object again would drop those bytes, so they are moved into ``Buffer.data`` first.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(buffer, 0)
+    for entry in model.buffers or []:
+        if getattr(entry, "offset", 0) > 1 and getattr(entry, "size", 0):
+            entry.data = np.frombuffer(buffer[entry.offset:entry.offset + entry.size], dtype=np.uint8)
+            entry.offset, entry.size = 0, 0
+    return model
+
+
 def set_io_type(buffer: bytes, io: str) -> bytes:
     """``buffer`` (an int8-I/O .tflite) with ``io`` input and output: ``float`` / ``uint8`` add a QUANTIZE
     (or DEQUANTIZE) op at each end, ``int8`` leaves it as the converter wrote it."""
@@ -330,7 +346,7 @@ def set_io_type(buffer: bytes, io: str) -> bytes:
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
-    model = schema.ModelT.InitFromPackedBuf(buffer, 0)
+    model = unpack_tflite(buffer)
     graph = model.subgraphs[0]
     wanted = schema.TensorType.FLOAT32 if io == "float" else schema.TensorType.UINT8
 
@@ -400,7 +416,7 @@ def tflite_tensors(path) -> list[dict]:
     from ai_edge_litert import schema_py_generated as schema
 
     buffer = open(path, "rb").read()
-    model = schema.ModelT.InitFromPackedBuf(buffer, 0)
+    model = unpack_tflite(buffer)
     names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
     out = []
     for tensor in model.subgraphs[0].tensors:
