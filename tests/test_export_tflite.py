@@ -252,3 +252,19 @@ def test_fp16_tflite_of_a_model_whose_weights_sit_after_the_flatbuffer_keeps_the
     path = export_tflite(net, images[:1], tmp_path / "wide16.tflite", precision="fp16", metadata={"k": "v"})
     assert read_tflite_metadata(path)["k"] == "v"
     assert check_tflite_parity(net, path, images, atol=5e-2, min_top1_agreement=0.99)[0].passed
+
+
+@needs_tflite
+def test_int8_tflite_of_an_every_tensor_network_needs_no_export_time_range(tmp_path):
+    from dms_lightning.export.tflite import check_tflite_parity, export_tflite_model
+    from dms_lightning.quant.calibration import post_training_quantize
+    from dms_lightning.quant.prepare import QuantizationConfig
+
+    images = torch.randn(48, 3, 16, 16)
+    torch.manual_seed(0)
+    int8 = post_training_quantize(_SqueezeNet().eval(), [images[:16], images[16:32]],
+                                  QuantizationConfig(placement="every_tensor")).eval()
+    path, form = export_tflite_model(int8, images[:1], tmp_path / "all.tflite", precision="int8",
+                                     calibration=images[:32])
+    assert {e["source"] for e in form.exceptions} == {"fixed range"}  # only hardsigmoid's middle tensor
+    assert check_tflite_parity(int8, path, images, atol=None, min_top1_agreement=0.99)[0].passed

@@ -225,3 +225,50 @@ def test_package_never_imports_torch_ao_quantization():
                          r"from\s+torch\.ao\s+import\s+quantization)", re.MULTILINE)
     root = pathlib.Path(dms_lightning.__file__).parent
     assert [str(p) for p in root.rglob("*.py") if pattern.search(p.read_text())] == []
+
+
+class _ShapeUser(nn.Module):
+    """Conv → hardswish → a squeeze-excitation gate, then shape arithmetic (``x.size(0)``) before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish()
+        self.fc1, self.relu, self.fc2, self.gate = nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 1), nn.Hardsigmoid()
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        x = x * self.gate(self.fc2(self.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head(x.mean((2, 3)).view(x.size(0), -1))
+
+
+def test_every_tensor_placement_quantizes_what_full_integer_runtimes_keep_in_int8():
+    from dms_lightning.quant.fake_quant import FakeQuantizer
+    from dms_lightning.quant.prepare import QuantizationConfig, prepare_qat
+
+    def quantized_inputs(gm):
+        """The graph nodes each activation quantizer reads."""
+        return {str(n.args[0]) for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(gm.get_submodule(str(n.target)), FakeQuantizer)}
+
+    net = _ShapeUser().eval()
+    fused, every = (prepare_qat(net, QuantizationConfig(placement=p)) for p in ("fused", "every_tensor"))
+    # fused: the hardswish output read by the pooling and the gate, the gate and the product stay float
+    assert {"act", "gate", "mul"}.isdisjoint(quantized_inputs(fused))
+    assert {"conv", "act", "gate", "mul", "mean", "mean_1"} <= quantized_inputs(every)
+    # a layer's output its ReLU passes on is not quantized twice, and the shape arithmetic is left alone
+    assert "fc1" not in quantized_inputs(every) and "relu" in quantized_inputs(every)
+    assert "size" not in quantized_inputs(every)
+    images = torch.randn(4, 3, 16, 16)
+    for model in (fused, every):
+        model.train()(images)
+        assert model.eval()(images).shape == (4, 5)
+
+
+def test_placement_is_checked_and_kept_in_the_config_record():
+    from dms_lightning.quant.prepare import QuantizationConfig
+
+    with pytest.raises(ValueError, match="placement='all'"):
+        QuantizationConfig(placement="all")
+    config = QuantizationConfig(placement="every_tensor")
+    assert QuantizationConfig.from_dict(config.to_dict()).placement == "every_tensor"

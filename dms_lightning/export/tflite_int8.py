@@ -37,7 +37,8 @@ from torch import fx, nn
 
 from dms_lightning.quant.fake_quant import FakeQuantizer
 from dms_lightning.quant.modules import QUANTIZED_LAYERS, QuantLinear
-from dms_lightning.quant.prepare import ObservedOutput, range_preserving_input
+from dms_lightning.quant.observers import CalibrationConfig
+from dms_lightning.quant.prepare import ObservedOutput, fused_output, range_preserving_input
 from dms_lightning.quant.spec import QuantSpec
 
 #: Input / output types of the INT8 file: float32 (a QUANTIZE / DEQUANTIZE op at each end), or integer.
@@ -156,14 +157,16 @@ class IntegerHardsigmoid(nn.Module):
 
 
 class _RangeRecorder(nn.Module):
-    def __init__(self) -> None:
+    """Feeds the tensors passing through to a range estimator of :mod:`dms_lightning.quant.observers`."""
+
+    def __init__(self, estimator) -> None:
         super().__init__()
-        self.low, self.high, self.tensor = float("inf"), float("-inf"), False
+        self.estimator, self.tensor = estimator, False
 
     def forward(self, x):
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             self.tensor = True
-            self.low, self.high = min(self.low, float(x.min())), max(self.high, float(x.max()))
+            self.estimator.observe(x)
         return x
 
 
@@ -208,7 +211,7 @@ def _hardsigmoid_exception(name: str) -> dict:
                       "exact [0, 6] grid"}
 
 
-def _rewrite(gm: fx.GraphModule, form: IntegerForm) -> list[tuple[str, str]]:
+def _rewrite(gm: fx.GraphModule, form: IntegerForm, calibration: CalibrationConfig) -> list[tuple[str, str]]:
     """Swap quantizers and layers for their integer modules; returns ``(recorder, node)`` for unscaled tensors."""
     graph = gm.graph
     for node in list(graph.nodes):
@@ -242,8 +245,8 @@ def _rewrite(gm: fx.GraphModule, form: IntegerForm) -> list[tuple[str, str]]:
         if node.op == "call_method" and node.target in _SHAPE_METHODS or node.op == "call_function" and \
                 node.target is getattr:
             continue
-        if not node.users or any(_is_qdq(user, gm) for user in node.users):
-            continue
+        if not node.users or any(_is_qdq(user, gm) for user in node.users) or fused_output(node, modules) is not node:
+            continue  # (a layer followed by its ReLU / ReLU6: TFLite fuses the two, only the ReLU's output is int8)
         source = range_preserving_input(node, modules)
         anchor = [n for n in graph.nodes if n.op == "placeholder"][-1] if node.op == "placeholder" else node
         if source is not None and _is_qdq(source, gm):
@@ -251,7 +254,7 @@ def _rewrite(gm: fx.GraphModule, form: IntegerForm) -> list[tuple[str, str]]:
             name, module = f"tflite_same_{node.name}", copy.deepcopy(gm.get_submodule(str(source.target)))
             copies += 1
         else:
-            name, module = f"tflite_range_{node.name}", _RangeRecorder()
+            name, module = f"tflite_range_{node.name}", _RangeRecorder(calibration.estimator())
             recorders.append((name, node.name))
         gm.add_module(name, module)
         with graph.inserting_after(anchor):
@@ -263,12 +266,14 @@ def _rewrite(gm: fx.GraphModule, form: IntegerForm) -> list[tuple[str, str]]:
     return recorders
 
 
-def integer_network(model: nn.Module, calibration: Sequence[torch.Tensor] | torch.Tensor) -> IntegerForm:
+def integer_network(model: nn.Module, calibration: Sequence[torch.Tensor] | torch.Tensor,
+                    method: CalibrationConfig | str = "minmax") -> IntegerForm:
     """The integer form of a fake-quantized ``model`` (a copy; ``model`` is not changed).
 
     Every activation quantizer keeps its scale and zero point; tensors the TFLite model needs in int8 but
-    ``model`` keeps in float get the min/max range over ``calibration`` (batches or one ``N × C × H × W``
-    tensor) and are listed in :attr:`IntegerForm.exceptions` with the reason.
+    ``model`` keeps in float get a range from ``calibration`` (batches or one ``N × C × H × W`` tensor) by
+    ``method`` (a :class:`~dms_lightning.quant.observers.CalibrationConfig` or its method name) and are listed
+    in :attr:`IntegerForm.exceptions` with the reason.
 
     Raises:
         ValueError: ``model`` holds no fake-quantized layer, 16-bit activations, or affine weights.
@@ -278,28 +283,34 @@ def integer_network(model: nn.Module, calibration: Sequence[torch.Tensor] | torc
     if not graphs:
         raise ValueError(f"{type(model).__name__} is not fake-quantized: the INT8 TFLite export takes the "
                          "network after QuantizationAwareTraining or PostTrainingQuantization")
+    config = method if isinstance(method, CalibrationConfig) else CalibrationConfig(method)
     form = IntegerForm(network)
-    recorders = [(gm, entry) for gm in graphs for entry in _rewrite(gm, form)]
+    recorders = [(gm, entry) for gm in graphs for entry in _rewrite(gm, form, config)]
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     if recorders and not batches:
         raise ValueError("integer_network needs calibration images for the tensors the fake-quant network keeps "
                          "in float")
+    estimators = [gm.get_submodule(name).estimator for gm, (name, _) in recorders]
     with torch.no_grad():
-        for batch in batches:
-            network(batch.float())
+        for index in range(max((e.passes for e in estimators), default=1)):
+            for estimator in estimators:
+                estimator.start_pass(index)
+            for batch in batches:
+                network(batch.float())
     for gm, (name, node) in recorders:
         recorder = gm.get_submodule(name)
         if not recorder.tensor:  # not a float tensor (a shape, an index): nothing to quantize
             _set(gm, name, nn.Identity())
             continue
-        grid = IntegerQDQ.from_range(recorder.low, recorder.high)
+        low, high = recorder.estimator.range(_UINT8)
+        grid = IntegerQDQ.from_range(low, high)
         _set(gm, name, grid)
         form.exceptions.append({"tensor": node, "source": _CALIBRATED,
-                                "range": [round(recorder.low, 6), round(recorder.high, 6)], "scale": grid.scale,
+                                "range": [round(low, 6), round(high, 6)], "scale": grid.scale,
                                 "zero_point": grid.zero_point,
                                 "reason": "kept in float by the QAT / PTQ placement (fused or float on the "
-                                          "Qualcomm targets); full-integer TFLite needs it in int8: min/max "
-                                          f"over {sum(len(b) for b in batches)} calibration images"})
+                                          f"Qualcomm targets); full-integer TFLite needs it in int8: {config.method} "
+                                          f"range over {sum(len(b) for b in batches)} calibration images"})
     for gm in graphs:
         gm.recompile()
     return form

@@ -164,6 +164,8 @@ class FakeQuantizer(nn.Module):
         self.update_qparams()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x  # an index or a shape a traced graph passes along (placement="every_tensor")
         if self.range_estimator is not None and not _tracing():
             self.range_estimator.observe(x)
         if self.bypass:

@@ -40,7 +40,7 @@ from dms_lightning.quant.calibration import calibration_inputs, post_training_qu
 from dms_lightning.quant.fake_quant import FakeQuantizer
 from dms_lightning.quant.modules import QUANTIZED_LAYERS
 from dms_lightning.quant.observers import CalibrationConfig
-from dms_lightning.quant.prepare import ACTIVATION_QUANTIZERS, QuantizationConfig, _fused_output
+from dms_lightning.quant.prepare import ACTIVATION_QUANTIZERS, QuantizationConfig, fused_output
 from dms_lightning.quant.sensitivity import _bypassed, _logits, _sqnr_db, labelled_batches
 from dms_lightning.quant.spec import FLOAT
 
@@ -142,7 +142,7 @@ def layer_quantizers(model: nn.Module, promote_to: str = "w8a16") -> dict[str, l
 
 def _output_quantizers(node: fx.Node, modules: dict[str, nn.Module]) -> list[fx.Node]:
     """The nodes reading the layer's output, after the ReLU the runtime fuses into it (where its quantizer sits)."""
-    return list(_fused_output(node, modules).users)
+    return list(fused_output(node, modules).users)
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -48,6 +48,9 @@ _RANGE_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 _RANGE_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, torch.reshape)
 _RANGE_PRESERVING_METHODS = ("flatten", "reshape", "view", "contiguous")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+_SHAPE_METHODS = ("size", "dim", "numel")
+#: ``QuantizationConfig.placement`` values.
+PLACEMENTS = ("fused", "every_tensor")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ class QuantizationConfig:
             layer's weights at 8 bits and quantizes its input and output activations to 16 bits (what Hexagon
             HTP runs); a tensor shared with a neighbouring 8-bit layer takes the wider grid. ``float`` keeps the
             layer unquantized, like ``exclude``.
+        placement: which activations carry a quantizer. ``"fused"`` (default): the tensors an integer runtime
+            that fuses a layer with its ReLU keeps in int8 (see the module docstring; ONNX Runtime, and the
+            Qualcomm bundle's encodings, whose SDK quantizes the rest itself). ``"every_tensor"``: also every
+            other tensor between two ops (a conv output feeding hardswish, the squeeze-excitation path, each
+            residual add), as full-integer TFLite and NPU delegates run them, so QAT trains with, and the
+            INT8 ``.tflite`` carries, a learned scale everywhere.
 
     Example:
         >>> config = QuantizationConfig(precision={"features.0.*": "w8a16", "classifier.*": "float"})
@@ -81,8 +90,11 @@ class QuantizationConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     include: tuple[str, ...] = field(default_factory=tuple)
     precision: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    placement: str = "fused"
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r} must be one of {list(PLACEMENTS)}")
         pairs = tuple(self.precision.items()) if isinstance(self.precision, Mapping) else tuple(
             tuple(pair) for pair in self.precision)
         for pair in pairs:
@@ -105,7 +117,8 @@ class QuantizationConfig:
                    activation=activation_spec(a["bits"], a["symmetric"]),
                    quantize_depthwise=data.get("quantize_depthwise", True),
                    quantize_linear=data.get("quantize_linear", True), exclude=tuple(data.get("exclude", ())),
-                   include=tuple(data.get("include", ())), precision=data.get("precision", {}))
+                   include=tuple(data.get("include", ())), precision=data.get("precision", {}),
+                   placement=data.get("placement", "fused"))
 
     def layer_bits(self, name: str) -> tuple[int, int] | None:
         """``(weight bits, activation bits)`` of layer ``name`` (its override, else the defaults); ``None``: float."""
@@ -307,7 +320,7 @@ def _is_module(node: fx.Node, modules: dict[str, nn.Module], types: tuple[type, 
     return node.op == "call_module" and isinstance(modules.get(node.target), types)
 
 
-def _fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
+def fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
     """``node`` or the ReLU/ReLU6 that is its only consumer (the runtime fuses it into the layer)."""
     users = list(node.users)
     if len(users) == 1:
@@ -328,6 +341,19 @@ def range_preserving_input(node: fx.Node, modules: dict[str, nn.Module]) -> fx.N
     return None
 
 
+def _may_be_tensor(node: fx.Node) -> bool:
+    """False for the graph's shape arithmetic (``x.size(0)``, ``x.shape[1]``): nothing to quantize there."""
+    if node.op not in ("placeholder", "call_module", "call_function", "call_method"):
+        return False
+    if node.op == "call_method" and node.target in _SHAPE_METHODS or node.op == "call_function" and \
+            node.target is getattr:
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        source = node.args[0] if node.args else None
+        return not (isinstance(source, fx.Node) and not _may_be_tensor(source))
+    return True
+
+
 def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], config: QuantizationConfig) -> None:
     modules = dict(gm.named_modules())
     points: dict[fx.Node, int] = {}  # quantized tensor -> activation bits (the widest any reader or writer asks for)
@@ -339,13 +365,20 @@ def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], 
         bits = config.activation_spec_for(str(node.target)).bits
         if node.args and isinstance(node.args[0], fx.Node):
             add(node.args[0], bits)
-        add(_fused_output(node, modules), bits)
+        add(fused_output(node, modules), bits)
     for node in gm.graph.nodes:  # residual adds of int8 tensors run as QLinearAdd
         if node.op == "call_function" and node.target in _ADD_FUNCTIONS or (
                 node.op == "call_method" and node.target in ("add", "add_")):
             inputs = [a for a in node.args if isinstance(a, fx.Node)]
             if len(inputs) == 2 and all(a in points for a in inputs):
-                add(_fused_output(node, modules), max(points[a] for a in inputs))
+                add(fused_output(node, modules), max(points[a] for a in inputs))
+
+    if config.placement == "every_tensor":
+        for node in gm.graph.nodes:
+            if node in points or not node.users or not _may_be_tensor(node) or \
+                    fused_output(node, modules) is not node:
+                continue  # a layer's output its fused ReLU passes on: the ReLU's output carries the quantizer
+            add(node, config.activation.bits)
 
     owner: dict[fx.Node, str] = {}
     group_bits: dict[str, int] = {}

@@ -122,6 +122,8 @@ class PostTrainingQuantization(Callback):
             callback (they named ONNX nodes); a non-empty value is an error naming its replacement.
         precision: per-layer precision overrides, ``{layer-name pattern: "w8a16" | "w8a8" | "float" | ...}``
             (the last matching pattern wins; see :class:`~dms_lightning.quant.QuantizationConfig`).
+        placement: ``"fused"`` or ``"every_tensor"`` (every tensor between two ops quantized, as full-integer
+            TFLite runs them; see :class:`~dms_lightning.quant.QuantizationConfig`).
         max_accuracy_drop_pt: automatic mixed precision: promote the fewest, most sensitive layers to
             ``promote_to`` until the validation top-1 of the INT8 simulation is within this many points of the
             float network (:func:`~dms_lightning.quant.mixed_precision.select_mixed_precision`); the chosen
@@ -162,6 +164,7 @@ class PostTrainingQuantization(Callback):
         exclude_nodes: list[str] | None = None,
         include_nodes: list[str] | None = None,
         precision: dict[str, str] | None = None,
+        placement: str = "fused",
         max_accuracy_drop_pt: float | None = None,
         promote_to: Literal["w8a16", "float"] = "w8a16",
         max_promoted: float | int = 0.2,
@@ -201,7 +204,7 @@ class PostTrainingQuantization(Callback):
             activation=activation_spec(8, symmetric_activations),
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear,
             exclude=_patterns("exclude", exclude), include=_patterns("include", include),
-            precision=dict(precision or {}))
+            precision=dict(precision or {}), placement=placement)
         check_selection_arguments(0.0 if max_accuracy_drop_pt is None else max_accuracy_drop_pt, promote_to)
         if isinstance(max_promoted, bool) or not isinstance(max_promoted, (int, float)) or max_promoted < 0 or (
                 isinstance(max_promoted, float) and max_promoted > 1):

@@ -77,6 +77,9 @@ class QuantizationAwareTraining(Callback):
         precision: per-layer precision overrides, ``{layer-name pattern: "w8a16" | "w8a8" | "float" | ...}``
             (the last matching pattern wins), e.g. the ``precision`` a
             :func:`~dms_lightning.quant.mixed_precision.select_mixed_precision` run chose as QAT's start.
+        placement: ``"fused"`` (the tensors ONNX Runtime / the Qualcomm SDK keep in int8) or ``"every_tensor"``
+            (every tensor between two ops, as full-integer TFLite runs them: the INT8 ``.tflite`` then carries a
+            learned scale everywhere; see :class:`~dms_lightning.quant.QuantizationConfig`).
 
     Example:
         >>> from dms_lightning.callbacks import QuantizationAwareTraining
@@ -108,6 +111,7 @@ class QuantizationAwareTraining(Callback):
         min_agreement: float = 0.99,
         opset: int = 18,
         precision: dict[str, str] | None = None,
+        placement: str = "fused",
     ) -> None:
         super().__init__()
         check_int("start_epoch", start_epoch, minimum=0)
@@ -126,7 +130,7 @@ class QuantizationAwareTraining(Callback):
             weight=weight_spec(weight_bits, symmetric=True, per_channel=per_channel_weights),
             activation=activation_spec(activation_bits, symmetric_activations),
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear, exclude=tuple(exclude),
-            include=tuple(include), precision=dict(precision or {}))
+            include=tuple(include), precision=dict(precision or {}), placement=placement)
         self.start_epoch = start_epoch
         self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
         self.export, self.dirpath, self.filename, self.opset = export, dirpath, filename, opset
