@@ -28,6 +28,32 @@ DEBUG_ENV = "DMS_LIGHTNING_DEBUG"
 _CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
+class FinalLastCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` holds the end of *every* epoch, the weights the exporters write.
+
+    Since Lightning 2.5, ``save_last=True`` writes ``last.ckpt`` only in a step that also saved a top-k
+    checkpoint, so with ``monitor: val/acc, save_top_k: 1`` it was a copy of the best epoch: reloading it
+    gave other weights than the run's final (and exported) network. This restores "last = the latest".
+    """
+
+    @override
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    @override
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer) -> None:
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer) \
+                and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class DMSLightningCLI(LightningCLI):
     """LightningCLI with the data module's classes, channels and image size linked into the model.
 
@@ -69,7 +95,7 @@ class DMSLightningCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FinalLastCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",

@@ -195,3 +195,26 @@ def test_a_rerun_keeps_the_earlier_run_and_the_manifest_lists_only_its_own_artif
     assert not (art / "student_int8.onnx").exists()
     kept = tmp_path / "art-v1"
     assert {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()} == earlier
+
+
+def test_last_checkpoint_holds_the_final_epoch_even_when_the_best_is_earlier(tmp_path):
+    # Lightning 2.6's save_last writes last.ckpt only with a new top-k checkpoint; reloading it gave the best
+    # epoch's weights instead of the exported final ones (main job: epoch 9 of 10, 0.76 logit difference).
+    import lightning as L
+    import torch
+    from test_export_callbacks import TinyClassifier, _datamodule
+
+    from dms_lightning.cli import FinalLastCheckpoint
+
+    checkpoint = FinalLastCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/score", mode="max", save_last=True,
+                                     filename="best", enable_version_counter=False)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=False,
+                        callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    module = TinyClassifier()
+    trainer.fit(module, _datamodule())  # val/score = -epoch: the best is epoch 0
+    best = torch.load(tmp_path / "ckpt" / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == 0 and last["epoch"] == 2 and last["global_step"] == trainer.global_step
+    final = {k: v for k, v in module.state_dict().items()}
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in final.items())
