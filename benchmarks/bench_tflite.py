@@ -60,12 +60,7 @@ def _latency(run, runs: int) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def onnx_runtime(path: Path, fuse_qdq: bool = True):
-    return open_session(path, threads=1, fuse_qdq=fuse_qdq)
-
-
-def _ort_logits(path: Path, images: np.ndarray, fuse_qdq: bool = True) -> np.ndarray:
-    session = onnx_runtime(path, fuse_qdq)
+def _ort_logits(session, images: np.ndarray) -> np.ndarray:
     feed = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {feed: images[i:i + 1]})[0] for i in range(len(images))])
 
@@ -93,9 +88,10 @@ def main() -> None:
     labels = torch.cat([batch[1] for batch in datamodule.test_dataloader()]).numpy()
     image = images[:1]
     manifest = json.loads((distill / "manifest.json").read_text())
-    exceptions = next(e for e in manifest["artifacts"] if e["name"] == "student_int8_tflite")["int8_scales"]["exceptions"]
-    twins = {"fp32": _ort_logits(distill / "student_fp32.onnx", images),
-             "int8": _ort_logits(distill / "student_int8.onnx", images, fuse_qdq=False)}
+    int8_scales = next(e for e in manifest["artifacts"] if e["name"] == "student_int8_tflite")["int8_scales"]
+    exceptions = int8_scales["exceptions"]
+    twins = {"fp32": _ort_logits(open_session(distill / "student_fp32.onnx"), images),
+             "int8": _ort_logits(open_session(distill / "student_int8.onnx", fuse_qdq=False), images)}
     rows, scales = [], {}
     for precision in ("fp32", "fp16", "int8"):
         path = distill / f"student_{precision}.tflite"
@@ -112,9 +108,9 @@ def main() -> None:
             scales = compare_with_encodings(path, json.loads((distill / "snpe_bundle" / "encodings.json").read_text()),
                                             exceptions)
     for name in ("student_fp32.onnx", "student_int8.onnx"):
-        session = onnx_runtime(distill / name)
+        session = open_session(distill / name)
         feed = session.get_inputs()[0].name
-        logits = np.concatenate([session.run(None, {feed: images[i:i + 1]})[0] for i in range(len(images))])
+        logits = _ort_logits(session, images)
         p50, p99 = _latency(lambda: session.run(None, {feed: image}), args.latency_runs)
         rows.append({"variant": name, "runtime": "ONNX Runtime", "size_mb": (distill / name).stat().st_size / 1e6,
                      "accuracy": float((logits.argmax(1) == labels).mean()), "p50_ms": p50, "p99_ms": p99})
@@ -142,8 +138,7 @@ def main() -> None:
         lines.append(f"| {row['variant']} | {row['runtime']} | {row['size_mb']:.2f} | {row['accuracy']:.2%} | {parity} "
                      f"| {bar_text} | {passed} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} |")
     int8_row = next(r for r in rows if r["variant"] == "student_int8.tflite")
-    manifest_carried = next(e for e in manifest["artifacts"]
-                            if e["name"] == "student_int8_tflite")["int8_scales"]["carried_activation_scales"]
+    manifest_carried = int8_scales["carried_activation_scales"]
     sources: dict[str, int] = {}
     for entry in exceptions:
         sources[entry["source"]] = sources.get(entry["source"], 0) + 1
