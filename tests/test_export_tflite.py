@@ -266,5 +266,28 @@ def test_int8_tflite_of_an_every_tensor_network_needs_no_export_time_range(tmp_p
                                   QuantizationConfig(placement="every_tensor")).eval()
     path, form = export_tflite_model(int8, images[:1], tmp_path / "all.tflite", precision="int8",
                                      calibration=images[:32])
-    assert {e["source"] for e in form.exceptions} == {"fixed range"}  # only hardsigmoid's middle tensor
+    # Only hardsigmoid's x/6 tensor, on its input's grid divided by 6: the integer model rounds where the
+    # fake-quant network does, so its logits stay within about one output step of the fake-quant ones.
+    assert [e["source"] for e in form.exceptions] == ["exact from the input grid"]
     assert check_tflite_parity(int8, path, images, atol=None, min_top1_agreement=0.99)[0].passed
+
+
+@needs_tflite
+def test_integer_form_rounds_hardsigmoid_once_as_the_fake_quant_network_does():
+    from dms_lightning.export.tflite_int8 import ExactHardsigmoid, IntegerHardsigmoid, integer_network
+    from dms_lightning.quant.calibration import post_training_quantize
+    from dms_lightning.quant.prepare import QuantizationConfig
+
+    images = torch.randn(64, 3, 16, 16)
+    torch.manual_seed(0)
+    int8 = post_training_quantize(_SqueezeNet().eval(), [images[:32]],
+                                  QuantizationConfig(placement="every_tensor")).eval()
+    form = integer_network(int8, images[:32])
+    gates = [m for m in form.network.modules() if isinstance(m, ExactHardsigmoid)]
+    assert len(gates) == 1 and not any(isinstance(m, IntegerHardsigmoid) for m in form.network.modules())
+    with torch.no_grad():
+        grid = gates[0].sixth_of_input  # every value of the gate's input grid, from its lowest to its highest
+        x = 6 * grid.scale * (torch.arange(grid.quant_min, grid.quant_max + 1.0) - grid.zero_point)
+        torch.testing.assert_close(gates[0](x).clamp(0, 1), nn.functional.hardsigmoid(x), rtol=0, atol=1e-6)
+        # so the integer form computes what the fake-quant network computes, tensor for tensor
+        torch.testing.assert_close(form.network(images), int8(images), rtol=0, atol=1e-4)

@@ -16,8 +16,11 @@ log and the manifest:
   output feeding hardswish, the squeeze-excitation path, a hardswish output read by a pooling op): a
   full-integer TFLite model needs every tensor in int8, so they get a min/max range over
   ``calibration`` images (run through the fake-quant network, so upstream quantization is included);
-* the middle of ``hardsigmoid``, which TFLite has no kernel for and lowers to ``ADD(+3, relu6)`` and
-  ``MUL(1/6)``: its ``[0, 6]`` tensor gets that exact range.
+* the middle of ``hardsigmoid``, which TFLite has no kernel for. Where its input and output carry our
+  grids it is written as ``MUL(1/6)`` onto the input's grid divided by 6 (the same integers: exact) and
+  ``ADD(1/2)`` onto the output's grid, so the integer model rounds once, where the fake-quant network
+  does. Otherwise it is ``ADD(+3, relu6)`` and ``MUL(1/6)``, and the ``[0, 6]`` middle gets that range
+  (a second rounding the fake-quant network does not simulate).
 
 TFLite's int8 kernels are signed: an unsigned (uint8) grid ``(scale, zero point z)`` is written as the
 int8 grid ``(scale, z - 128)``, which holds the same real values, so scales compare one to one with the
@@ -45,6 +48,7 @@ from dms_lightning.quant.spec import QuantSpec
 IO_TYPES = ("float", "int8", "uint8")
 _CALIBRATED = "calibrated at export"
 _FIXED = "fixed range"
+_EXACT = "exact from the input grid"
 _UINT8 = QuantSpec(8, symmetric=False, per_channel=False)
 _PASS_THROUGH_MODULES = (ObservedOutput, nn.Identity, nn.Dropout)
 _SHAPE_METHODS = ("size", "dim", "numel")
@@ -156,6 +160,31 @@ class IntegerHardsigmoid(nn.Module):
         return self.middle(F.relu6(x + self.three(x))) * self.sixth(x)
 
 
+class ExactHardsigmoid(nn.Module):
+    """``hardsigmoid(x) = x/6 + 1/2`` clipped to ``[0, 1]``, as TFLite integer ops with one rounding.
+
+    ``MUL(x, 1/6)`` lands on ``x``'s grid with its scale divided by 6, which holds exactly ``x/6`` (the
+    same integers); ``ADD(·, 1/2)`` then rounds onto the output's grid, whose saturation is the clip.
+    Used only where that grid lies inside ``[0, 1]`` (:meth:`fits`), so no explicit clip is needed.
+    """
+
+    def __init__(self, input_grid: IntegerQDQ) -> None:
+        super().__init__()
+        self.sixth_of_input = IntegerQDQ(input_grid.scale / 6.0, input_grid.zero_point, input_grid.quant_min,
+                                         input_grid.quant_max)
+        self.sixth, self.one_half = _Constant(1.0 / 6.0), _Constant(0.5)
+
+    @staticmethod
+    def fits(output_grid: IntegerQDQ) -> bool:
+        """Whether ``output_grid``'s saturation is hardsigmoid's clip: its lowest value 0, its highest ≤ 1."""
+        low = output_grid.scale * (output_grid.quant_min - output_grid.zero_point)
+        high = output_grid.scale * (output_grid.quant_max - output_grid.zero_point)
+        return low == 0.0 and high <= 1.0 + output_grid.scale / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sixth_of_input(x * self.sixth(x)) + self.one_half(x)
+
+
 class _RangeRecorder(nn.Module):
     """Feeds the tensors passing through to a range estimator of :mod:`dms_lightning.quant.observers`."""
 
@@ -211,6 +240,27 @@ def _hardsigmoid_exception(name: str) -> dict:
                       "exact [0, 6] grid"}
 
 
+def _exact_hardsigmoid_exception(name: str, module: ExactHardsigmoid) -> dict:
+    grid = module.sixth_of_input
+    return {"tensor": f"{name} (x/6)", "source": _EXACT, "range": None, "scale": grid.scale,
+            "zero_point": grid.zero_point,
+            "reason": "TFLite has no hardsigmoid kernel: MUL(1/6) onto the input's grid divided by 6 (the same "
+                      "integers, no rounding), then ADD(1/2) onto the output's grid"}
+
+
+def _hardsigmoid(gm: fx.GraphModule, node: fx.Node, label: str) -> tuple[nn.Module, dict]:
+    """The integer module for hardsigmoid ``node`` and its exceptions entry: exact where the grids allow."""
+    source = node.args[0]
+    users = list(node.users)
+    if isinstance(source, fx.Node) and _is_qdq(source, gm) and len(users) == 1 and users[0].op == "call_module":
+        after = gm.get_submodule(str(users[0].target))
+        if isinstance(after, FakeQuantizer) and after.spec.bits == 8 and \
+                ExactHardsigmoid.fits(IntegerQDQ.from_quantizer(after)):
+            module = ExactHardsigmoid(gm.get_submodule(str(source.target)))
+            return module, _exact_hardsigmoid_exception(label, module)
+    return IntegerHardsigmoid(), _hardsigmoid_exception(label)
+
+
 def _rewrite(gm: fx.GraphModule, form: IntegerForm, calibration: CalibrationConfig) -> list[tuple[str, str]]:
     """Swap quantizers and layers for their integer modules; returns ``(recorder, node)`` for unscaled tensors."""
     graph = gm.graph
@@ -218,10 +268,11 @@ def _rewrite(gm: fx.GraphModule, form: IntegerForm, calibration: CalibrationConf
         if node.op != "call_module":
             if node.op == "call_function" and node.target is F.hardsigmoid:
                 name = f"tflite_hardsigmoid_{node.name}"
-                gm.add_module(name, IntegerHardsigmoid())
+                module, exception = _hardsigmoid(gm, node, node.name)
+                gm.add_module(name, module)
                 node.op, node.target, node.kwargs = "call_module", name, {}
                 node.args = node.args[:1]
-                form.exceptions.append(_hardsigmoid_exception(node.name))
+                form.exceptions.append(exception)
             continue
         module = gm.get_submodule(str(node.target))
         if isinstance(module, _PASS_THROUGH_MODULES):
@@ -233,8 +284,9 @@ def _rewrite(gm: fx.GraphModule, form: IntegerForm, calibration: CalibrationConf
         elif isinstance(module, QUANTIZED_LAYERS):
             _set(gm, str(node.target), IntegerLayer(module, str(node.target)))
         elif isinstance(module, nn.Hardsigmoid):
-            _set(gm, str(node.target), IntegerHardsigmoid())
-            form.exceptions.append(_hardsigmoid_exception(str(node.target)))
+            replacement, exception = _hardsigmoid(gm, node, str(node.target))
+            _set(gm, str(node.target), replacement)
+            form.exceptions.append(exception)
     graph.lint()
     gm.recompile()
     modules = dict(gm.named_modules())
