@@ -46,7 +46,7 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 DOCUMENT_VERSION = "0.6.1"
 
 #: Metadata key of a QDQ model with ``{integer weight initializer: bits}`` for weights below 8 bits (their
-#: container is int8; the encodings carry the real width).
+#: container is int8, or int4 for 4 bits and fewer; the encodings carry the real width).
 NARROW_WEIGHTS_KEY = "dms_lightning.narrow_weight_bits"
 
 # Core torch fake-quant ops, the ones that export to QuantizeLinear/DequantizeLinear.
@@ -94,11 +94,13 @@ def fake_quant_disabled() -> Iterator[None]:
 
 def export_qdq_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, *,
                     metadata: dict[str, str] | None = None, opset: int = DEFAULT_OPSET,
-                    exporter: str = "torchscript", dynamic_batch: bool = True) -> Path:
+                    exporter: str = "torchscript", dynamic_batch: bool = True, int4_weights: bool = True) -> Path:
     """Export a fake-quantized ``model`` to ``path`` as an INT8 QDQ ONNX model, atomically.
 
     Weights become integer initializers ``<torch layer path>.weight_quantized`` feeding DequantizeLinear; weights
-    fake-quantized below 8 bits are listed under :data:`NARROW_WEIGHTS_KEY` in the metadata. With
+    fake-quantized below 8 bits are listed under :data:`NARROW_WEIGHTS_KEY` in the metadata. Weights of 4 bits
+    or fewer are stored as real ``int4`` / ``uint4`` (two per byte, opset 21: :func:`pack_int4_weights`) unless
+    ``int4_weights=False``, which keeps them in int8 containers for runtimes without 4-bit DequantizeLinear. With
     ``dynamic_batch=False`` the batch is fixed to 1 and every shape inferred (what SNPE / QNN converters need).
 
     Example:
@@ -125,6 +127,8 @@ def export_qdq_onnx(model: nn.Module, example_input: torch.Tensor, path: str | P
                 float_qdq.unlink(missing_ok=True)
             proto = widen_activation_qdq(proto, wide_activations(model))
             narrow = {name: bits for name, bits in folded.items() if bits < 8}
+            if int4_weights:
+                proto = pack_int4_weights(proto, narrow)
             if narrow:
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = NARROW_WEIGHTS_KEY, json.dumps(narrow)
@@ -156,7 +160,8 @@ def weight_layers(model: nn.Module) -> dict[str, tuple[str, int]]:
     return layers
 
 
-#: The first standard opset whose QuantizeLinear / DequantizeLinear take uint16 / int16 (16-bit activations).
+#: The first standard opset whose QuantizeLinear / DequantizeLinear take uint16 / int16 (16-bit activations)
+#: and int4 / uint4 (4-bit weights).
 WIDE_QDQ_OPSET = 21
 
 
@@ -197,10 +202,60 @@ def widen_activation_qdq(model: onnx.ModelProto, wide: dict[str, tuple[int, bool
     if missing:
         raise ValueError(f"16-bit activation quantizers {missing} have no QuantizeLinear reading their scale in the "
                          "exported graph: their 16-bit grid cannot be written")
+    _raise_opset(model, WIDE_QDQ_OPSET)
+    _prune(model.graph)
+    return model
+
+
+def _raise_opset(model: onnx.ModelProto, version: int) -> None:
     for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx") and opset.version < WIDE_QDQ_OPSET:
-            opset.version = WIDE_QDQ_OPSET
+        if opset.domain in ("", "ai.onnx") and opset.version < version:
+            opset.version = version
     model.ir_version = max(model.ir_version, 10)  # IR 10 is the first that allows opset 21
+
+
+def _int4_tensor(values: np.ndarray, name: str, signed: bool) -> onnx.TensorProto:
+    """``values`` as an ``INT4`` / ``UINT4`` initializer, packed two per byte (low nibble first)."""
+    flat = values.astype(np.int64).reshape(-1)
+    low, high = (-8, 7) if signed else (0, 15)
+    if flat.size and (flat.min() < low or flat.max() > high):
+        raise ValueError(f"{name}: values {int(flat.min())}..{int(flat.max())} do not fit a "
+                         f"{'signed' if signed else 'unsigned'} 4-bit integer")
+    nibbles = (np.append(flat, 0) if flat.size % 2 else flat) & 0x0F
+    tensor = onnx.TensorProto()
+    tensor.name, tensor.data_type = name, onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+    return tensor
+
+
+def pack_int4_weights(model: onnx.ModelProto, narrow: dict[str, int]) -> onnx.ModelProto:
+    """Store the integer weights of ``narrow`` (``{initializer: bits}``) with 4 bits or fewer as ``int4``.
+
+    Each such initializer and the zero point of every DequantizeLinear reading it become ``INT4`` (``UINT4``
+    for unsigned containers), so the file holds half a byte per weight; the default-domain opset is raised
+    to 21, the first whose DequantizeLinear takes 4-bit inputs. The values, and so the model's outputs, do
+    not change. ``model`` is changed in place and returned.
+    """
+    packed = {name for name, bits in narrow.items() if bits <= 4}
+    if not packed:
+        return model
+    initializers = {init.name: init for init in model.graph.initializer}
+    readers = [node for node in model.graph.node if node.op_type == "DequantizeLinear" and node.input[0] in packed]
+    taken = set(initializers)
+    for node in readers:
+        if len(node.input) < 3 or node.input[2] not in initializers:
+            raise ValueError(f"DequantizeLinear {node.name!r} of the 4-bit weight {node.input[0]!r} has no zero-point "
+                             "initializer: cannot store it as int4")
+        zero = numpy_helper.to_array(initializers[node.input[2]])
+        name = _unique(f"{node.input[0]}.zero_point_int4", taken)
+        taken.add(name)
+        model.graph.initializer.append(_int4_tensor(zero, name, signed=zero.dtype.kind == "i"))
+        node.input[2] = name
+    for name in packed & set(initializers):
+        values = numpy_helper.to_array(initializers[name])
+        initializers[name].CopyFrom(_int4_tensor(values, name, signed=values.dtype.kind == "i"))
+    _raise_opset(model, WIDE_QDQ_OPSET)
     _prune(model.graph)
     return model
 
@@ -500,8 +555,12 @@ def _constant_tensors(graph: onnx.GraphProto) -> set[str]:
 
 def _evaluate(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]:
     """Values of constant tensors ``names``, computed by ONNX Runtime on the constant subgraph alone."""
+    stored = {init.name: init for init in model.graph.initializer}
+    # Initializers are read as stored (ONNX Runtime cannot hand back an int4 tensor); the rest is computed.
+    values = {name: numpy_helper.to_array(stored[name]) for name in names if name in stored}
+    names = [name for name in names if name not in stored]
     if not names:
-        return {}
+        return values
     constants = _constant_tensors(model.graph)
     nodes = [node for node in model.graph.node
              if node.op_type == "Constant" or (node.input and all(not n or n in constants for n in node.input))]
@@ -511,7 +570,7 @@ def _evaluate(model: onnx.ModelProto, names: list[str]) -> dict[str, np.ndarray]
     # Unoptimised: the values must be those the graph computes, not ones rewritten by fusions.
     session = ort_session(sub_model, optimize=False)
     outputs = session.run(None, {})
-    return dict(zip(names, (np.asarray(v) for v in outputs)))
+    return {**values, **dict(zip(names, (np.asarray(v) for v in outputs)))}
 
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
