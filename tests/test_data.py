@@ -306,3 +306,31 @@ def test_auto_batch_size_gives_a_small_training_split_enough_steps_per_epoch(tmp
     assert [auto_batch_size(n) for n in (10, 300, 1000, 1024)] == [8, 16, 32, 64]
     with pytest.raises(ValueError, match="data.batch_size=0 must be a positive integer or 'auto'"):
         DMSDataModule(batch_size=0)
+
+
+def test_synthetic_images_are_rendered_once_per_process(monkeypatch):
+    """The pipeline's student stage serves the teacher stage's rendered images instead of rendering again."""
+    import gc
+
+    from dms_lightning.data import sources
+
+    calls = []
+    render = sources.render_sample
+
+    def counting(*args):
+        calls.append(args)
+        return render(*args)
+
+    monkeypatch.setattr(sources, "render_sample", counting)
+    first = sources.SyntheticDMSDataset(6, image_size=32, split="val", seed=123)
+    images = [first[i][0] for i in range(6)]
+    assert len(calls) == 6
+    second = sources.SyntheticDMSDataset(6, image_size=32, split="val", seed=123)
+    assert all(torch.equal(second[i][0], images[i]) for i in range(6)) and len(calls) == 6
+    other = sources.SyntheticDMSDataset(6, image_size=32, split="val", seed=124)  # other images: rendered
+    other[0]
+    assert len(calls) == 7
+    del first, second, images, other
+    gc.collect()
+    sources.SyntheticDMSDataset(6, image_size=32, split="val", seed=123)[0]  # nothing holds them any more
+    assert len(calls) == 8

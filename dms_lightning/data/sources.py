@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,8 +136,14 @@ def image_bit_depth(path: str | Path) -> int | None:
                                 "or set `data.skip_corrupt: true` to skip unreadable images.") from err
 
 
+#: Rendered synthetic images of every live :class:`SyntheticDMSDataset` by ``(seed, split, size, index)``:
+#: a second dataset of the same images in the process (the student stage of ``pipeline`` after the
+#: teacher's) serves them instead of rendering them again. Weak: an image goes when no dataset holds it.
+_RENDERED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class SyntheticDMSDataset(Dataset):
-    """``length`` procedural DMS images of ``split``; rendered once, then served from memory.
+    """``length`` procedural DMS images of ``split``; rendered once per process, then served from memory.
 
     Example:
         >>> ds = SyntheticDMSDataset(10, image_size=64, split="val")
@@ -160,10 +167,13 @@ class SyntheticDMSDataset(Dataset):
         image = self._cache.get(index)
         label = index % len(SYNTHETIC_CLASSES)
         if image is None:
-            array, label = render_sample(self.seed, self.split, index, self.image_size)
-            image = torch.from_numpy(array)[None]
+            key = (self.seed, self.split, self.image_size, index)
+            image = _RENDERED.get(key)
+            if image is None:
+                array, label = render_sample(self.seed, self.split, index, self.image_size)
+                image = torch.from_numpy(array)[None]
             if self.cache:
-                self._cache[index] = image
+                self._cache[index] = _RENDERED[key] = image
         return image.expand(self.channels, -1, -1), label
 
     @property
