@@ -77,6 +77,8 @@ def test_tflite_export_validates_its_arguments_and_names_the_extra():
 
     with pytest.raises(ValueError, match="TFLiteExport.layout='CHW'"):
         TFLiteExport(layout="CHW")
+    with pytest.raises(ValueError, match="TFLiteExport.int8_min_top1_agreement=1.5"):
+        TFLiteExport(int8_min_top1_agreement=1.5)
     with pytest.raises(ValueError, match=r"TFLiteExport.precisions=\['int4'\]"):
         TFLiteExport(precisions=["int4"])
     with pytest.raises(ValueError, match="precision='bf16'"):
@@ -204,7 +206,7 @@ def test_tflite_export_int8_after_ptq_carries_the_qualcomm_bundle_encodings(tmp_
     callbacks = [PostTrainingQuantization(calibration_batches=1, evaluate_batches=1, min_agreement=0.0, export=False),
                  SNPEExport(dirpath=str(export), checkpoint="last", calibration_images=4),
                  TFLiteExport(dirpath=str(export), name="tiny", checkpoint="last", io="int8", parity_images=16,
-                              calibration_images=16, latency_runs=5), report]
+                              calibration_images=16, latency_runs=5, int8_min_top1_agreement=0.9), report]
     trainer = _trainer(tmp_path, callbacks, epochs=1)
     trainer.fit(TinyClassifier(in_channels=3), _datamodule(channels=3))
     # default precisions of a fake-quantized network: the float files and the INT8 one
@@ -219,6 +221,9 @@ def test_tflite_export_int8_after_ptq_carries_the_qualcomm_bundle_encodings(tmp_
     assert entry["int8_scales"]["encodings"]["activation_encodings_missing"] == []
     assert entry["int8_scales"]["encodings"]["tflite_activations_unexplained"] == []
     assert entry["parity"]["reference"] == "pytorch fake-quant" and entry["latency_ms_p50"] > 0
+    assert entry["parity"]["min_top1_agreement"] == 0.9  # the INT8 bar, not the float files' 0.99
+    fp32 = next(a for a in read_manifest(export)["artifacts"] if a["name"] == "tiny_fp32_tflite")
+    assert fp32["parity"]["min_top1_agreement"] == 0.99
     # The report measures each file in the LiteRT interpreter like any other variant: accuracy, per class, latency.
     rows = {row.name: row for row in report.report.rows}
     assert {"tiny_fp32_tflite", "tiny_int8_tflite"} <= set(rows)
