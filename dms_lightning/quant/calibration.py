@@ -11,8 +11,8 @@ between them without touching the others):
    quantizers pass through), a range per quantizer from its estimator, weight ranges from the weights;
 4. observers and folded BatchNorms frozen: the network is the deployable INT8 simulation.
 
-Weight-side PTQ algorithms (cross-layer equalization before step 2, bias correction / AdaRound after
-step 3) and per-layer sensitivity work on this same prepared network.
+Weight-side PTQ algorithms (:mod:`dms_lightning.quant.equalization`: cross-layer equalization before
+step 2, bias correction after step 3) and per-layer sensitivity work on this same prepared network.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from dms_lightning.quant.equalization import correct_bias, equalize_cross_layer
 from dms_lightning.quant.fake_quant import FakeQuantizer, named_activation_quantizers
 from dms_lightning.quant.modules import QUANTIZED_LAYERS
 from dms_lightning.quant.observers import CalibrationConfig
@@ -167,6 +168,9 @@ def post_training_quantize(
     *,
     calibration_batches: int | None = None,
     reestimate_batchnorm: BatchNormHook | None = None,
+    cross_layer_equalization: bool = False,
+    relu6_to_relu: bool = True,
+    bias_correction: bool = False,
 ) -> fx.GraphModule:
     """The calibrated fake-quant twin of a float ``model``, without a Trainer.
 
@@ -178,10 +182,18 @@ def post_training_quantize(
         calibration_batches: batches of ``calibration_data`` to use (``None``: all).
         reestimate_batchnorm: called as ``reestimate_batchnorm(model, batches)`` on the float network
             before it is quantized.
+        cross_layer_equalization: equalize the weight ranges of consecutive convs of ``model`` first, in place
+            (:func:`~dms_lightning.quant.equalization.equalize_cross_layer`; its function is unchanged except
+            where ``relu6_to_relu`` replaces a ReLU6 between two equalized convs).
+        relu6_to_relu: with ``cross_layer_equalization``, replace ReLU6 inside equalized pairs by ReLU (else
+            those pairs are skipped).
+        bias_correction: after calibration, correct each quantized layer's output mean to the float network's
+            on the calibration images (:func:`~dms_lightning.quant.equalization.correct_bias`).
 
     Returns:
         The fake-quantized network (it shares ``model``'s parameters; eval mode; ranges frozen). Export it
-        with the INT8 QDQ exporter, or evaluate it in PyTorch as the INT8 simulation.
+        with the INT8 QDQ exporter, or evaluate it in PyTorch as the INT8 simulation. What equalization and
+        bias correction did is in its ``meta["equalization"]`` / ``meta["bias_correction"]``.
 
     Example:
         >>> import torchvision
@@ -196,6 +208,11 @@ def post_training_quantize(
     batches = calibration_inputs(calibration_data, calibration_batches)
     if reestimate_batchnorm is not None:
         reestimate_batchnorm(model, batches)
+    equalized = equalize_cross_layer(model, relu6_to_relu=relu6_to_relu) if cross_layer_equalization else None
     prepared = prepare_qat(model, config)
     calibrate(prepared, batches, calibration)
+    if equalized is not None:
+        prepared.meta["equalization"] = equalized
+    if bias_correction:
+        prepared.meta["bias_correction"] = correct_bias(prepared, batches)
     return prepared.eval()

@@ -31,7 +31,41 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batc
     return folded_weight, beta + (conv_bias - bn.running_mean) * factor
 
 
-class QuantConv2d(nn.Module):
+class _BiasOffsetMixin(nn.Module):
+    """An optional per-channel ``bias_offset`` buffer added to the deployed bias (set by bias correction).
+
+    Registered only by :func:`set_bias_offset`, so a network without bias correction has the state dict it
+    always had; a checkpoint that carries one registers it on load into a freshly prepared twin.
+    """
+
+    def _offset_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        offset = getattr(self, "bias_offset", None)
+        if offset is None:
+            return bias
+        return offset if bias is None else bias + offset
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's signature
+        key = prefix + "bias_offset"
+        if key in state_dict and "bias_offset" not in self._buffers:
+            self.register_buffer("bias_offset", torch.zeros_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def set_bias_offset(layer: nn.Module, offset: torch.Tensor) -> None:
+    """Set (registering it the first time) the offset a quantized layer adds to its deployed bias."""
+    if not isinstance(layer, _BiasOffsetMixin):
+        raise TypeError(f"{type(layer).__name__} is not a quantized conv / linear layer")
+    weight, _ = layer.deploy_weight_and_bias()
+    offset = offset.detach().to(device=weight.device, dtype=weight.dtype).reshape(-1)
+    if offset.numel() != weight.shape[0]:
+        raise ValueError(f"bias offset has {offset.numel()} values; the layer has {weight.shape[0]} output channels")
+    if "bias_offset" in layer._buffers:
+        layer.bias_offset.copy_(offset)
+    else:
+        layer.register_buffer("bias_offset", offset.clone())
+
+
+class QuantConv2d(_BiasOffsetMixin):
     """``Conv2d`` with fake-quantized weights (per output channel by default)."""
 
     def __init__(self, conv: nn.Conv2d, weight_spec: QuantSpec) -> None:
@@ -40,14 +74,14 @@ class QuantConv2d(nn.Module):
         self.weight_quantizer = FakeQuantizer(weight_spec, conv.out_channels, is_weight=True)
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.conv.weight, self.conv.bias
+        return self.conv.weight, self._offset_bias(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.deploy_weight_and_bias()
         return self.conv._conv_forward(x, self.weight_quantizer(weight), bias)
 
 
-class QuantConvBn2d(nn.Module):
+class QuantConvBn2d(_BiasOffsetMixin):
     """``Conv2d → BatchNorm2d`` simulated as the single folded conv an integer runtime executes.
 
     While BatchNorm is live (training, before ``freeze_bn``) the folded weight is quantized with the
@@ -66,7 +100,8 @@ class QuantConvBn2d(nn.Module):
         self.register_buffer("bn_frozen", torch.tensor(False))
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return fold_batch_norm(self.conv.weight, self.conv.bias, self.bn)
+        weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.bn)
+        return weight, self._offset_bias(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or bool(self.bn_frozen):
@@ -81,10 +116,12 @@ class QuantConvBn2d(nn.Module):
         y = self.conv._conv_forward(x, self.weight_quantizer(folded), None) / safe.reshape(1, -1, 1, 1)
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
-        return self.bn(y)
+        y = self.bn(y)
+        offset = getattr(self, "bias_offset", None)
+        return y if offset is None else y + offset.reshape(1, -1, 1, 1)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(_BiasOffsetMixin):
     """``Linear`` with fake-quantized weights (per output feature by default)."""
 
     def __init__(self, linear: nn.Linear, weight_spec: QuantSpec) -> None:
@@ -93,10 +130,11 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = FakeQuantizer(weight_spec, linear.out_features, is_weight=True)
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.linear.weight, self.linear.bias
+        return self.linear.weight, self._offset_bias(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quantizer(self.linear.weight), self.linear.bias)
+        weight, bias = self.deploy_weight_and_bias()
+        return F.linear(x, self.weight_quantizer(weight), bias)
 
 
 QUANTIZED_LAYERS = (QuantConv2d, QuantConvBn2d, QuantLinear)

@@ -24,14 +24,24 @@ from typing_extensions import override
 
 from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
+from dms_lightning.quant.equalization import (
+    BiasCorrectionResult,
+    EqualizationResult,
+    correct_bias,
+    equalize_cross_layer,
+)
 from dms_lightning.quant.mixed_precision import (
     MixedPrecisionResult,
     check_selection_arguments,
     select_mixed_precision,
 )
 from dms_lightning.quant.observers import CALIBRATION_METHODS, CalibrationConfig
-from dms_lightning.quant.prepare import QuantizationConfig
-from dms_lightning.quant.spec import activation_spec, weight_spec
+from dms_lightning.quant.targets import (
+    announce_target,
+    resolve_target_config,
+    target_info,
+    warn_padded_channels,
+)
 from dms_lightning.quant.target import (
     QuantizerWrapping,
     check_target_quantizable,
@@ -103,9 +113,10 @@ class PostTrainingQuantization(Callback):
         percentile: the percentile of ``|x|`` kept by ``"percentile"`` calibration.
         mode: ``"static"`` (the only mode; for ONNX Runtime's dynamic quantization use
             :func:`dms_lightning.export.ort_quantize.quantize_onnx`).
-        weight_bits: 8, 7 or 4.
-        per_channel: one weight scale per output channel.
-        symmetric_activations: int8 activations with zero point 0 instead of uint8 affine.
+        weight_bits: 8 (default, or the target's), 7 or 4.
+        per_channel: one weight scale per output channel (default ``True``, or the target's).
+        symmetric_activations: int8 activations with zero point 0 instead of uint8 affine (default ``False``, or
+            the target's).
         reduce_range: 7-bit weights (x86 CPUs without VNNI can saturate int16 sums with full 8 bits);
             the same as ``weight_bits=7``.
         quantize_depthwise: also quantize depthwise convs.
@@ -123,13 +134,27 @@ class PostTrainingQuantization(Callback):
         precision: per-layer precision overrides, ``{layer-name pattern: "w8a16" | "w8a8" | "float" | ...}``
             (the last matching pattern wins; see :class:`~dms_lightning.quant.QuantizationConfig`).
         placement: ``"fused"`` or ``"every_tensor"`` (every tensor between two ops quantized, as full-integer
-            TFLite runs them; see :class:`~dms_lightning.quant.QuantizationConfig`).
+            TFLite runs them; see :class:`~dms_lightning.quant.QuantizationConfig`); default ``"fused"``, or the
+            target's.
         max_accuracy_drop_pt: automatic mixed precision: promote the fewest, most sensitive layers to
             ``promote_to`` until the validation top-1 of the INT8 simulation is within this many points of the
             float network (:func:`~dms_lightning.quant.mixed_precision.select_mixed_precision`); the chosen
             layers are in :attr:`mixed_precision` and ``result["mixed_precision"]``. ``None``: uniform.
         promote_to: ``"w8a16"`` (16-bit activations around a promoted layer, what HTP runs) or ``"float"``.
         max_promoted: most layers promoted, a fraction of the quantized layers or a count.
+        cross_layer_equalization: before quantizing, equalize the per-channel weight ranges of consecutive convs
+            (Nagel et al., 2019; :func:`~dms_lightning.quant.equalization.equalize_cross_layer`). The float network
+            is changed in place, function-preserving except where ``relu6_to_relu`` replaced a ReLU6; the FP32
+            accuracies before and after are in ``result["equalization"]``. Pays off with per-tensor weights.
+        relu6_to_relu: with ``cross_layer_equalization``, replace a ReLU6 between two equalized convs by a ReLU
+            (as AIMET does; recorded in the checkpoint); ``False`` leaves those pairs alone.
+        bias_correction: after calibration, give each quantized layer's deployed bias the offset that makes its
+            per-channel output mean in the INT8 simulation equal the float network's on the calibration batches
+            (:func:`~dms_lightning.quant.equalization.correct_bias`); the float network is not changed.
+        target: the device, ``"htp"`` | ``"cpu_x86"`` | ``"cpu_arm"`` (:mod:`dms_lightning.quant.targets`): its
+            profile picks placement, activation signedness and weight grid where those arguments are ``None``,
+            refuses precisions it has no kernels for (``promote_to="w8a16"`` on a CPU), and its reasons go into
+            the log and the report.
 
     Example:
         >>> from dms_lightning.callbacks import PostTrainingQuantization
@@ -147,9 +172,9 @@ class PostTrainingQuantization(Callback):
         calibration_method: CalibrationMethod = "minmax",
         percentile: float = 99.999,
         mode: Literal["static"] = "static",
-        weight_bits: int = 8,
-        per_channel: bool = True,
-        symmetric_activations: bool = False,
+        weight_bits: int | None = None,
+        per_channel: bool | None = None,
+        symmetric_activations: bool | None = None,
         reduce_range: bool = False,
         quantize_depthwise: bool = True,
         quantize_linear: bool = True,
@@ -164,10 +189,14 @@ class PostTrainingQuantization(Callback):
         exclude_nodes: list[str] | None = None,
         include_nodes: list[str] | None = None,
         precision: dict[str, str] | None = None,
-        placement: str = "fused",
+        placement: str | None = None,
         max_accuracy_drop_pt: float | None = None,
         promote_to: Literal["w8a16", "float"] = "w8a16",
         max_promoted: float | int = 0.2,
+        cross_layer_equalization: bool = False,
+        relu6_to_relu: bool = True,
+        bias_correction: bool = False,
+        target: str | None = None,
     ) -> None:
         super().__init__()
         if mode == "dynamic":
@@ -184,7 +213,7 @@ class PostTrainingQuantization(Callback):
         if calibration_method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration_method={calibration_method!r} must be one of {list(CALIBRATION_METHODS)}")
         self.calibration = CalibrationConfig(calibration_method, percentile)
-        if reduce_range and weight_bits not in (7, 8):
+        if reduce_range and weight_bits not in (None, 7, 8):
             raise ValueError(f"reduce_range=True means 7-bit weights; it contradicts weight_bits={weight_bits!r}")
         for field, value in (("exclude_op_types", exclude_op_types), ("exclude_nodes", exclude_nodes),
                              ("include_nodes", include_nodes)):
@@ -199,18 +228,31 @@ class PostTrainingQuantization(Callback):
             raise ValueError(f"evaluate_batches={evaluate_batches!r} must be a positive integer or None (all)")
         if not 0.0 <= min_agreement <= 1.0:
             raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1]")
-        self.config = QuantizationConfig(
-            weight=weight_spec(7 if reduce_range else weight_bits, symmetric=True, per_channel=per_channel),
-            activation=activation_spec(8, symmetric_activations),
+        self.config, self.target = resolve_target_config(
+            target, weight_bits=7 if reduce_range else weight_bits, activation_bits=None,
+            symmetric_activations=symmetric_activations, placement=placement, per_channel_weights=per_channel,
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear,
             exclude=_patterns("exclude", exclude), include=_patterns("include", include),
-            precision=dict(precision or {}), placement=placement)
+            precision=dict(precision or {}))
         check_selection_arguments(0.0 if max_accuracy_drop_pt is None else max_accuracy_drop_pt, promote_to)
+        if self.target is not None and max_accuracy_drop_pt is not None and promote_to == "w8a16" \
+                and 16 not in self.target.activation_bits:
+            raise ValueError(f"promote_to='w8a16' is not run by target={self.target.name!r} ({self.target.device}, "
+                             f"activations {list(self.target.activation_bits)} bits): use promote_to='float'")
         if isinstance(max_promoted, bool) or not isinstance(max_promoted, (int, float)) or max_promoted < 0 or (
                 isinstance(max_promoted, float) and max_promoted > 1):
             raise ValueError(f"max_promoted={max_promoted!r} must be a fraction in [0, 1] or a layer count >= 0")
         self.max_accuracy_drop_pt, self.promote_to, self.max_promoted = max_accuracy_drop_pt, promote_to, max_promoted
         self.mixed_precision: MixedPrecisionResult | None = None
+        for field, value in (("cross_layer_equalization", cross_layer_equalization), ("relu6_to_relu", relu6_to_relu),
+                             ("bias_correction", bias_correction)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{field}={value!r} must be true or false")
+        self.cross_layer_equalization, self.relu6_to_relu = cross_layer_equalization, relu6_to_relu
+        self.bias_correction = bias_correction
+        self.equalization: EqualizationResult | None = None
+        self.bias_corrected: BiasCorrectionResult | None = None
+        self._equalization_accuracy: dict[str, float] = {}
         self.calibration_batches, self.calibration_split = calibration_batches, calibration_split
         self.export, self.dirpath, self.filename = export, dirpath, filename
         self.evaluate_batches, self.min_agreement = evaluate_batches, min_agreement
@@ -248,6 +290,7 @@ class PostTrainingQuantization(Callback):
                 "PostTrainingQuantization and QuantizationAwareTraining in one run would quantize the same network "
                 "twice; keep one of them (QAT already produces the INT8 model)")
         check_target_quantizable(pl_module, self.config, "PostTrainingQuantization")
+        announce_target(self.target, "PostTrainingQuantization")
         if self.export:
             warn_without_int8_writer(trainer, self)
 
@@ -264,7 +307,9 @@ class PostTrainingQuantization(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The same record QAT writes: checkpoints of the fit are float, one saved after PTQ is quantized; a
         # later ckpt_path= load (e.g. test(ckpt_path="best") after PTQ) then gets the architecture it was saved with.
-        record_architecture_change(checkpoint, QuantizerWrapping, QuantizerWrapping.record(pl_module, self.config))
+        replaced = self.equalization.relu6_replaced if self.equalization is not None else None
+        record_architecture_change(checkpoint, QuantizerWrapping,
+                                   QuantizerWrapping.record(pl_module, self.config, relu6_replaced=replaced))
 
     # ---------------------------------------------------------------- calibration
     def reestimate_batchnorm(self, network: nn.Module, batches: Sequence[torch.Tensor]) -> None:
@@ -285,6 +330,8 @@ class PostTrainingQuantization(Callback):
         reestimate_in_run(trainer, pl_module, "before PTQ calibration")
         self.reestimate_batchnorm(compression_target(pl_module), batches)
         test_loader = _split_loader(trainer, "test")
+        if self.cross_layer_equalization:
+            self._equalize(pl_module, test_loader)
         reference = self._predictions(pl_module, test_loader)
         if self.max_accuracy_drop_pt is not None:
             self._select_precision(trainer, pl_module, batches)
@@ -292,9 +339,20 @@ class PostTrainingQuantization(Callback):
         set_input_values(pl_module, datamodule_input_values(trainer))
         target = compression_target(pl_module)
         self.ranges = calibrate(target, batches, self.calibration)
+        if self.bias_correction:
+            self.bias_corrected = correct_bias(target, batches)
+            rank_zero_info(f"[PostTrainingQuantization] bias correction of {len(self.bias_corrected.layers)} layers: "
+                           f"mean |output-mean shift| {self.bias_corrected.mean_shift_before:.3g} -> "
+                           f"{self.bias_corrected.mean_shift_after:.3g}")
         self.result = {"calibration_method": self.calibration.method, "calibration_batches": len(batches),
                        "calibration_split": self.calibration_split, "config": self.config.to_dict(),
                        "activation_quantizers": len(self.ranges)}
+        if self.equalization is not None:
+            self.result["equalization"] = self.equalization.to_dict() | self._equalization_accuracy
+        if self.bias_corrected is not None:
+            self.result["bias_correction"] = {"layers": len(self.bias_corrected.layers),
+                                              "mean_shift_before": self.bias_corrected.mean_shift_before,
+                                              "mean_shift_after": self.bias_corrected.mean_shift_after}
         if self.mixed_precision is not None:
             self.result["mixed_precision"] = self.mixed_precision.to_dict()
         if reference is not None:
@@ -304,11 +362,28 @@ class PostTrainingQuantization(Callback):
             rank_zero_info(f"[PostTrainingQuantization] {self.calibration.method} calibration on {len(batches)} "
                            f"{self.calibration_split} batches: test accuracy FP32 {self.result['fp32_accuracy']:.4f}"
                            f" -> INT8 (fake-quant) {self.result['int8_accuracy']:.4f}")
+        padded = warn_padded_channels(self.target, target, "PostTrainingQuantization")
+        self.result.update(target_info(self.target, padded))
         if self.export:
             # quant/ writes no file: the network flows down to ONNXExport, which runs after this hook.
             self.int8_networks = [QuantizedNetwork(
                 name=self.filename, network=target, producer=type(self).__name__, dirpath=self.dirpath,
                 parity=self.parity, info={k: v for k, v in self.result.items() if k != "config"})]
+
+    def _equalize(self, pl_module: LightningModule, test_loader) -> None:
+        before = self._predictions(pl_module, test_loader)
+        self.equalization = equalize_cross_layer(compression_target(pl_module), relu6_to_relu=self.relu6_to_relu)
+        after = self._predictions(pl_module, test_loader)
+        self._equalization_accuracy = {} if before is None else {
+            "fp32_accuracy_before": accuracy(*before), "fp32_accuracy_after": accuracy(*after)}
+        result = self.equalization
+        message = (f"[PostTrainingQuantization] cross-layer equalization of {len(result.pairs)} conv pairs "
+                   f"({len(result.skipped)} skipped, {len(result.relu6_replaced)} ReLU6 replaced by ReLU): mean "
+                   f"per-channel weight-range ratio {result.range_ratio_before:.1f} -> {result.range_ratio_after:.1f}")
+        if before is not None:
+            message += (f"; FP32 test accuracy {self._equalization_accuracy['fp32_accuracy_before']:.4f} -> "
+                        f"{self._equalization_accuracy['fp32_accuracy_after']:.4f}")
+        rank_zero_info(message)
 
     def _select_precision(self, trainer: Trainer, pl_module: LightningModule, batches: list[torch.Tensor]) -> None:
         """Automatic mixed precision on the validation split; the chosen overrides join :attr:`config`."""

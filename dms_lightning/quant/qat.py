@@ -11,8 +11,13 @@ from typing_extensions import override
 
 from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant.fake_quant import sync_activation_ranges
-from dms_lightning.quant.prepare import QuantizationConfig, set_quantizers_state
-from dms_lightning.quant.spec import activation_spec, weight_spec
+from dms_lightning.quant.prepare import set_quantizers_state
+from dms_lightning.quant.targets import (
+    announce_target,
+    resolve_target_config,
+    target_info,
+    warn_padded_channels,
+)
 from dms_lightning.quant.target import (
     QuantizerWrapping,
     check_target_quantizable,
@@ -56,11 +61,13 @@ class QuantizationAwareTraining(Callback):
         start_epoch: first epoch trained with fake quantization (after pruning's ``end_epoch``).
         freeze_observers_epoch: from this epoch on, activation ranges stay fixed (``None``: never).
         freeze_bn_epoch: from this epoch on, folded BatchNorms use running statistics (``None``: never).
-        weight_bits: 8, 7 or 4 (narrow weights are stored in int8 QDQ containers with their own range; 7 is
+        weight_bits: 8 (default, or the target's), 7 or 4 (narrow weights are stored in int8 QDQ containers with their own range; 7 is
             ONNX Runtime's ``reduce_range`` for x86 CPUs without VNNI, where 8-bit weights can saturate).
-        per_channel_weights: one scale per output channel (``False``: one per tensor).
-        activation_bits: 8, or 16 (W8A16 everywhere: what Hexagon HTP runs at 16 bits).
-        symmetric_activations: int8 with zero point 0 instead of uint8 affine.
+        per_channel_weights: one scale per output channel (``False``: one per tensor; default ``True``, or the
+            target's).
+        activation_bits: 8 (default), or 16 (W8A16 everywhere: what Hexagon HTP runs at 16 bits).
+        symmetric_activations: int8 with zero point 0 instead of uint8 affine (default: ``False``, or the
+            target's).
         quantize_depthwise: also quantize depthwise convs (some CPUs run them faster in float).
         quantize_linear: also quantize ``Linear`` layers.
         exclude: ``fnmatch`` patterns of layer names (within the network) kept in float.
@@ -79,7 +86,13 @@ class QuantizationAwareTraining(Callback):
             :func:`~dms_lightning.quant.mixed_precision.select_mixed_precision` run chose as QAT's start.
         placement: ``"fused"`` (the tensors ONNX Runtime / the Qualcomm SDK keep in int8) or ``"every_tensor"``
             (every tensor between two ops, as full-integer TFLite runs them: the INT8 ``.tflite`` then carries a
-            learned scale everywhere; see :class:`~dms_lightning.quant.QuantizationConfig`).
+            learned scale everywhere; see :class:`~dms_lightning.quant.QuantizationConfig`). Default ``"fused"``,
+            or the target's.
+        target: the device the INT8 model is for, ``"htp"`` | ``"cpu_x86"`` | ``"cpu_arm"`` (or one registered
+            with :func:`~dms_lightning.quant.targets.register_target`): its profile picks placement, activation
+            signedness and weight grid where those arguments are left ``None``, refuses precisions it has no
+            kernels for, warns about layers whose channel count it pads, and its reasons go into the log and
+            the report (:mod:`dms_lightning.quant.targets`). ``None``: the defaults above.
 
     Example:
         >>> from dms_lightning.callbacks import QuantizationAwareTraining
@@ -95,10 +108,10 @@ class QuantizationAwareTraining(Callback):
         start_epoch: int = 0,
         freeze_observers_epoch: int | None = None,
         freeze_bn_epoch: int | None = None,
-        weight_bits: int = 8,
-        per_channel_weights: bool = True,
-        activation_bits: int = 8,
-        symmetric_activations: bool = False,
+        weight_bits: int | None = None,
+        per_channel_weights: bool | None = None,
+        activation_bits: int | None = None,
+        symmetric_activations: bool | None = None,
         quantize_depthwise: bool = True,
         quantize_linear: bool = True,
         exclude: list[str] | None = None,
@@ -111,7 +124,8 @@ class QuantizationAwareTraining(Callback):
         min_agreement: float = 0.99,
         opset: int = 18,
         precision: dict[str, str] | None = None,
-        placement: str = "fused",
+        placement: str | None = None,
+        target: str | None = None,
     ) -> None:
         super().__init__()
         check_int("start_epoch", start_epoch, minimum=0)
@@ -126,11 +140,11 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"filename={filename!r} must be a non-empty file stem without '/'")
         if opset < 13:
             raise ValueError(f"opset={opset!r} must be >= 13 (per-channel QuantizeLinear)")
-        self.config = QuantizationConfig(
-            weight=weight_spec(weight_bits, symmetric=True, per_channel=per_channel_weights),
-            activation=activation_spec(activation_bits, symmetric_activations),
+        self.config, self.target = resolve_target_config(
+            target, weight_bits=weight_bits, activation_bits=activation_bits,
+            symmetric_activations=symmetric_activations, placement=placement, per_channel_weights=per_channel_weights,
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear, exclude=tuple(exclude),
-            include=tuple(include), precision=dict(precision or {}), placement=placement)
+            include=tuple(include), precision=dict(precision or {}))
         self.start_epoch = start_epoch
         self.freeze_observers_epoch, self.freeze_bn_epoch = freeze_observers_epoch, freeze_bn_epoch
         self.export, self.dirpath, self.filename, self.opset = export, dirpath, filename, opset
@@ -162,6 +176,7 @@ class QuantizationAwareTraining(Callback):
                 f"QuantizationAwareTraining(start_epoch={self.start_epoch}) would never start: trainer.max_epochs="
                 f"{max_epochs}; use start_epoch <= {max_epochs - 1} or train longer")
         check_target_quantizable(pl_module, self.config, "QuantizationAwareTraining")
+        announce_target(self.target, "QuantizationAwareTraining")
         if self.export:
             warn_without_int8_writer(trainer, self)
 
@@ -229,8 +244,9 @@ class QuantizationAwareTraining(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # quant/ writes no file: the network flows down to ONNXExport, which runs after this hook.
         self.int8_networks = []
+        padded = warn_padded_channels(self.target, compression_target(pl_module), "QuantizationAwareTraining")
         if self.export and target_is_quantized(pl_module):
             self.int8_networks = [QuantizedNetwork(
                 name=self.filename, network=compression_target(pl_module), producer=type(self).__name__,
                 dirpath=self.dirpath, parity=self.parity, opset=self.opset,
-                info={"config": self.config.to_dict(), "start_epoch": self.start_epoch})]
+                info={"config": self.config.to_dict(), "start_epoch": self.start_epoch, **target_info(self.target, padded)})]

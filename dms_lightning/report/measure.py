@@ -511,6 +511,8 @@ def measure_onnx(
     row.throughput_images_per_s = float(row.throughput_batch / (np.median(batch_times) / 1e3))
     notify("throughput")
 
+    if row.info.get("target_summary"):
+        row.notes.append(f"quantized for {row.info['target_summary']}")
     if dataloader is not None:
         result = evaluate_onnx(runner, dataloader, settings.max_test_batches)
         row.accuracy, row.macro_f1, row.test_samples = result["accuracy"], result["macro_f1"], result["samples"]

@@ -1,0 +1,187 @@
+"""Cross-layer equalization and bias correction: what a per-tensor INT8 model gains, and what must not change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torchvision
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from dms_lightning import DMSClassifier, DMSDataModule
+from dms_lightning.callbacks import ONNXExport, PostTrainingQuantization
+from dms_lightning.export import export_qdq_onnx
+from dms_lightning.export.runtimes import ort_session
+from dms_lightning.quant import QuantizationConfig, is_quantized, post_training_quantize, prepare_qat
+from dms_lightning.quant.calibration import calibrate
+from dms_lightning.quant.equalization import correct_bias, equalize_cross_layer
+from dms_lightning.quant.spec import QuantSpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PER_TENSOR = QuantizationConfig(weight=QuantSpec(8, symmetric=True, per_channel=False))
+
+
+class _Unbalanced(nn.Module):
+    """conv → BN → ReLU → conv → BN → ReLU → depthwise → BN → ReLU6 → pool → linear, one outlier channel in conv₁.
+
+    Channel 0 of the first conv's (folded) output is 400× the others and the second conv reads it 400× weaker:
+    the float function is ordinary, but a per-tensor weight grid of conv₁ spends its levels on channel 0.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.relu, self.relu2, self.relu6 = nn.ReLU(), nn.ReLU(), nn.ReLU6()
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.bn1.weight.copy_(torch.tensor([400.0] + [1.0] * 7))
+            self.bn1.bias.copy_(torch.tensor([40.0] + [0.1] * 7))
+            self.conv2.weight[:, 0] /= 400.0
+            for bn in (self.bn1, self.bn2, self.bn3):
+                bn.running_mean.uniform_(-0.1, 0.1)
+                bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.relu6(self.bn3(self.dw(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _batches(count: int = 4) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 3, 16, 16, generator=generator) for _ in range(count)]
+
+
+def _ranges(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    folded = conv.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
+    return folded.detach().abs().flatten(1).amax(dim=1)
+
+
+@torch.no_grad()
+def test_equalization_keeps_the_function_and_balances_the_channel_ranges():
+    net = _Unbalanced().eval()
+    x = torch.cat(_batches())
+    before_out, before = net(x), _ranges(net.conv1, net.bn1)
+    result = equalize_cross_layer(net, relu6_to_relu=False)
+    after = _ranges(net.conv1, net.bn1)
+    assert result.pairs == [("conv1", "conv2"), ("conv2", "dw")]
+    torch.testing.assert_close(net(x), before_out, rtol=1e-4, atol=1e-4)
+    assert float(before.max() / before.min()) > 100 and float(after.max() / after.min()) < 20
+    assert result.range_ratio_after < result.range_ratio_before / 10
+    # Equalized: each channel's output range of conv1 equals conv2's input range of that channel.
+    conv2_in = (net.conv2.weight * (net.bn2.weight / torch.sqrt(net.bn2.running_var + net.bn2.eps)).reshape(-1, 1, 1, 1)
+                ).abs().transpose(0, 1).flatten(1).amax(dim=1)
+    torch.testing.assert_close(after, conv2_in, rtol=2e-2, atol=1e-6)
+
+
+@torch.no_grad()
+def test_relu6_pairs_are_skipped_or_their_relu6_replaced_as_asked():
+    net = torchvision.models.mobilenet_v2(num_classes=5).eval()
+    kept = equalize_cross_layer(net, relu6_to_relu=False)
+    # Only the pairs with no activation between them: a block's projection feeding the next block's expansion.
+    assert kept.pairs == [("features.1.conv.1", "features.2.conv.0.0"), ("features.17.conv.2", "features.18.0")]
+    assert not kept.relu6_replaced
+    assert any("ReLU6" in reason for reason in kept.skipped.values())
+    assert any(isinstance(m, nn.ReLU6) for m in net.modules())
+    replaced = equalize_cross_layer(net, relu6_to_relu=True)
+    # Stem -> depthwise -> project of block 1, expand -> depthwise -> project of blocks 2-17 (two ReLU6 each).
+    assert len(replaced.pairs) == 36 and len(replaced.relu6_replaced) == 34
+    assert all(isinstance(net.get_submodule(name), nn.ReLU) for name in replaced.relu6_replaced)
+    assert replaced.range_ratio_after < replaced.range_ratio_before
+
+
+def _output_error(quantized: nn.Module, reference: nn.Module, batches) -> float:
+    x = torch.cat(batches)
+    return float((quantized(x) - reference(x)).abs().mean())
+
+
+@torch.no_grad()
+def test_equalization_makes_per_tensor_ptq_of_an_unbalanced_net_far_more_accurate():
+    batches = _batches()
+    reference = _Unbalanced().eval()
+    plain = post_training_quantize(_Unbalanced().eval(), batches, PER_TENSOR)
+    equalized = post_training_quantize(_Unbalanced().eval(), batches, PER_TENSOR, cross_layer_equalization=True)
+    assert equalized.meta["equalization"].pairs == [("conv1", "conv2"), ("conv2", "dw")]
+    assert _output_error(equalized, reference, batches) < 0.3 * _output_error(plain, reference, batches)
+
+
+@torch.no_grad()
+def test_bias_correction_matches_output_means_without_touching_the_float_network(tmp_path):
+    batches = _batches()
+    net = _Unbalanced().eval()
+    x = torch.cat(batches)
+    float_out = net(x).clone()
+    # 4-bit per-tensor weights and 16-bit activations: the weights' own error is what shifts the means.
+    config = QuantizationConfig(weight=QuantSpec(4, symmetric=True, per_channel=False),
+                                activation=QuantSpec(16, symmetric=False, per_channel=False))
+    prepared = prepare_qat(net, config)
+    calibrate(prepared, batches)
+    uncorrected = prepared(x).clone()
+    result = correct_bias(prepared, batches)
+    assert result.mean_shift_after < 0.1 * result.mean_shift_before
+    corrected = prepared(x)
+    # The mean error of the logits (what a bias shifts) falls; the float network's output is unchanged.
+    assert float((corrected - float_out).mean(0).abs().max()) < 0.2 * float((uncorrected - float_out).mean(0).abs().max())
+    torch.testing.assert_close(net(x), float_out)
+    # The offset is part of the deployed model: ONNX Runtime runs the QDQ export like the simulation.
+    path = export_qdq_onnx(prepared, x[:1], tmp_path / "bc.onnx")
+    session = ort_session(path, fuse_qdq=False)
+    ort = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(ort, corrected.numpy(), atol=2e-3)
+    # ... and travels in the state dict into a freshly prepared twin.
+    twin = prepare_qat(_Unbalanced().eval(), config)
+    twin.load_state_dict(prepared.state_dict())
+    torch.testing.assert_close(twin.eval()(x), corrected)
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="iterations=0"):
+        equalize_cross_layer(_Unbalanced(), iterations=0)
+    with pytest.raises(ValueError, match="already fake-quantized"):
+        equalize_cross_layer(prepare_qat(_Unbalanced()))
+    with pytest.raises(ValueError, match="no quantized layer"):
+        correct_bias(_Unbalanced(), _batches(1))
+    with pytest.raises(ValueError, match="bias_correction='yes' must be true or false"):
+        PostTrainingQuantization(bias_correction="yes")
+
+
+def test_callback_equalizes_corrects_and_restores_from_its_checkpoint(tmp_path):
+    L.seed_everything(0)
+    datamodule = DMSDataModule(image_size=32, train_size=64, val_size=32, test_size=32, batch_size=16, augment=False)
+    ptq = PostTrainingQuantization(calibration_batches=2, per_channel=False, cross_layer_equalization=True,
+                                   bias_correction=True, dirpath=str(tmp_path / "q"))
+    writer = ONNXExport(export_fp32=False, export_int8=False, openvino=False, dirpath=str(tmp_path / "export"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0,
+                        limit_train_batches=2, limit_val_batches=1, callbacks=[ptq, writer, ModelCheckpoint(
+                            dirpath=tmp_path / "ckpt", save_last=True)])
+    module = DMSClassifier("mobilenet_v2", image_size=32)
+    trainer.fit(module, datamodule)
+    equalization, correction = ptq.result["equalization"], ptq.result["bias_correction"]
+    assert len(equalization["pairs"]) == 36 and len(equalization["relu6_replaced"]) == 34
+    assert abs(equalization["fp32_accuracy_before"] - equalization["fp32_accuracy_after"]) <= 0.1
+    assert correction["mean_shift_after"] < correction["mean_shift_before"]
+    assert ptq.int8_networks and ptq.int8_networks[0].parity.min_top1_agreement == 0.99
+    # A checkpoint saved after PTQ holds the ReLU (not ReLU6) network and the bias offsets.
+    saved = Path(tmp_path / "q" / "after_ptq.ckpt")
+    trainer.save_checkpoint(saved)
+    x = torch.cat([batch[0] for batch in datamodule.test_dataloader()])
+    expected = module.model.eval()(x)
+    fresh = DMSClassifier("mobilenet_v2", image_size=32)
+    trainer2 = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "2"),
+                         callbacks=[PostTrainingQuantization(calibration_batches=2, per_channel=False)])
+    trainer2.test(fresh, datamodule, ckpt_path=str(saved), verbose=False)
+    assert is_quantized(fresh.model)
+    relu6 = [name for name, m in fresh.model.named_modules() if isinstance(m, nn.ReLU6)]
+    assert relu6 == ["features.18.2"]  # the last one feeds the pooling, never a conv: it was never in a pair
+    torch.testing.assert_close(fresh.model.eval()(x), expected)
