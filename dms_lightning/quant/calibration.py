@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from dms_lightning.quant.adaround import adaround as learn_rounding
+from dms_lightning.quant.adaround import check_adaround_arguments
 from dms_lightning.quant.equalization import correct_bias, equalize_cross_layer
 from dms_lightning.quant.fake_quant import FakeQuantizer, named_activation_quantizers
 from dms_lightning.quant.modules import QUANTIZED_LAYERS
@@ -171,6 +173,8 @@ def post_training_quantize(
     cross_layer_equalization: bool = False,
     relu6_to_relu: bool = True,
     bias_correction: bool = False,
+    adaround: bool = False,
+    adaround_iterations: int = 1000,
 ) -> fx.GraphModule:
     """The calibrated fake-quant twin of a float ``model``, without a Trainer.
 
@@ -189,11 +193,16 @@ def post_training_quantize(
             those pairs are skipped).
         bias_correction: after calibration, correct each quantized layer's output mean to the float network's
             on the calibration images (:func:`~dms_lightning.quant.equalization.correct_bias`).
+        adaround: after calibration (and before bias correction), learn the rounding of every quantized layer's
+            weights so that its output matches the float network's (:func:`~dms_lightning.quant.adaround.adaround`,
+            ``adaround_iterations`` Adam steps per layer).
+        adaround_iterations: Adam steps per layer for ``adaround``.
 
     Returns:
         The fake-quantized network (it shares ``model``'s parameters; eval mode; ranges frozen). Export it
         with the INT8 QDQ exporter, or evaluate it in PyTorch as the INT8 simulation. What equalization and
-        bias correction did is in its ``meta["equalization"]`` / ``meta["bias_correction"]``.
+        bias correction and AdaRound did is in its ``meta["equalization"]`` / ``meta["bias_correction"]`` /
+        ``meta["adaround"]``.
 
     Example:
         >>> import torchvision
@@ -205,6 +214,7 @@ def post_training_quantize(
     if is_quantized(model):
         raise ValueError(f"{type(model).__name__} is already fake-quantized; pass its float network "
                          "(dms_lightning.quant.float_model(model))")
+    check_adaround_arguments(adaround, adaround_iterations)
     batches = calibration_inputs(calibration_data, calibration_batches)
     if reestimate_batchnorm is not None:
         reestimate_batchnorm(model, batches)
@@ -213,6 +223,8 @@ def post_training_quantize(
     calibrate(prepared, batches, calibration)
     if equalized is not None:
         prepared.meta["equalization"] = equalized
+    if adaround:
+        prepared.meta["adaround"] = learn_rounding(prepared, batches, iterations=adaround_iterations)
     if bias_correction:
         prepared.meta["bias_correction"] = correct_bias(prepared, batches)
     return prepared.eval()

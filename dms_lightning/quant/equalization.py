@@ -20,7 +20,7 @@ code as every other INT8 model.
   activation grids and of the ReLUs that rectify the quantization noise). The float network is not touched: its parameters are shared with the twin, and
   its FP32 export must stay what was trained.
 
-AdaRound (Nagel et al., 2020) is not implemented here; ``benchmarks/bench_peers.py`` measures AIMET's.
+AdaRound (Nagel et al., 2020), learned rounding of the weights, is :mod:`dms_lightning.quant.adaround`.
 """
 
 from __future__ import annotations
@@ -262,16 +262,23 @@ class BiasCorrectionResult:
 
 
 @contextlib.contextmanager
-def _float_simulation(model: nn.Module) -> Iterator[None]:
+def float_simulation(model: nn.Module) -> Iterator[None]:
+    """Inside: ``model`` computes its float network (every quantizer bypassed, no AdaRound / bias offsets)."""
     quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
     states = [q.bypass for q in quantizers]
+    offsets = [layer.apply_offsets for layer in layers]
     try:
         for quantizer in quantizers:
             quantizer.bypass = True
+        for layer in layers:
+            layer.apply_offsets = False
         yield
     finally:
         for quantizer, state in zip(quantizers, states, strict=True):
             quantizer.bypass = state
+        for layer, state in zip(layers, offsets, strict=True):
+            layer.apply_offsets = state
 
 
 def _output_means(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -322,7 +329,7 @@ def correct_bias(model: nn.Module, batches: Sequence[torch.Tensor], *, max_image
     model.eval()
     result = BiasCorrectionResult(layers=list(layers))
     try:
-        with _float_simulation(model):
+        with float_simulation(model):
             reference = _output_means(model, layers, images)
         result.shift_before = _shifts(_output_means(model, layers, images), reference)
 

@@ -32,23 +32,41 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batc
 
 
 class _BiasOffsetMixin(nn.Module):
-    """An optional per-channel ``bias_offset`` buffer added to the deployed bias (set by bias correction).
+    """Optional offsets of the deployed weight and bias, set by the weight-side PTQ algorithms.
 
-    Registered only by :func:`set_bias_offset`, so a network without bias correction has the state dict it
-    always had; a checkpoint that carries one registers it on load into a freshly prepared twin.
+    ``bias_offset`` (per output channel, bias correction) is added to the deployed bias; ``weight_offset`` (the
+    weight's shape, AdaRound) to the deployed (BatchNorm-folded) weight, moving each value onto the grid point
+    its learned rounding chose. Both are registered only by :func:`set_bias_offset` / :func:`set_weight_offset`,
+    so a network without them has the state dict it always had; a checkpoint that carries one registers it on
+    load into a freshly prepared twin. ``apply_offsets = False`` (set by the float simulation) leaves both out:
+    they belong to the INT8 model, not to the float network it is measured against.
     """
+
+    apply_offsets: bool = True
 
     def _offset_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         offset = getattr(self, "bias_offset", None)
-        if offset is None:
+        if offset is None or not self.apply_offsets:
             return bias
         return offset if bias is None else bias + offset
 
+    def _offset_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        offset = getattr(self, "weight_offset", None)
+        return weight if offset is None or not self.apply_offsets else weight + offset
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's signature
-        key = prefix + "bias_offset"
-        if key in state_dict and "bias_offset" not in self._buffers:
-            self.register_buffer("bias_offset", torch.zeros_like(state_dict[key]))
+        for name in ("bias_offset", "weight_offset"):
+            key = prefix + name
+            if key in state_dict and name not in self._buffers:
+                self.register_buffer(name, torch.zeros_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _set_offset(layer: nn.Module, name: str, offset: torch.Tensor) -> None:
+    if name in layer._buffers:
+        layer.get_buffer(name).copy_(offset)
+    else:
+        layer.register_buffer(name, offset.clone())
 
 
 def set_bias_offset(layer: nn.Module, offset: torch.Tensor) -> None:
@@ -59,10 +77,18 @@ def set_bias_offset(layer: nn.Module, offset: torch.Tensor) -> None:
     offset = offset.detach().to(device=weight.device, dtype=weight.dtype).reshape(-1)
     if offset.numel() != weight.shape[0]:
         raise ValueError(f"bias offset has {offset.numel()} values; the layer has {weight.shape[0]} output channels")
-    if "bias_offset" in layer._buffers:
-        layer.bias_offset.copy_(offset)
-    else:
-        layer.register_buffer("bias_offset", offset.clone())
+    _set_offset(layer, "bias_offset", offset)
+
+
+def set_weight_offset(layer: nn.Module, offset: torch.Tensor) -> None:
+    """Set (registering it the first time) the offset a quantized layer adds to its deployed weight."""
+    if not isinstance(layer, _BiasOffsetMixin):
+        raise TypeError(f"{type(layer).__name__} is not a quantized conv / linear layer")
+    weight, _ = layer.deploy_weight_and_bias()
+    offset = offset.detach().to(device=weight.device, dtype=weight.dtype)
+    if offset.shape != weight.shape:
+        raise ValueError(f"weight offset has shape {tuple(offset.shape)}; the layer's weight {tuple(weight.shape)}")
+    _set_offset(layer, "weight_offset", offset)
 
 
 class QuantConv2d(_BiasOffsetMixin):
@@ -74,7 +100,7 @@ class QuantConv2d(_BiasOffsetMixin):
         self.weight_quantizer = FakeQuantizer(weight_spec, conv.out_channels, is_weight=True)
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.conv.weight, self._offset_bias(self.conv.bias)
+        return self._offset_weight(self.conv.weight), self._offset_bias(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.deploy_weight_and_bias()
@@ -101,7 +127,7 @@ class QuantConvBn2d(_BiasOffsetMixin):
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.bn)
-        return weight, self._offset_bias(bias)
+        return self._offset_weight(weight), self._offset_bias(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or bool(self.bn_frozen):
@@ -112,7 +138,7 @@ class QuantConvBn2d(_BiasOffsetMixin):
         factor = gamma / std
         # A zero gamma (e.g. a channel switched off by sparsity) must not divide by zero below.
         safe = torch.where(factor.abs() > 1e-12, factor, torch.ones_like(factor))
-        folded = self.conv.weight * factor.reshape(-1, 1, 1, 1)
+        folded = self._offset_weight(self.conv.weight * factor.reshape(-1, 1, 1, 1))
         y = self.conv._conv_forward(x, self.weight_quantizer(folded), None) / safe.reshape(1, -1, 1, 1)
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
@@ -130,7 +156,7 @@ class QuantLinear(_BiasOffsetMixin):
         self.weight_quantizer = FakeQuantizer(weight_spec, linear.out_features, is_weight=True)
 
     def deploy_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.linear.weight, self._offset_bias(self.linear.bias)
+        return self._offset_weight(self.linear.weight), self._offset_bias(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.deploy_weight_and_bias()

@@ -23,6 +23,7 @@ from torch import nn
 from typing_extensions import override
 
 from dms_lightning.models.batchnorm import reestimate_in_run
+from dms_lightning.quant.adaround import AdaRoundResult, adaround, check_adaround_arguments
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
 from dms_lightning.quant.equalization import (
     BiasCorrectionResult,
@@ -151,6 +152,12 @@ class PostTrainingQuantization(Callback):
         bias_correction: after calibration, give each quantized layer's deployed bias the offset that makes its
             per-channel output mean in the INT8 simulation equal the float network's on the calibration batches
             (:func:`~dms_lightning.quant.equalization.correct_bias`); the float network is not changed.
+        adaround: after calibration and before bias correction, learn whether each weight rounds down or up so
+            that every quantized layer's output in the INT8 simulation matches the float network's on the
+            calibration batches (Nagel et al., 2020; :func:`~dms_lightning.quant.adaround.adaround`). The learned
+            grid points are stored in the checkpoint beside the weights; the float network is not changed.
+            Costs ``adaround_iterations`` Adam steps of each layer (minutes on a CPU).
+        adaround_iterations: Adam steps per layer for ``adaround`` (the paper and AIMET: 10 000).
         target: the device, ``"htp"`` | ``"cpu_x86"`` | ``"cpu_arm"`` (:mod:`dms_lightning.quant.targets`): its
             profile picks placement, activation signedness and weight grid where those arguments are ``None``,
             refuses precisions it has no kernels for (``promote_to="w8a16"`` on a CPU), and its reasons go into
@@ -196,6 +203,8 @@ class PostTrainingQuantization(Callback):
         cross_layer_equalization: bool = False,
         relu6_to_relu: bool = True,
         bias_correction: bool = False,
+        adaround: bool = False,
+        adaround_iterations: int = 1000,
         target: str | None = None,
     ) -> None:
         super().__init__()
@@ -250,6 +259,9 @@ class PostTrainingQuantization(Callback):
                 raise ValueError(f"{field}={value!r} must be true or false")
         self.cross_layer_equalization, self.relu6_to_relu = cross_layer_equalization, relu6_to_relu
         self.bias_correction = bias_correction
+        check_adaround_arguments(adaround, adaround_iterations)
+        self.adaround, self.adaround_iterations = adaround, adaround_iterations
+        self.adarounded: AdaRoundResult | None = None
         self.equalization: EqualizationResult | None = None
         self.bias_corrected: BiasCorrectionResult | None = None
         self._equalization_accuracy: dict[str, float] = {}
@@ -339,6 +351,12 @@ class PostTrainingQuantization(Callback):
         set_input_values(pl_module, datamodule_input_values(trainer))
         target = compression_target(pl_module)
         self.ranges = calibrate(target, batches, self.calibration)
+        if self.adaround:
+            self.adarounded = adaround(target, batches, iterations=self.adaround_iterations)
+            rank_zero_info(f"[PostTrainingQuantization] AdaRound of {len(self.adarounded.layers)} layers "
+                           f"({self.adaround_iterations} steps each): layer output error x"
+                           f"{self.adarounded.error_ratio:.2f} of round-to-nearest's, "
+                           f"{self.adarounded.flipped_fraction:.1%} of the weights rounded the other way")
         if self.bias_correction:
             self.bias_corrected = correct_bias(target, batches)
             rank_zero_info(f"[PostTrainingQuantization] bias correction of {len(self.bias_corrected.layers)} layers: "
@@ -353,6 +371,10 @@ class PostTrainingQuantization(Callback):
             self.result["bias_correction"] = {"layers": len(self.bias_corrected.layers),
                                               "mean_shift_before": self.bias_corrected.mean_shift_before,
                                               "mean_shift_after": self.bias_corrected.mean_shift_after}
+        if self.adarounded is not None:
+            self.result["adaround"] = {"layers": len(self.adarounded.layers), "iterations": self.adaround_iterations,
+                                       "error_ratio": self.adarounded.error_ratio,
+                                       "flipped": self.adarounded.flipped_fraction}
         if self.mixed_precision is not None:
             self.result["mixed_precision"] = self.mixed_precision.to_dict()
         if reference is not None:
