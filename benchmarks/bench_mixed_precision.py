@@ -9,6 +9,9 @@ trained on the synthetic DMS set (96 px, 1 channel), BatchNorm statistics re-est
 float network and the same calibration images (the first validation batches):
 
 * uniform W8A8 PTQ with per-channel and per-tensor weights, each calibrator (min-max, percentile, entropy, MSE);
+* per-tensor and per-channel min-max after cross-layer equalization, with bias correction, and both
+  (:mod:`dms_lightning.quant.equalization`); with AdaRound (:mod:`dms_lightning.quant.adaround`, ``--adaround-iterations``
+  Adam steps per layer), alone and after CLE, before bias correction;
 * automatic mixed precision (:func:`dms_lightning.quant.mixed_precision.select_mixed_precision`): layers promoted
   to W8A16 until the *validation* top-1 drop is within ``--budget`` points, at most ``--max-promoted`` of them.
 
@@ -21,6 +24,7 @@ what HTP pays. Writes ``benchmarks/results/mixed_precision.md`` and ``.json`` (`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -69,13 +73,15 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.5, help="max validation top-1 drop, points")
     parser.add_argument("--max-promoted", type=float, default=0.2, help="fraction of the quantized layers")
     parser.add_argument("--selection-batches", type=int, default=4, help="validation batches the selection measures")
+    parser.add_argument("--adaround-iterations", type=int, default=500,
+                        help="Adam steps per layer of the AdaRound rows (0: no AdaRound rows)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--output")
     args = parser.parse_args()
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs, args.image_size = 640, 256, 256, 1, 64
-        args.rounds, args.runs = 3, 10
+        args.rounds, args.runs, args.adaround_iterations = 3, 10, 20
     torch.set_num_threads(2)
     started = time.time()
     datamodule = DMSDataModule(image_size=args.image_size, train_size=args.train_size, val_size=args.val_size,
@@ -121,6 +127,35 @@ def main() -> None:
             rows.append({"weights": weights, "method": method, "setting": "uniform W8A8", "accuracy": accuracy,
                          "promoted": 0, "layers": None, "path": name, "seconds": seconds})
             log(f"{name}: {100 * accuracy:.2f} % ({seconds:.1f} s)")
+        # Cross-layer equalization and bias correction (Nagel et al., 2019) on a copy: CLE changes the float
+        # network in place (ReLU6 -> ReLU inside equalized pairs).
+        for label, cle, bias, ada in (("+ CLE", True, False, False), ("+ bias correction", False, True, False),
+                                      ("+ CLE + bias correction", True, True, False),
+                                      ("+ AdaRound", False, False, True),
+                                      ("+ CLE + AdaRound + bias correction", True, True, True)):
+            if ada and not args.adaround_iterations:
+                continue
+            start = time.perf_counter()
+            float_copy = copy.deepcopy(network)
+            model = post_training_quantize(float_copy, calibration, config, cross_layer_equalization=cle,
+                                           bias_correction=bias, adaround=ada,
+                                           adaround_iterations=args.adaround_iterations or 1)
+            seconds = time.perf_counter() - start
+            name = f"{weights} minmax {label}"
+            path = export_qdq_onnx(model, example, work / f"{name.replace(' ', '_').replace('+', 'p')}.onnx")
+            accuracy, _ = ort_accuracy(path, test_loader)
+            paths[name] = path
+            rows.append({"weights": weights, "method": "minmax", "setting": f"uniform W8A8 {label}",
+                         "accuracy": accuracy, "promoted": 0, "layers": None, "path": name, "seconds": seconds})
+            log(f"{name}: {100 * accuracy:.2f} % ({seconds:.1f} s)")
+            if cle and "FP32 + CLE" not in paths:  # the equalized float network (ReLU6 -> ReLU) once
+                cle_path = export_onnx(float_copy.eval(), example, work / "fp32_cle.onnx")
+                cle_accuracy, _ = ort_accuracy(cle_path, test_loader)
+                paths["FP32 + CLE"] = cle_path
+                rows.insert(1, {"weights": "–", "method": "FP32", "setting": "float, after CLE (ReLU6 → ReLU "
+                                f"in {len(model.meta['equalization'].relu6_replaced)} places)",
+                                "accuracy": cle_accuracy, "promoted": 0, "layers": None, "path": "FP32 + CLE",
+                                "seconds": None})
         # Per-channel weights leave the activations as the error: W8A16. Per-tensor weights are their own error,
         # which a wider activation grid cannot fix: there the float promotion is measured too.
         for promote_to in ("w8a16",) if per_channel else ("w8a16", "float"):
@@ -179,7 +214,7 @@ def render(info: dict, rows: list[dict]) -> str:
         promoted = "–" if row["layers"] is None else (
             f"{row['promoted']} / {row['layers']} ({100 * row['promoted'] / row['layers']:.0f} %)")
         seconds = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
-        delta = "" if row["method"] == "FP32" else f"{row['delta_pt']:+.2f}"
+        delta = "" if row["path"] == "FP32" else f"{row['delta_pt']:+.2f}"
         lines.append(f"| {row['weights']} | {row['method']} | {row['setting']} | {100 * row['accuracy']:.2f} % | "
                      f"{delta} | {promoted} | {row['mb']:.2f} | {row['p50_ms']:.2f} | {seconds} |")
     for row in rows:
