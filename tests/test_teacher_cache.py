@@ -105,6 +105,28 @@ def test_augment_views_repeat_every_k_epochs_and_differ_between_views():
         DMSDataModule(augment_views=0)
 
 
+def test_views_are_computed_once_and_equal_a_fresh_computation(monkeypatch):
+    datamodule = DMSDataModule(**DATA, augment_views=2)
+    datamodule.setup("fit")
+    dataset = datamodule.train_dataloader().dataset
+    reads = []
+    base_getitem = type(dataset.base).__getitem__
+    monkeypatch.setattr(type(dataset.base), "__getitem__", lambda self, i: reads.append(i) or base_getitem(self, i))
+    first = [dataset[i][0].clone() for i in range(6) for _ in range(2)]  # views 0 and 1 of six images
+    assert len(reads) == 12
+    again = [dataset[i][0] for i in range(6) for _ in range(2)]
+    assert len(reads) == 12, "a kept view read the image and augmented it again"
+    # The kept views are the ones a dataset that keeps nothing computes (same seeds, same order).
+    uncached = DMSDataModule(**DATA, augment_views=2)
+    uncached.setup("fit")
+    plain = uncached.train_dataloader().dataset
+    monkeypatch.setattr(type(plain), "VIEW_CACHE_BYTES", 0)
+    for a, b, (i, view) in zip(first, again, [(i, v) for i in range(6) for v in range(2)], strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(a, plain[i][0]), f"image {i} view {view}"
+    assert plain._view_cache == {} and len(dataset._view_cache) == 12
+
+
 def test_fit_with_views_serves_later_epochs_from_the_cache(teacher_ckpt, tmp_path):
     module = DistillationModule("mobilenet_v3_small", teacher_checkpoint=teacher_ckpt, image_size=48,
                                 attention_transfer=ATTENTION, teacher_cache=True)

@@ -34,30 +34,50 @@ class _Transformed(Dataset):
     """Applies ``transform`` to the image of ``(image, label)`` items; optionally appends the sample id.
 
     With ``views`` (an integer K), the random transform of item ``i`` is drawn from K fixed views: the n-th
-    time item ``i`` is read, the random numbers are seeded by ``(seed, i, n mod K)``.
+    time item ``i`` is read, the random numbers are seeded by ``(seed, i, n mod K)``. A view is a pure function
+    of that seed, so it is computed once and kept (up to :attr:`VIEW_CACHE_BYTES` in all): from the (K+1)-th
+    epoch on, reading the training set costs no decoding and no augmentation (a quarter of a CPU distillation
+    step at 96 px otherwise).
     """
+
+    #: Most bytes of augmented views kept in memory per dataset; views past it are recomputed on every read.
+    VIEW_CACHE_BYTES = 1 << 30
 
     def __init__(self, base: Dataset, transform, with_ids: bool = False, views: int | None = None,
                  seed: int = 0) -> None:
         self.base, self.transform, self.with_ids = base, transform, with_ids
         self.views, self.seed = views, seed
         self._reads: collections.Counter[int] = collections.Counter()
+        self._view_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+        self._view_cache_bytes = 0
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def _view_seed(self, index: int) -> int:
+    def _next_view(self, index: int) -> int:
         view = self._reads[index] % self.views
         self._reads[index] += 1
-        return (self.seed * 1_000_003 + index) * 1_009 + view
+        return view
+
+    def _view(self, index: int) -> tuple[torch.Tensor, int]:
+        key = (index, self._next_view(index))
+        item = self._view_cache.get(key)
+        if item is None:
+            image, label = self.base[index]
+            with torch.random.fork_rng(devices=[]):  # the loader's shuffling keeps its own random stream
+                torch.manual_seed((self.seed * 1_000_003 + index) * 1_009 + key[1])
+                item = (self.transform(image), label)
+            size = item[0].nbytes if isinstance(item[0], torch.Tensor) else self.VIEW_CACHE_BYTES + 1
+            if self._view_cache_bytes + size <= self.VIEW_CACHE_BYTES:
+                self._view_cache[key] = item
+                self._view_cache_bytes += size
+        return item
 
     def __getitem__(self, index: int):
-        image, label = self.base[index]
         if self.views:
-            with torch.random.fork_rng(devices=[]):  # the loader's shuffling keeps its own random stream
-                torch.manual_seed(self._view_seed(index))
-                item = (self.transform(image), label)
+            item = self._view(index)
         else:
+            image, label = self.base[index]
             item = (self.transform(image), label)
         if self.with_ids:
             item += (_sample_id(self.base, index),)
