@@ -67,10 +67,10 @@ class _Transformed(Dataset):
             with torch.random.fork_rng(devices=[]):  # the loader's shuffling keeps its own random stream
                 torch.manual_seed((self.seed * 1_000_003 + index) * 1_009 + key[1])
                 item = (self.transform(image), label)
-            size = item[0].nbytes if isinstance(item[0], torch.Tensor) else self.VIEW_CACHE_BYTES + 1
-            if self._view_cache_bytes + size <= self.VIEW_CACHE_BYTES:
+            image = item[0]
+            if isinstance(image, torch.Tensor) and self._view_cache_bytes + image.nbytes <= self.VIEW_CACHE_BYTES:
                 self._view_cache[key] = item
-                self._view_cache_bytes += size
+                self._view_cache_bytes += image.nbytes
         return item
 
     def __getitem__(self, index: int):
