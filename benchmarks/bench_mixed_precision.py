@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--selection-batches", type=int, default=4, help="validation batches the selection measures")
     parser.add_argument("--adaround-iterations", type=int, default=500,
                         help="Adam steps per layer of the AdaRound rows (0: no AdaRound rows)")
+    parser.add_argument("--relu6", default="clamp", choices=("clamp", "relu"),
+                        help="what CLE makes of a ReLU6 inside an equalized pair (clamp: exact; relu: AIMET's choice)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--output")
@@ -128,7 +130,7 @@ def main() -> None:
                          "promoted": 0, "layers": None, "path": name, "seconds": seconds})
             log(f"{name}: {100 * accuracy:.2f} % ({seconds:.1f} s)")
         # Cross-layer equalization and bias correction (Nagel et al., 2019) on a copy: CLE changes the float
-        # network in place (ReLU6 -> ReLU inside equalized pairs).
+        # network in place (each ReLU6 inside an equalized pair becomes a per-channel clamp, or a ReLU).
         for label, cle, bias, ada in (("+ CLE", True, False, False), ("+ bias correction", False, True, False),
                                       ("+ CLE + bias correction", True, True, False),
                                       ("+ AdaRound", False, False, True),
@@ -138,7 +140,7 @@ def main() -> None:
             start = time.perf_counter()
             float_copy = copy.deepcopy(network)
             model = post_training_quantize(float_copy, calibration, config, cross_layer_equalization=cle,
-                                           bias_correction=bias, adaround=ada,
+                                           relu6=args.relu6, bias_correction=bias, adaround=ada,
                                            adaround_iterations=args.adaround_iterations or 1)
             seconds = time.perf_counter() - start
             name = f"{weights} minmax {label}"
@@ -148,12 +150,14 @@ def main() -> None:
             rows.append({"weights": weights, "method": "minmax", "setting": f"uniform W8A8 {label}",
                          "accuracy": accuracy, "promoted": 0, "layers": None, "path": name, "seconds": seconds})
             log(f"{name}: {100 * accuracy:.2f} % ({seconds:.1f} s)")
-            if cle and "FP32 + CLE" not in paths:  # the equalized float network (ReLU6 -> ReLU) once
+            if cle and "FP32 + CLE" not in paths:  # the equalized float network once
                 cle_path = export_onnx(float_copy.eval(), example, work / "fp32_cle.onnx")
                 cle_accuracy, _ = ort_accuracy(cle_path, test_loader)
                 paths["FP32 + CLE"] = cle_path
-                rows.insert(1, {"weights": "–", "method": "FP32", "setting": "float, after CLE (ReLU6 → ReLU "
-                                f"in {len(model.meta['equalization'].relu6_replaced)} places)",
+                replaced = model.meta["equalization"]
+                what = "a per-channel clamp" if replaced.relu6_mode == "clamp" else "ReLU"
+                rows.insert(1, {"weights": "–", "method": "FP32", "setting": f"float, after CLE (ReLU6 → {what} "
+                                f"in {len(replaced.relu6_replaced)} places)",
                                 "accuracy": cle_accuracy, "promoted": 0, "layers": None, "path": "FP32 + CLE",
                                 "seconds": None})
         # Per-channel weights leave the activations as the error: W8A16. Per-tensor weights are their own error,
@@ -186,7 +190,7 @@ def main() -> None:
             "val_size": args.val_size, "test_size": args.test_size,
             "calibration_images": sum(len(b) for b in calibration), "budget_pt": args.budget,
             "max_promoted": args.max_promoted, "selection_images": args.selection_batches * args.batch_size,
-            "checkpoint": args.checkpoint, "quick": args.quick,
+            "checkpoint": args.checkpoint, "quick": args.quick, "relu6": args.relu6,
             "wall_minutes": (time.time() - started) / 60}
     stem = Path(args.output) if args.output else RESULTS / ("mixed_precision_quick" if args.quick else "mixed_precision")
     stem.parent.mkdir(parents=True, exist_ok=True)

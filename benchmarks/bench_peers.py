@@ -83,7 +83,8 @@ THREADS = 1  # ONNX Runtime intra-op threads for latency (accuracy runs with 2)
 LATENCY_NOISE = 0.03
 SAFETY_CLASSES = ("eyes_closed", "looking_away", "phone")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
-MODELS = {"teacher": "ResNet-18 (teacher)", "mnv3": "MobileNetV3-small (student)", "mnv2": "MobileNetV2 (student)"}
+MODELS = {"teacher": "ResNet-18 (teacher)", "mnv3": "MobileNetV3-small (student)", "mnv2": "MobileNetV2 (student)",
+          "mainjob": "main job's student (pruned, QAT)"}
 # Attention transfer, student stage -> teacher stage of the same spatial size (1/4, 1/8, 1/16 of the input).
 ATTENTION = {"mobilenet_v3_small": [("features.1", "layer1"), ("features.3", "layer2"), ("features.8", "layer3")],
              "mobilenet_v2": [("features.3", "layer1"), ("features.6", "layer2"), ("features.13", "layer3")]}
@@ -639,7 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--models", default="teacher,mnv3,mnv2", help="models of the PTQ row (teacher,mnv3,mnv2)")
-    parser.add_argument("--rows", default="ptq,qat,pruning,distillation")
+    parser.add_argument("--rows", default="ptq,qat,pruning,distillation",
+                        help="ptq,qat,pruning,distillation; mainjob (with --artifacts): the main job's QAT student "
+                             "against the peers' PTQ of its FP32 twin")
     parser.add_argument("--adaround-models", default="mnv3", help="models AIMET AdaRound runs on ('' for none)")
     parser.add_argument("--adaround-iterations", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=10)
@@ -659,12 +662,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.models = [m for m in args.models.split(",") if m]
     args.rows = [r for r in args.rows.split(",") if r]
     args.adaround_models = [m for m in args.adaround_models.split(",") if m]
-    for field_name, values, valid in (("--models", args.models, MODELS),
-                                      ("--rows", args.rows, ("ptq", "qat", "pruning", "distillation")),
-                                      ("--adaround-models", args.adaround_models, MODELS)):
+    trained = [m for m in MODELS if m != "mainjob"]  # the models this script trains itself
+    for field_name, values, valid in (("--models", args.models, trained),
+                                      ("--rows", args.rows, ("ptq", "qat", "pruning", "distillation", "mainjob")),
+                                      ("--adaround-models", args.adaround_models, trained)):
         unknown = [v for v in values if v not in valid]
         if unknown:
             parser.error(f"{field_name}: {unknown} not in {list(valid)}")
+    if "mainjob" in args.rows and not args.artifacts:
+        parser.error("--rows mainjob needs --artifacts DIR (a folder where `python -m dms_lightning pipeline` ran)")
     return args
 
 
@@ -732,6 +738,9 @@ def main(argv: list[str] | None = None) -> dict:
         cells.append(Cell("FP32", model, "FP32", "float ONNX (what every row compresses)", path=str(fp32[model]),
                           reference=True, seconds=distill_seconds.get(model)))
 
+    if "mainjob" in args.rows:
+        log.info("the main job's student")
+        main_job_cells(cells, Path(args.artifacts), calib, work)
     if "ptq" in args.rows:
         for model in args.models:
             log.info("PTQ: %s", model)

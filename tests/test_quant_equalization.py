@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import onnx
 import pytest
 import torch
 import torchvision
@@ -19,7 +21,8 @@ from dms_lightning.export.runtimes import ort_session
 from dms_lightning.quant import QuantizationConfig, is_quantized, post_training_quantize, prepare_qat
 from dms_lightning.quant.adaround import adaround
 from dms_lightning.quant.calibration import calibrate
-from dms_lightning.quant.equalization import correct_bias, equalize_cross_layer, float_simulation
+from dms_lightning.quant.equalization import correct_bias, equalize_cross_layer, float_simulation, replace_relu6
+from dms_lightning.quant.modules import ChannelClamp
 from dms_lightning.quant.spec import QuantSpec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,7 +75,7 @@ def test_equalization_keeps_the_function_and_balances_the_channel_ranges():
     net = _Unbalanced().eval()
     x = torch.cat(_batches())
     before_out, before = net(x), _ranges(net.conv1, net.bn1)
-    result = equalize_cross_layer(net, relu6_to_relu=False)
+    result = equalize_cross_layer(net, relu6="skip")
     after = _ranges(net.conv1, net.bn1)
     assert result.pairs == [("conv1", "conv2"), ("conv2", "dw")]
     torch.testing.assert_close(net(x), before_out, rtol=1e-4, atol=1e-4)
@@ -87,17 +90,69 @@ def test_equalization_keeps_the_function_and_balances_the_channel_ranges():
 @torch.no_grad()
 def test_relu6_pairs_are_skipped_or_their_relu6_replaced_as_asked():
     net = torchvision.models.mobilenet_v2(num_classes=5).eval()
-    kept = equalize_cross_layer(net, relu6_to_relu=False)
+    kept = equalize_cross_layer(net, relu6="skip")
     # Only the pairs with no activation between them: a block's projection feeding the next block's expansion.
     assert kept.pairs == [("features.1.conv.1", "features.2.conv.0.0"), ("features.17.conv.2", "features.18.0")]
     assert not kept.relu6_replaced
     assert any("ReLU6" in reason for reason in kept.skipped.values())
     assert any(isinstance(m, nn.ReLU6) for m in net.modules())
-    replaced = equalize_cross_layer(net, relu6_to_relu=True)
+    replaced = equalize_cross_layer(net, relu6="relu")
     # Stem -> depthwise -> project of block 1, expand -> depthwise -> project of blocks 2-17 (two ReLU6 each).
     assert len(replaced.pairs) == 36 and len(replaced.relu6_replaced) == 34
     assert all(isinstance(net.get_submodule(name), nn.ReLU) for name in replaced.relu6_replaced)
     assert replaced.range_ratio_after < replaced.range_ratio_before
+
+
+def _saturating_mobilenet_v2() -> nn.Module:
+    """A MobileNetV2 whose ReLU6 clip: BatchNorm shifts put many activations above 6, as a trained one has."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v2(num_classes=5).eval()
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.bias.data.uniform_(2.0, 9.0)
+            module.weight.data.uniform_(0.5, 4.0)
+    return net
+
+
+@torch.no_grad()
+def test_relu6_becomes_a_per_channel_clamp_that_keeps_the_function_exactly():
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    net = _saturating_mobilenet_v2()
+    reference = net(x)
+    as_relu = copy.deepcopy(net)
+    equalize_cross_layer(as_relu, relu6="relu")
+    result = equalize_cross_layer(net)  # relu6="clamp", the default
+    assert len(result.pairs) == 36 and len(result.relu6_replaced) == 34 and result.relu6_mode == "clamp"
+    clamps = [net.get_submodule(name) for name in result.relu6_replaced]
+    assert all(isinstance(c, ChannelClamp) for c in clamps)
+    assert [c.upper.numel() for c in clamps] == result.relu6_channels
+    # The bounds moved off 6 (the channels were rescaled), and the network computes what it did.
+    assert max(float((c.upper - 6).abs().max()) for c in clamps) > 1.0
+    torch.testing.assert_close(net(x), reference, rtol=1e-4, atol=1e-4)
+    # ReLU instead (AIMET's choice) changes this network, whose activations exceed 6.
+    assert float((as_relu(x) - reference).abs().max()) > 0.1
+    # A reload rebuilds the clamps from the record, their bounds from the state dict.
+    rebuilt = torchvision.models.mobilenet_v2(num_classes=5).eval()
+    replace_relu6(rebuilt, result.relu6_replaced, "clamp", result.relu6_channels)
+    rebuilt.load_state_dict(net.state_dict())
+    torch.testing.assert_close(rebuilt(x), net(x))
+    with pytest.raises(ValueError, match="relu6='sigmoid' must be one of"):
+        equalize_cross_layer(torchvision.models.mobilenet_v2(num_classes=5), relu6="sigmoid")
+
+
+@torch.no_grad()
+def test_clamped_network_exports_and_runs_its_int8_qdq_in_onnx_runtime(tmp_path):
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    net = _saturating_mobilenet_v2()
+    int8 = post_training_quantize(net, [x], QuantizationConfig(weight=QuantSpec(8, True, per_channel=False)),
+                                  cross_layer_equalization=True)
+    assert int8.meta["equalization"].relu6_mode == "clamp"
+    path = export_qdq_onnx(int8, x[:1], tmp_path / "clamped_int8.onnx")
+    graph = onnx.load(str(path)).graph
+    assert sum(node.op_type == "Min" for node in graph.node) == 34
+    session = ort_session(path)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), int8(x), rtol=0.05, atol=0.05 * float(int8(x).abs().max()))
 
 
 def _output_error(quantized: nn.Module, reference: nn.Module, batches) -> float:

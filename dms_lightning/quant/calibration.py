@@ -171,7 +171,7 @@ def post_training_quantize(
     calibration_batches: int | None = None,
     reestimate_batchnorm: BatchNormHook | None = None,
     cross_layer_equalization: bool = False,
-    relu6_to_relu: bool = True,
+    relu6: str = "clamp",
     bias_correction: bool = False,
     adaround: bool = False,
     adaround_iterations: int = 1000,
@@ -188,9 +188,9 @@ def post_training_quantize(
             before it is quantized.
         cross_layer_equalization: equalize the weight ranges of consecutive convs of ``model`` first, in place
             (:func:`~dms_lightning.quant.equalization.equalize_cross_layer`; its function is unchanged except
-            where ``relu6_to_relu`` replaces a ReLU6 between two equalized convs).
-        relu6_to_relu: with ``cross_layer_equalization``, replace ReLU6 inside equalized pairs by ReLU (else
-            those pairs are skipped).
+            where ``relu6="relu"`` replaces a ReLU6 between two equalized convs).
+        relu6: with ``cross_layer_equalization``, what a ReLU6 inside an equalized pair becomes: ``"clamp"`` a
+            per-channel clamp (exact), ``"relu"`` a ReLU (as AIMET does), ``"skip"``: the pair is left alone.
         bias_correction: after calibration, correct each quantized layer's output mean to the float network's
             on the calibration images (:func:`~dms_lightning.quant.equalization.correct_bias`).
         adaround: after calibration (and before bias correction), learn the rounding of every quantized layer's
@@ -218,7 +218,7 @@ def post_training_quantize(
     batches = calibration_inputs(calibration_data, calibration_batches)
     if reestimate_batchnorm is not None:
         reestimate_batchnorm(model, batches)
-    equalized = equalize_cross_layer(model, relu6_to_relu=relu6_to_relu) if cross_layer_equalization else None
+    equalized = equalize_cross_layer(model, relu6=relu6) if cross_layer_equalization else None
     prepared = prepare_qat(model, config)
     calibrate(prepared, batches, calibration)
     if equalized is not None:

@@ -10,8 +10,10 @@ code as every other INT8 model.
   ``sᵢ = √(r₁ᵢ / r₂ᵢ)`` (``r`` the channel's largest absolute *BatchNorm-folded* weight). The two ranges
   become equal, ``√(r₁ᵢ r₂ᵢ)``, so a per-tensor weight grid no longer wastes its levels on one outlier
   channel; chains (MobileNet's expand → depthwise → project) are iterated to convergence. The network's
-  function is unchanged (ReLU is positively homogeneous), except where ``relu6_to_relu`` replaces a ReLU6
-  in a pair by a ReLU, as the paper and AIMET do: ``min(x, 6)`` does not commute with a per-channel scale.
+  function is unchanged (ReLU is positively homogeneous). A ReLU6 between the two does not commute with a
+  per-channel scale: by default (``relu6="clamp"``) it becomes a :class:`~dms_lightning.quant.modules.ChannelClamp`
+  at ``6 / sᵢ`` per channel, which keeps the function exact; ``relu6="relu"`` replaces it by a ReLU as the paper
+  and AIMET do (the function then changes wherever an activation exceeded 6); ``relu6="skip"`` leaves the pair.
 * :func:`correct_bias` (on the calibrated fake-quant network): quantizing a layer's weights shifts the mean
   of its output, ``E[W̃x] − E[Wx] = (W̃ − W)·E[x]``, and a ReLU after it turns that shift into a bias of the
   next layer's input. Each quantized layer's deployed bias gains a ``bias_offset`` buffer that makes the
@@ -35,12 +37,14 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dms_lightning.quant.fake_quant import FakeQuantizer
-from dms_lightning.quant.modules import QUANTIZED_LAYERS, fold_batch_norm, set_bias_offset
+from dms_lightning.quant.modules import QUANTIZED_LAYERS, ChannelClamp, fold_batch_norm, set_bias_offset
 from dms_lightning.quant.prepare import is_quantized
 
 #: Activations that commute with a positive per-channel scale: ``f(x / s) = f(x) / s`` for ``s > 0``.
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout)
 _HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu, operator.pos)
+#: What :func:`equalize_cross_layer` does with a ReLU6 between two convs of a pair.
+RELU6_MODES = ("clamp", "relu", "skip")
 
 
 @dataclass
@@ -49,7 +53,9 @@ class EqualizationResult:
 
     Attributes:
         pairs: ``(conv₁, conv₂)`` layer names equalized.
-        relu6_replaced: ReLU6 modules replaced by ReLU (inside an equalized pair).
+        relu6_replaced: ReLU6 modules replaced (inside an equalized pair), by what ``relu6_mode`` says.
+        relu6_mode: ``"clamp"`` (a :class:`~dms_lightning.quant.modules.ChannelClamp`, exact) or ``"relu"``.
+        relu6_channels: the channel count of each replaced ReLU6 (a checkpoint reload rebuilds the clamps).
         skipped: ``{"conv₁ -> conv₂": reason}`` of the candidate pairs left alone.
         range_ratio_before, range_ratio_after: the mean over pairs of ``max / min`` of conv₁'s per-channel
             weight ranges (BatchNorm folded): what a per-tensor weight grid pays for.
@@ -57,6 +63,8 @@ class EqualizationResult:
 
     pairs: list[tuple[str, str]] = field(default_factory=list)
     relu6_replaced: list[str] = field(default_factory=list)
+    relu6_mode: str = "clamp"
+    relu6_channels: list[int] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     range_ratio_before: float = 1.0
     range_ratio_after: float = 1.0
@@ -85,7 +93,7 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _find_pairs(model: nn.Module, relu6_to_relu: bool, skipped: dict[str, str]) -> list[_Pair]:
+def _find_pairs(model: nn.Module, relu6: str, skipped: dict[str, str]) -> list[_Pair]:
     graph = fx.Tracer().trace(model)
     modules = _modules(model)
     calls: dict[str, int] = {}
@@ -96,13 +104,13 @@ def _find_pairs(model: nn.Module, relu6_to_relu: bool, skipped: dict[str, str]) 
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules[str(node.target)], nn.Conv2d):
             continue
-        first, bn, relu6, current = str(node.target), None, None, _single_user(node)
+        first, bn, relu6_name, current = str(node.target), None, None, _single_user(node)
         while current is not None:
             module = modules.get(str(current.target)) if current.op == "call_module" else None
-            if isinstance(module, nn.BatchNorm2d) and bn is None and relu6 is None and module.track_running_stats:
+            if isinstance(module, nn.BatchNorm2d) and bn is None and relu6_name is None and module.track_running_stats:
                 bn = str(current.target)
-            elif isinstance(module, nn.ReLU6) and relu6 is None:
-                relu6 = str(current.target)
+            elif isinstance(module, nn.ReLU6) and relu6_name is None:
+                relu6_name = str(current.target)
             elif not (isinstance(module, _HOMOGENEOUS_MODULES) or
                       current.op == "call_function" and current.target in _HOMOGENEOUS_FUNCTIONS):
                 break
@@ -113,16 +121,16 @@ def _find_pairs(model: nn.Module, relu6_to_relu: bool, skipped: dict[str, str]) 
         label, conv2 = f"{first} -> {second}", modules[second]
         if conv2.groups != 1 and not (conv2.groups == conv2.in_channels == conv2.out_channels):
             skipped[label] = f"{second} is a grouped conv (groups={conv2.groups}) that is not depthwise"
-        elif any(calls.get(name, 0) != 1 for name in (first, bn, second, relu6) if name is not None):
+        elif any(calls.get(name, 0) != 1 for name in (first, bn, second, relu6_name) if name is not None):
             skipped[label] = "a layer of the pair is called more than once in forward (a shared module)"
-        elif relu6 is not None and not relu6_to_relu:
-            skipped[label] = f"{relu6} is a ReLU6, which a per-channel scale does not commute with " \
-                             "(relu6_to_relu=True replaces it by a ReLU, as AIMET does)"
+        elif relu6_name is not None and relu6 == "skip":
+            skipped[label] = f"{relu6_name} is a ReLU6, which a per-channel scale does not commute with " \
+                             "(relu6='clamp' makes it a per-channel clamp, relu6='relu' a ReLU as AIMET does)"
         else:
             after = _single_user(current)
             second_bn = str(after.target) if after is not None and after.op == "call_module" and isinstance(
                 modules.get(str(after.target)), nn.BatchNorm2d) else None
-            pairs.append(_Pair(first, bn, second, second_bn, relu6))
+            pairs.append(_Pair(first, bn, second, second_bn, relu6_name))
     return pairs
 
 
@@ -146,28 +154,41 @@ def _ratio(ranges: torch.Tensor) -> float:
     return float(alive.max() / alive.min()) if alive.numel() else 1.0
 
 
-def replace_relu6(network: nn.Module, names) -> None:
-    """Replace the ReLU6 modules ``names`` of ``network`` by ReLUs (what cross-layer equalization did)."""
-    for name in names:
+def replace_relu6(network: nn.Module, names, mode: str = "relu", channels=None) -> None:
+    """Replace the ReLU6 modules ``names`` of ``network`` as cross-layer equalization did (a checkpoint reload).
+
+    ``mode="relu"``: by ReLUs. ``mode="clamp"``: by :class:`~dms_lightning.quant.modules.ChannelClamp` modules of
+    ``channels[i]`` channels, bounds at 6 until the checkpoint's state dict loads the equalized ones.
+    """
+    if mode not in ("clamp", "relu"):
+        raise ValueError(f"mode={mode!r} must be 'clamp' or 'relu'")
+    names = list(names)
+    channels = list(channels or [])
+    if mode == "clamp" and len(channels) != len(names):
+        raise ValueError(f"{len(names)} ReLU6 to replace by clamps but {len(channels)} channel counts")
+    for i, name in enumerate(names):
         module = network.get_submodule(name)
+        wanted = nn.ReLU if mode == "relu" else ChannelClamp
         if isinstance(module, nn.ReLU6):
             parent, _, attribute = name.rpartition(".")
             setattr(network.get_submodule(parent) if parent else network, attribute,
-                    nn.ReLU(inplace=module.inplace))
-        elif not isinstance(module, nn.ReLU):
+                    nn.ReLU(inplace=module.inplace) if mode == "relu" else ChannelClamp(torch.full((channels[i],), 6.0)))
+        elif not isinstance(module, wanted):
             raise ValueError(f"{name} is a {type(module).__name__}, not the ReLU6 the checkpoint's cross-layer "
                              "equalization replaced; the checkpoint belongs to another architecture")
 
 
 @torch.no_grad()
-def equalize_cross_layer(model: nn.Module, *, relu6_to_relu: bool = True, iterations: int = 20,
+def equalize_cross_layer(model: nn.Module, *, relu6: str = "clamp", iterations: int = 20,
                          tolerance: float = 1e-4) -> EqualizationResult:
     """Equalize the per-channel weight ranges of consecutive convs of a float ``model``, in place.
 
     Args:
         model: a float, ``torch.fx``-traceable network (BatchNorms still separate layers; not yet prepared).
-        relu6_to_relu: replace a ReLU6 between two equalized convs by a ReLU (the network's output changes
-            only where an activation exceeded 6); ``False`` skips those pairs.
+        relu6: what a ReLU6 between two convs of a pair becomes: ``"clamp"`` (default) a per-channel clamp at
+            ``6 / sᵢ`` (:class:`~dms_lightning.quant.modules.ChannelClamp`; the function is unchanged, the
+            runtime runs one ``Min`` per replaced ReLU6); ``"relu"`` a ReLU (as AIMET does; the output changes
+            wherever an activation exceeded 6); ``"skip"`` leaves those pairs alone.
         iterations: passes over all pairs (chains of pairs converge in a few).
         tolerance: stop when no scale moved by more than this (relative).
 
@@ -179,17 +200,19 @@ def equalize_cross_layer(model: nn.Module, *, relu6_to_relu: bool = True, iterat
         >>> import torchvision
         >>> net = torchvision.models.mobilenet_v2(num_classes=5).eval()
         >>> result = equalize_cross_layer(net)
-        >>> len(result.pairs), result.range_ratio_after < result.range_ratio_before
-        (36, True)
+        >>> len(result.pairs), len(result.relu6_replaced), result.range_ratio_after < result.range_ratio_before
+        (36, 34, True)
     """
     if is_quantized(model):
         raise ValueError(f"{type(model).__name__} is already fake-quantized: equalize the float network before "
                          "prepare_qat / post_training_quantize")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations={iterations!r} must be a positive integer")
-    result = EqualizationResult()
+    if relu6 not in RELU6_MODES:
+        raise ValueError(f"relu6={relu6!r} must be one of {list(RELU6_MODES)}")
+    result = EqualizationResult(relu6_mode="relu" if relu6 == "relu" else "clamp")
     try:
-        pairs = _find_pairs(model, relu6_to_relu, result.skipped)
+        pairs = _find_pairs(model, relu6, result.skipped)
     except Exception as err:  # noqa: BLE001 - fx raises many types for data-dependent control flow
         raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx for cross-layer equalization ({err})") \
             from err
@@ -200,20 +223,28 @@ def equalize_cross_layer(model: nn.Module, *, relu6_to_relu: bool = True, iterat
                 modules[pair.second_bn] if pair.second_bn else None)
 
     before = [_ratio(_output_ranges(*layers(pair)[:2])) for pair in pairs]
+    # What each pair's middle tensor was divided by, channel by channel (a ReLU6 there clamps at 6 / divisor).
+    divisors = [torch.ones_like(_output_ranges(*layers(pair)[:2])) for pair in pairs]
     for _ in range(iterations):
         moved = 0.0
-        for pair in pairs:
+        for pair, divisor in zip(pairs, divisors):
             conv1, bn1, conv2, bn2 = layers(pair)
             r1, r2 = _output_ranges(conv1, bn1), _input_ranges(conv2, bn2)
             scale = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp_min(1e-30)), torch.ones_like(r1))
             moved = max(moved, float((scale - 1).abs().max()))
             _scale_output(conv1, bn1, 1.0 / scale)
             _scale_input(conv2, scale)
+            divisor.mul_(scale)
         if moved < tolerance:
             break
     result.pairs = [(pair.first, pair.second) for pair in pairs]
-    result.relu6_replaced = [pair.relu6 for pair in pairs if pair.relu6 is not None]
-    replace_relu6(model, result.relu6_replaced)
+    replaced = [(pair.relu6, divisor) for pair, divisor in zip(pairs, divisors) if pair.relu6 is not None]
+    result.relu6_replaced = [name for name, _ in replaced]
+    result.relu6_channels = [int(divisor.numel()) for _, divisor in replaced]
+    replace_relu6(model, result.relu6_replaced, result.relu6_mode, result.relu6_channels)
+    if result.relu6_mode == "clamp":
+        for name, divisor in replaced:
+            model.get_submodule(name).upper.copy_((6.0 / divisor).reshape(-1, 1, 1))
     after = [_ratio(_output_ranges(*layers(pair)[:2])) for pair in pairs]
     if pairs:
         result.range_ratio_before = sum(before) / len(before)

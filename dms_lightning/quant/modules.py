@@ -166,6 +166,32 @@ class QuantLinear(_BiasOffsetMixin):
 QUANTIZED_LAYERS = (QuantConv2d, QuantConvBn2d, QuantLinear)
 
 
+class ChannelClamp(nn.Module):
+    """``min(max(x, 0), upper[c])``: a ReLU6 whose channels cross-layer equalization rescaled.
+
+    Equalization divides channel ``c`` of a ReLU6's input by ``s[c]``; since ``relu6(x) / s = min(max(x / s, 0),
+    6 / s)``, the ReLU6 becomes this clamp with ``upper = 6 / s`` and the network computes exactly what it did.
+    It exports as ``Relu`` + ``Min`` with a ``[C, 1, 1]`` constant (TFLite ``RELU`` + ``MINIMUM``, QNN
+    ``ElementWiseMinimum``), and quantization treats it like the ReLU6 it replaces: fused into the layer before
+    it, one quantizer after it.
+
+    Example:
+        >>> clamp = ChannelClamp(torch.tensor([6.0, 3.0]))
+        >>> clamp(torch.tensor([[[[-1.0]], [[5.0]]]])).flatten().tolist()
+        [0.0, 3.0]
+    """
+
+    def __init__(self, upper: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("upper", upper.detach().reshape(-1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.minimum(F.relu(x), self.upper)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.upper.numel()}"
+
+
 def set_batch_norm_frozen(model: nn.Module, frozen: bool) -> None:
     """Switch every folded BatchNorm of ``model`` to running statistics (``True``) or batch statistics."""
     for module in model.modules():

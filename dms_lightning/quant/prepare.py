@@ -30,6 +30,7 @@ from torch import fx, nn
 from dms_lightning.quant.fake_quant import FakeQuantizer, set_observers_enabled
 from dms_lightning.quant.modules import (
     QUANTIZED_LAYERS,
+    ChannelClamp,
     QuantConv2d,
     QuantConvBn2d,
     QuantLinear,
@@ -42,7 +43,7 @@ from dms_lightning.utils.compression import FLOAT_NETWORK_ATTR, FloatNetworkRef,
 _PRESERVED_KEY = "_user_preserved_attributes"
 ACTIVATION_QUANTIZERS = "activation_quantizers"
 
-_FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+_FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, ChannelClamp)
 _FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 _RANGE_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 _RANGE_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, torch.reshape)
@@ -321,7 +322,7 @@ def _is_module(node: fx.Node, modules: dict[str, nn.Module], types: tuple[type, 
 
 
 def fused_output(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
-    """``node`` or the ReLU/ReLU6 that is its only consumer (the runtime fuses it into the layer)."""
+    """``node`` or the ReLU / ReLU6 / ChannelClamp that is its only consumer (fused into the layer's output)."""
     users = list(node.users)
     if len(users) == 1:
         user = users[0]

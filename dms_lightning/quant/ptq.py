@@ -26,6 +26,7 @@ from dms_lightning.models.batchnorm import reestimate_in_run
 from dms_lightning.quant.adaround import AdaRoundResult, adaround, check_adaround_arguments
 from dms_lightning.quant.calibration import calibrate, calibration_inputs, check_calibration_batches
 from dms_lightning.quant.equalization import (
+    RELU6_MODES,
     BiasCorrectionResult,
     EqualizationResult,
     correct_bias,
@@ -145,10 +146,12 @@ class PostTrainingQuantization(Callback):
         max_promoted: most layers promoted, a fraction of the quantized layers or a count.
         cross_layer_equalization: before quantizing, equalize the per-channel weight ranges of consecutive convs
             (Nagel et al., 2019; :func:`~dms_lightning.quant.equalization.equalize_cross_layer`). The float network
-            is changed in place, function-preserving except where ``relu6_to_relu`` replaced a ReLU6; the FP32
+            is changed in place, function-preserving unless ``relu6="relu"`` replaced a ReLU6; the FP32
             accuracies before and after are in ``result["equalization"]``. Pays off with per-tensor weights.
-        relu6_to_relu: with ``cross_layer_equalization``, replace a ReLU6 between two equalized convs by a ReLU
-            (as AIMET does; recorded in the checkpoint); ``False`` leaves those pairs alone.
+        relu6: with ``cross_layer_equalization``, what a ReLU6 between two equalized convs becomes:
+            ``"clamp"`` (default) a per-channel clamp at ``6 / s`` (exact; one ``Min`` op in the exported graph),
+            ``"relu"`` a ReLU (as AIMET does; no extra op, the output changes where an activation exceeded 6),
+            ``"skip"``: those pairs are left alone. Recorded in the checkpoint.
         bias_correction: after calibration, give each quantized layer's deployed bias the offset that makes its
             per-channel output mean in the INT8 simulation equal the float network's on the calibration batches
             (:func:`~dms_lightning.quant.equalization.correct_bias`); the float network is not changed.
@@ -201,7 +204,7 @@ class PostTrainingQuantization(Callback):
         promote_to: Literal["w8a16", "float"] = "w8a16",
         max_promoted: float | int = 0.2,
         cross_layer_equalization: bool = False,
-        relu6_to_relu: bool = True,
+        relu6: Literal["clamp", "relu", "skip"] = "clamp",
         bias_correction: bool = False,
         adaround: bool = False,
         adaround_iterations: int = 1000,
@@ -253,11 +256,13 @@ class PostTrainingQuantization(Callback):
             raise ValueError(f"max_promoted={max_promoted!r} must be a fraction in [0, 1] or a layer count >= 0")
         self.max_accuracy_drop_pt, self.promote_to, self.max_promoted = max_accuracy_drop_pt, promote_to, max_promoted
         self.mixed_precision: MixedPrecisionResult | None = None
-        for field, value in (("cross_layer_equalization", cross_layer_equalization), ("relu6_to_relu", relu6_to_relu),
+        for field, value in (("cross_layer_equalization", cross_layer_equalization),
                              ("bias_correction", bias_correction)):
             if not isinstance(value, bool):
                 raise ValueError(f"{field}={value!r} must be true or false")
-        self.cross_layer_equalization, self.relu6_to_relu = cross_layer_equalization, relu6_to_relu
+        if relu6 not in RELU6_MODES:
+            raise ValueError(f"relu6={relu6!r} must be one of {list(RELU6_MODES)}")
+        self.cross_layer_equalization, self.relu6 = cross_layer_equalization, relu6
         self.bias_correction = bias_correction
         check_adaround_arguments(adaround, adaround_iterations)
         self.adaround, self.adaround_iterations = adaround, adaround_iterations
@@ -319,9 +324,8 @@ class PostTrainingQuantization(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # The same record QAT writes: checkpoints of the fit are float, one saved after PTQ is quantized; a
         # later ckpt_path= load (e.g. test(ckpt_path="best") after PTQ) then gets the architecture it was saved with.
-        replaced = self.equalization.relu6_replaced if self.equalization is not None else None
         record_architecture_change(checkpoint, QuantizerWrapping,
-                                   QuantizerWrapping.record(pl_module, self.config, relu6_replaced=replaced))
+                                   QuantizerWrapping.record(pl_module, self.config, equalization=self.equalization))
 
     # ---------------------------------------------------------------- calibration
     def reestimate_batchnorm(self, network: nn.Module, batches: Sequence[torch.Tensor]) -> None:
@@ -394,13 +398,14 @@ class PostTrainingQuantization(Callback):
 
     def _equalize(self, pl_module: LightningModule, test_loader) -> None:
         before = self._predictions(pl_module, test_loader)
-        self.equalization = equalize_cross_layer(compression_target(pl_module), relu6_to_relu=self.relu6_to_relu)
+        self.equalization = equalize_cross_layer(compression_target(pl_module), relu6=self.relu6)
         after = self._predictions(pl_module, test_loader)
         self._equalization_accuracy = {} if before is None else {
             "fp32_accuracy_before": accuracy(*before), "fp32_accuracy_after": accuracy(*after)}
         result = self.equalization
         message = (f"[PostTrainingQuantization] cross-layer equalization of {len(result.pairs)} conv pairs "
-                   f"({len(result.skipped)} skipped, {len(result.relu6_replaced)} ReLU6 replaced by ReLU): mean "
+                   f"({len(result.skipped)} skipped, {len(result.relu6_replaced)} ReLU6 made "
+                   f"{'per-channel clamps' if result.relu6_mode == 'clamp' else 'ReLU'}): mean "
                    f"per-channel weight-range ratio {result.range_ratio_before:.1f} -> {result.range_ratio_after:.1f}")
         if before is not None:
             message += (f"; FP32 test accuracy {self._equalization_accuracy['fp32_accuracy_before']:.4f} -> "

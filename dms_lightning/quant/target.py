@@ -9,7 +9,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from dms_lightning.quant.equalization import replace_relu6
+from dms_lightning.quant.equalization import EqualizationResult, replace_relu6
 from dms_lightning.quant.prepare import (
     QuantizationConfig,
     float_model,
@@ -123,16 +123,19 @@ class QuantizerWrapping(ArchitectureChange):
     order = QUANTIZER_WRAPPING
 
     @classmethod
-    def record(cls, pl_module: nn.Module, config: QuantizationConfig, relu6_replaced: list[str] | None = None) -> dict:
+    def record(cls, pl_module: nn.Module, config: QuantizationConfig,
+               equalization: EqualizationResult | None = None) -> dict:
         record = {"active": target_is_quantized(pl_module), "config": config.to_dict()}
-        if relu6_replaced:
-            record["relu6_replaced"] = list(relu6_replaced)  # by cross-layer equalization, before quantization
+        if equalization is not None and equalization.relu6_replaced:  # by cross-layer equalization, before PTQ
+            record.update(relu6_replaced=list(equalization.relu6_replaced), relu6_mode=equalization.relu6_mode,
+                          relu6_channels=list(equalization.relu6_channels))
         return record
 
     @classmethod
     def restore(cls, pl_module: nn.Module, record: Mapping) -> None:
         if record.get("active") and not target_is_quantized(pl_module):
-            replace_relu6(compression_target(pl_module), record.get("relu6_replaced", ()))
+            replace_relu6(compression_target(pl_module), record.get("relu6_replaced", ()),
+                          record.get("relu6_mode", "relu"), record.get("relu6_channels"))
             quantize_target(pl_module, QuantizationConfig.from_dict(record["config"]))
         elif not record.get("active") and target_is_quantized(pl_module):
             dequantize_target(pl_module)
