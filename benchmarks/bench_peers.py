@@ -350,6 +350,36 @@ def ptq_cells(cells: list[Cell], model: str, network: nn.Module, fp32: Path, cal
           lambda: torchao_ptq(network, calib, example, w / "torchao_pt2e.onnx"))
 
 
+def main_job_cells(cells: list[Cell], artifacts: Path, calib, work: Path) -> None:
+    """The main job's own student: its QAT INT8 file against every peer's PTQ of its FP32 twin.
+
+    ``student_fp32.onnx`` is the float network of the last (QAT) checkpoint, the one ``student_int8.onnx`` quantizes,
+    so the peers start where our QAT ended and see the same calibration images as every other row.
+    """
+    row, model, w = "main job INT8", "mainjob", work / "mainjob"
+    w.mkdir(parents=True, exist_ok=True)
+    folder = artifacts / "artifacts" / "distill"
+    fp32, int8 = folder / "student_fp32.onnx", folder / "student_int8.onnx"
+    for path in (fp32, int8):
+        if not path.is_file():
+            raise SystemExit(f"--rows mainjob: {path} does not exist; run `python -m dms_lightning pipeline` in "
+                             f"--artifacts {artifacts} first")
+    cells.append(Cell("FP32", model, "FP32", "the main job's student_fp32.onnx (its FP32 twin)", path=str(fp32),
+                      reference=True))
+    cells.append(Cell(row, model, "dms_lightning", "the main job's student_int8.onnx (QAT, configs/distill.yaml)",
+                      ours=True, path=str(int8)))
+    _cell(cells, row, model, "ONNX Runtime", "quantize_static defaults (QDQ, s8 act., per-tensor)",
+          lambda: ort_defaults(fp32, calib, w / "ort_default.onnx"))
+    _cell(cells, row, model, "ONNX Runtime", "per-channel, u8 act. (x86 advice)",
+          lambda: quantize_onnx(fp32, w / "ort_per_channel.onnx", calib, per_channel=True))
+    _cell(cells, row, model, "NNCF", "nncf.quantize default (PERFORMANCE)",
+          lambda: nncf_quantize(fp32, calib, w / "nncf_default.onnx", None))
+    _cell(cells, row, model, "NNCF", "nncf.quantize MIXED preset",
+          lambda: nncf_quantize(fp32, calib, w / "nncf_mixed.onnx", "MIXED"))
+    _cell(cells, row, model, "AIMET-onnx", "QuantizationSimModel min-max",
+          lambda: aimet_quantize(fp32, calib, w / "aimet_minmax.onnx", None))
+
+
 # ----------------------------------------------------------------------------------------------- QAT
 def qat_cells(cells: list[Cell], network: nn.Module, dm, args, example, work: Path):
     row, model, epochs = "QAT INT8", "mnv3", args.qat_epochs
