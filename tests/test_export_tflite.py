@@ -63,12 +63,13 @@ def test_tflite_export_callback_writes_parity_checked_files_listed_in_the_manife
 
     torch.manual_seed(0)
     callback = TFLiteExport(dirpath=str(tmp_path / "export"), name="tiny", checkpoint="last", precisions=["fp32"],
-                            layout="NHWC", parity_images=16)
+                            layout="NHWC", parity_images=16, parity_split="test")
     trainer = _trainer(tmp_path, [callback], epochs=1)
     trainer.fit(TinyClassifier(in_channels=3, fake_quant=True), _datamodule(channels=3))
     assert [p.name for p in (tmp_path / "export").glob("*.tflite")] == ["tiny_fp32.tflite"]
     entry = next(a for a in read_manifest(tmp_path / "export")["artifacts"] if a["name"] == "tiny_fp32_tflite")
     assert entry["parity"]["passed"] and entry["parity"]["max_abs_diff"] <= 1e-4
+    assert entry["parity"]["split"] == "test" and entry["parity"]["samples"] == 16
     assert entry["layout"] == "NHWC" and json.loads(entry["metadata"]["class_names"])[1] == "eyes_closed"
 
 
@@ -77,6 +78,8 @@ def test_tflite_export_validates_its_arguments_and_names_the_extra():
 
     with pytest.raises(ValueError, match="TFLiteExport.layout='CHW'"):
         TFLiteExport(layout="CHW")
+    with pytest.raises(ValueError, match=r"TFLiteExport.parity_split='train' must be one of \['val', 'test'\]"):
+        TFLiteExport(parity_split="train", skip_if_unavailable=True)
     with pytest.raises(ValueError, match="TFLiteExport.int8_min_top1_agreement=1.5"):
         TFLiteExport(int8_min_top1_agreement=1.5)
     with pytest.raises(ValueError, match=r"TFLiteExport.precisions=\['int4'\]"):

@@ -41,6 +41,8 @@ class ParityResult:
     #: Samples whose top-1 differs although the reference's own top-2 margin is within ``2 · atol``: a near
     #: tie that logits within the tolerance may flip either way. They count as agreeing.
     near_ties: int = 0
+    #: The split the inputs came from (``"val"``, ``"test"``, ...), for the log line and the manifest.
+    split: str = "val"
 
     @property
     def judged_agreement(self) -> float:
@@ -56,7 +58,8 @@ class ParityResult:
         tolerance = "not judged" if self.atol is None else f"tolerance {self.atol:g}"
         ties = (f", {self.near_ties} of the differing samples a near tie of the {self.reference} logits (top-2 "
                 f"margin within 2 × {self.atol:g}), counted as agreeing" if self.near_ties else "")
-        return (f"{self.runtime} vs {self.reference} on {self.samples} validation images: max |diff| "
+        images = {"val": "validation", "train": "training"}.get(self.split, self.split)
+        return (f"{self.runtime} vs {self.reference} on {self.samples} {images} images: max |diff| "
                 f"{self.max_abs_diff:.3g} ({tolerance}), top-1 agreement {self.top1_agreement:.2%}{ties} "
                 f"(required {self.min_top1_agreement:.2%})")
 
