@@ -315,6 +315,21 @@ def torchao_ptq(network: nn.Module, calib, example, out: Path) -> Path:
     return _onnx_of_pt2e(convert_pt2e(prepared), example, out)
 
 
+def onnx_ptq_peer_cells(cells: list[Cell], row: str, model: str, fp32: Path, calib, w: Path) -> None:
+    """The peers that quantize an FP32 ONNX file: ONNX Runtime (defaults, x86 advice), NNCF (default, MIXED),
+    AIMET-onnx min-max, each from ``fp32`` with the same ``calib`` images, written under ``w``."""
+    _cell(cells, row, model, "ONNX Runtime", "quantize_static defaults (QDQ, s8 act., per-tensor)",
+          lambda: ort_defaults(fp32, calib, w / "ort_default.onnx"))
+    _cell(cells, row, model, "ONNX Runtime", "per-channel, u8 act. (x86 advice)",
+          lambda: quantize_onnx(fp32, w / "ort_per_channel.onnx", calib, per_channel=True))
+    _cell(cells, row, model, "NNCF", "nncf.quantize default (PERFORMANCE)",
+          lambda: nncf_quantize(fp32, calib, w / "nncf_default.onnx", None))
+    _cell(cells, row, model, "NNCF", "nncf.quantize MIXED preset",
+          lambda: nncf_quantize(fp32, calib, w / "nncf_mixed.onnx", "MIXED"))
+    _cell(cells, row, model, "AIMET-onnx", "QuantizationSimModel min-max",
+          lambda: aimet_quantize(fp32, calib, w / "aimet_minmax.onnx", None))
+
+
 def ptq_cells(cells: list[Cell], model: str, network: nn.Module, fp32: Path, calib, val, example, args, work: Path):
     row = "PTQ INT8"
     w = work / model
@@ -329,16 +344,7 @@ def ptq_cells(cells: list[Cell], model: str, network: nn.Module, fp32: Path, cal
     if "ours" in info:
         cell.setting = f"post_training_quantize ({info['ours']['calibrator']}, chosen on val)"
         cell.metrics["calibrators"] = info["ours"]
-    _cell(cells, row, model, "ONNX Runtime", "quantize_static defaults (QDQ, s8 act., per-tensor)",
-          lambda: ort_defaults(fp32, calib, w / "ort_default.onnx"))
-    _cell(cells, row, model, "ONNX Runtime", "per-channel, u8 act. (x86 advice)",
-          lambda: quantize_onnx(fp32, w / "ort_per_channel.onnx", calib, per_channel=True))
-    _cell(cells, row, model, "NNCF", "nncf.quantize default (PERFORMANCE)",
-          lambda: nncf_quantize(fp32, calib, w / "nncf_default.onnx", None))
-    _cell(cells, row, model, "NNCF", "nncf.quantize MIXED preset", lambda: nncf_quantize(fp32, calib, w / "nncf_mixed.onnx",
-                                                                                        "MIXED"))
-    _cell(cells, row, model, "AIMET-onnx", "QuantizationSimModel min-max",
-          lambda: aimet_quantize(fp32, calib, w / "aimet_minmax.onnx", None))
+    onnx_ptq_peer_cells(cells, row, model, fp32, calib, w)
     if model in args.adaround_models:
         _cell(cells, row, model, "AIMET-onnx", f"AdaRound ({args.adaround_iterations} it./layer) + min-max",
               lambda: aimet_quantize(fp32, calib, w / "aimet_adaround.onnx", args.adaround_iterations))
@@ -368,16 +374,7 @@ def main_job_cells(cells: list[Cell], artifacts: Path, calib, work: Path) -> Non
                       reference=True))
     cells.append(Cell(row, model, "dms_lightning", "the main job's student_int8.onnx (QAT, configs/distill.yaml)",
                       ours=True, path=str(int8)))
-    _cell(cells, row, model, "ONNX Runtime", "quantize_static defaults (QDQ, s8 act., per-tensor)",
-          lambda: ort_defaults(fp32, calib, w / "ort_default.onnx"))
-    _cell(cells, row, model, "ONNX Runtime", "per-channel, u8 act. (x86 advice)",
-          lambda: quantize_onnx(fp32, w / "ort_per_channel.onnx", calib, per_channel=True))
-    _cell(cells, row, model, "NNCF", "nncf.quantize default (PERFORMANCE)",
-          lambda: nncf_quantize(fp32, calib, w / "nncf_default.onnx", None))
-    _cell(cells, row, model, "NNCF", "nncf.quantize MIXED preset",
-          lambda: nncf_quantize(fp32, calib, w / "nncf_mixed.onnx", "MIXED"))
-    _cell(cells, row, model, "AIMET-onnx", "QuantizationSimModel min-max",
-          lambda: aimet_quantize(fp32, calib, w / "aimet_minmax.onnx", None))
+    onnx_ptq_peer_cells(cells, row, model, fp32, calib, w)
 
 
 # ----------------------------------------------------------------------------------------------- QAT
