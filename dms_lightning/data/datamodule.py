@@ -65,7 +65,9 @@ class _Transformed(Dataset):
         if item is None:
             image, label = self.base[index]
             with torch.random.fork_rng(devices=[]):  # the loader's shuffling keeps its own random stream
-                torch.manual_seed((self.seed * 1_000_003 + index) * 1_009 + key[1])
+                # Reduced to 63 bits: torch.initial_seed() (part of self.seed) is any 64-bit number when the
+                # run never called seed_everything, and manual_seed takes a signed 64-bit integer.
+                torch.manual_seed(((self.seed * 1_000_003 + index) * 1_009 + key[1]) % (1 << 63))
                 item = (self.transform(image), label)
             image = item[0]
             if isinstance(image, torch.Tensor) and self._view_cache_bytes + image.nbytes <= self.VIEW_CACHE_BYTES:
