@@ -1,6 +1,6 @@
 """What a CPU target's quantization choices cost in ONNX Runtime: INT8 latency against FP32, per placement and signedness.
 
-    python benchmarks/bench_cpu_targets.py            # MobileNetV3-small (the student) and ResNet-18 (the teacher), 96 px
+    python benchmarks/bench_cpu_targets.py            # MobileNetV3-small (the student, also with ReLU) and ResNet-18, 96 px
     python benchmarks/bench_cpu_targets.py --quick    # one model, few runs: a wiring check, no result written
 
 For each network (random weights: latency does not depend on them), the FP32 ONNX model and INT8 QDQ models
@@ -9,7 +9,8 @@ calibrated on the same random images: the ``cpu_x86`` and ``cpu_arm`` profiles o
 quantized as for an NPU, signed int8 activations, depthwise convs left in float, 7-bit weights). Batch-1 p50
 latency, 1 intra-op thread, sessions interleaved round by round, and the ratio to FP32 in the same run. The
 profile's choices are judged by these ratios on the CPU named in the table (AVX2 and AVX-512 VNNI machines
-differ most on signed activations). Writes ``benchmarks/results/cpu_targets.md`` and ``.json``.
+differ most on signed activations). A model named ``backbone:relu`` is that backbone with ``activation="relu"``
+(hard-swish replaced by ReLU, :func:`dms_lightning.models.backbones.use_relu`). Writes ``benchmarks/results/cpu_targets.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -53,14 +54,15 @@ def variants() -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="mobilenet_v3_small,resnet18")
+    parser.add_argument("--models", default="mobilenet_v3_small,mobilenet_v3_small:relu,resnet18",
+                        help="backbone names, each optionally ':relu' (activation='relu')")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.models, args.rounds, args.runs = "mobilenet_v3_small", 2, 5
+        args.models, args.rounds, args.runs = "mobilenet_v3_small:relu", 2, 5
     torch.manual_seed(0)
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench_cpu_targets_"))
@@ -68,11 +70,13 @@ def main() -> None:
     calibration = [torch.randn(16, 1, args.image_size, args.image_size) for _ in range(2)]
     rows = []
     for backbone in args.models.split(","):
-        network = DMSClassifier(backbone, image_size=args.image_size).model.eval()
-        paths = {"FP32": export_onnx(network, example, work / f"{backbone}_fp32.onnx")}
+        name_only, _, activation = backbone.partition(":")
+        network = DMSClassifier(name_only, image_size=args.image_size, activation=activation or "default").model.eval()
+        stem = backbone.replace(":", "_")
+        paths = {"FP32": export_onnx(network, example, work / f"{stem}_fp32.onnx")}
         for index, (name, config) in enumerate(variants().items()):
             model = post_training_quantize(network, calibration, config)
-            paths[name] = export_qdq_onnx(model, example, work / f"{backbone}_{index}.onnx")
+            paths[name] = export_qdq_onnx(model, example, work / f"{stem}_{index}.onnx")
         p50 = latencies(paths, args.rounds, args.runs, args.image_size)
         for name, value in p50.items():
             rows.append({"model": backbone, "variant": name, "p50_ms": value, "ratio": value / p50["FP32"]})

@@ -130,3 +130,30 @@ def test_loaded_weights_replace_the_zero_initialised_scales(tmp_path):
     loaded = build_backbone("mobilenet_v3_small", weights=str(tmp_path / "w.pth"))
     norms = [m for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(bool((m.weight == 0.5).all()) for m in norms)
+
+
+def test_relu_activation_replaces_every_hardswish_and_keeps_the_weights_interchangeable(tmp_path):
+    default = build_backbone("mobilenet_v3_small")
+    relu = build_backbone("mobilenet_v3_small", activation="relu")
+    assert any(isinstance(m, torch.nn.Hardswish) for m in default.modules())
+    assert not any(isinstance(m, (torch.nn.Hardswish, torch.nn.SiLU)) for m in relu.modules())
+    # The squeeze-excitation gates keep their hard-sigmoid; only the activations change, not the parameters.
+    assert sum(isinstance(m, torch.nn.Hardsigmoid) for m in relu.modules()) == 9
+    relu.load_state_dict(default.state_dict())  # strict: the same tensors
+    assert not any(isinstance(m, torch.nn.SiLU) for m in build_backbone("efficientnet_b0", activation="relu").modules())
+    # Recorded in the hyper-parameters, so a reloaded checkpoint is the ReLU network again.
+    module = DMSClassifier("mobilenet_v3_small", image_size=32, activation="relu")
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "relu.ckpt")
+    loaded = DMSClassifier.load_from_checkpoint(tmp_path / "relu.ckpt", weights_only=True)
+    assert not any(isinstance(m, torch.nn.Hardswish) for m in loaded.modules())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "resnet18", "activation": "relu"}, "no hard-swish or SiLU"),
+    ({"activation": "gelu"}, "activation='gelu' must be 'default'"),
+])
+def test_an_activation_the_backbone_cannot_take_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_backbone(**kwargs)

@@ -93,3 +93,32 @@ def test_the_target_and_its_reasons_reach_the_exported_variant(tmp_path):
     zero_points = {init.name: init.data_type for init in model.graph.initializer}
     activation_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert activation_q and all(zero_points[n.input[2]] == onnx.TensorProto.INT8 for n in activation_q)
+
+
+def test_a_relu_student_runs_its_activations_inside_the_integer_convolutions(tmp_path):
+    """Hard-swish has no integer kernel in ONNX Runtime: each one is a float island between DQ and Q."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from dms_lightning.export.qdq import export_qdq_onnx
+    from dms_lightning.quant import post_training_quantize
+
+    example = torch.zeros(1, 1, 32, 32)
+    calibration = [torch.randn(4, 1, 32, 32)]
+    float_ops = {}
+    for activation in ("default", "relu"):
+        network = DMSClassifier("mobilenet_v3_small", image_size=32, head_hidden=32, activation=activation).model
+        int8 = post_training_quantize(network.eval(), calibration, target_profile("cpu_x86").config())
+        path = export_qdq_onnx(int8, example, tmp_path / f"{activation}.onnx")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / f"{activation}_ort.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        assert ops.count("QLinearConv") == 52
+        float_ops[activation] = {op: ops.count(op) for op in ("DequantizeLinear", "HardSigmoid", "Mul")}
+    # Hard-swish: 18 float islands (DQ, HardSigmoid, Mul, Q) beside the 9 squeeze-excitation gates.
+    assert float_ops["default"] == {"DequantizeLinear": 28, "HardSigmoid": 27, "Mul": 18}
+    # ReLU: only the 9 gates are left in float.
+    assert float_ops["relu"] == {"DequantizeLinear": 10, "HardSigmoid": 9, "Mul": 0}

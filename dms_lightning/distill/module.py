@@ -29,7 +29,7 @@ from dms_lightning.distill.losses import (
     teacher_attention_at,
 )
 from dms_lightning.distill.teacher import TEACHER_DEFAULT_CHECKPOINT, FrozenTeacher, load_teacher
-from dms_lightning.models.backbones import Head, build_backbone
+from dms_lightning.models.backbones import Activation, Head, build_backbone
 from dms_lightning.models.classifier import ClassificationModule
 from dms_lightning.utils.validation import check_fraction, check_number
 
@@ -83,6 +83,8 @@ class DistillationModule(ClassificationModule):
             as for :class:`~dms_lightning.DMSClassifier` (``bn_momentum`` and ``zero_init_residual`` apply to a
             student built by name;
             ``class_weights`` weigh the hard-label term only; ``channels_last`` covers the teacher too).
+        student_activation: ``"default"`` or ``"relu"`` for a student built by name (``activation`` of
+            :class:`~dms_lightning.DMSClassifier`: hard-swish replaced by ReLU for integer CPU / NPU graphs).
 
     Example:
         >>> module = DistillationModule("mobilenet_v3_small", teacher_checkpoint="artifacts/teacher/best.ckpt",
@@ -119,6 +121,7 @@ class DistillationModule(ClassificationModule):
         bn_reestimation: bool = False,
         channels_last: bool = True,
         zero_init_residual: bool | None = None,
+        student_activation: Activation = "default",
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights, bn_reestimation, channels_last)
@@ -137,7 +140,8 @@ class DistillationModule(ClassificationModule):
 
         if isinstance(student, str):
             self.model = build_backbone(student, num_classes, in_channels, student_head, student_head_hidden,
-                                        dropout, student_weights, bn_momentum, zero_init_residual)
+                                        dropout, student_weights, bn_momentum, zero_init_residual,
+                                        student_activation)
         else:
             self.model = student
         self._check_classifier(self.model, "model.student")

@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 )
 from typing_extensions import override
 
-from dms_lightning.models.backbones import Head, build_backbone
+from dms_lightning.models.backbones import Activation, Head, build_backbone
 from dms_lightning.models.batchnorm import BatchNormReestimation, find_reestimation
 from dms_lightning.utils.checkpoint import restore_architecture
 from dms_lightning.utils.plotting import confusion_matrix_figure
@@ -265,6 +265,9 @@ class DMSClassifier(ClassificationModule):
             (:func:`~dms_lightning.models.backbones.zero_init_residual_branches`). ``None`` (default): the
             inverted residuals of MobileNet / EfficientNet / MnasNet; ``True``: ResNet blocks too; ``False``:
             torchvision's initialisation. Weights loaded from ``weights`` replace it.
+        activation: ``"default"`` or ``"relu"``: hard-swish / SiLU replaced by ReLU, so that an INT8 CPU or
+            NPU graph runs the activation inside the integer convolution
+            (:func:`~dms_lightning.models.backbones.use_relu`).
 
     Example:
         >>> model = DMSClassifier("mobilenet_v3_small", num_classes=5, image_size=64)
@@ -291,12 +294,13 @@ class DMSClassifier(ClassificationModule):
         bn_reestimation: bool = False,
         channels_last: bool = True,
         zero_init_residual: bool | None = None,
+        activation: Activation = "default",
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights, bn_reestimation, channels_last)
         self.save_hyperparameters()
         self.model = build_backbone(backbone, num_classes, in_channels, head, head_hidden, dropout, weights,
-                                    bn_momentum, zero_init_residual)
+                                    bn_momentum, zero_init_residual, activation)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

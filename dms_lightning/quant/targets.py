@@ -175,14 +175,16 @@ register_target(TargetProfile(
                      "that is faster than quantizing only the conv inputs and outputs "
                      "(benchmarks/results/cpu_targets.md)",
         "activations": "MLAS's integer GEMM multiplies uint8 activations by int8 weights (vpmaddubsw / VNNI "
-                       "vpdpbusd); int8 activations take a slower path (2.1x slower than uint8 on an AVX-512 VNNI "
-                       "CPU, about 4x on AVX2 without VNNI: benchmarks/results/cpu_targets.md)",
+                       "vpdpbusd); int8 activations take a slower path (2.1-2.4x slower than uint8 on AVX-512 VNNI "
+                       "CPUs, about 4x on AVX2 without VNNI: benchmarks/results/cpu_targets.md)",
         "weights": "int8 per-channel; on a CPU without VNNI, weight_bits=7 (ONNX Runtime's reduce_range) keeps "
                    "u8 x s8 pair sums from saturating int16",
         "activation_bits": "no 16-bit integer kernels: 16-bit Q/DQ pairs would run in float",
         "channel_alignment": "float and integer convs block channels by 8 (AVX2) or 16 (AVX-512)",
         "latency": "a small MobileNet at low resolution can run slower in INT8 than in FP32 on such a CPU (Q/DQ "
-                   "around float ops, NHWC transposes); the report measures both",
+                   "around float ops, NHWC transposes); the report measures both. MobileNetV3's hard-swish has no "
+                   "integer kernel: a backbone built with activation='relu' runs it inside the integer convs "
+                   "(MobileNetV3-small INT8 1.19x -> 0.91x FP32 latency, benchmarks/results/cpu_targets.md)",
     }))
 register_target(TargetProfile(
     name="cpu_arm", device="Arm CPU (NEON / dot-product), ONNX Runtime or XNNPACK", placement="every_tensor",
