@@ -13,7 +13,8 @@ float network and the same calibration images (the first validation batches):
   (:mod:`dms_lightning.quant.equalization`); with AdaRound (:mod:`dms_lightning.quant.adaround`, ``--adaround-iterations``
   Adam steps per layer), alone and after CLE, before bias correction;
 * automatic mixed precision (:func:`dms_lightning.quant.mixed_precision.select_mixed_precision`): layers promoted
-  to W8A16 until the *validation* top-1 drop is within ``--budget`` points, at most ``--max-promoted`` of them.
+  to W8A16 until the *validation* top-1 drop is within ``--budget`` points, at most ``--max-promoted`` of them,
+  starting from each calibrator's uniform model (``--auto-calibrators``).
 
 Every INT8 model is exported as QDQ ONNX and measured in ONNX Runtime on the whole test split (accuracy, Δ vs
 FP32, size on disk, batch-1 p50 latency with 1 thread, sessions interleaved). 16-bit Q/DQ pairs run in float on
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import sys
@@ -72,6 +74,8 @@ def main() -> None:
     parser.add_argument("--calibration-batches", type=int, default=4, help="first validation batches (4 x 64 = 256)")
     parser.add_argument("--budget", type=float, default=0.5, help="max validation top-1 drop, points")
     parser.add_argument("--max-promoted", type=float, default=0.2, help="fraction of the quantized layers")
+    parser.add_argument("--auto-calibrators", default=",".join(CALIBRATORS),
+                        help="calibrators whose uniform W8A8 model the automatic selection starts from")
     parser.add_argument("--selection-batches", type=int, default=4, help="validation batches the selection measures")
     parser.add_argument("--adaround-iterations", type=int, default=500,
                         help="Adam steps per layer of the AdaRound rows (0: no AdaRound rows)")
@@ -162,18 +166,22 @@ def main() -> None:
                                 "seconds": None})
         # Per-channel weights leave the activations as the error: W8A16. Per-tensor weights are their own error,
         # which a wider activation grid cannot fix: there the float promotion is measured too.
-        for promote_to in ("w8a16",) if per_channel else ("w8a16", "float"):
+        # Every calibrator's uniform model is a starting point: one that clips (entropy) can lose what min-max
+        # does not, and the selection is then judged on a drop that is there.
+        for method, promote_to in itertools.product(
+                args.auto_calibrators.split(","), ("w8a16",) if per_channel else ("w8a16", "float")):
             start = time.perf_counter()
             result = select_mixed_precision(network, calibration, val_loader, max_accuracy_drop_pt=args.budget,
-                                            config=config, max_promoted=args.max_promoted, promote_to=promote_to,
+                                            config=config, calibration=CalibrationConfig(method),
+                                            max_promoted=args.max_promoted, promote_to=promote_to,
                                             evaluation_batches=args.selection_batches)
             seconds = time.perf_counter() - start
-            name = f"{weights} mixed {promote_to}"
+            name = f"{weights} {method} mixed {promote_to}"
             path = export_qdq_onnx(result.model, example, work / f"{name.replace(' ', '_')}.onnx")
             accuracy, _ = ort_accuracy(path, test_loader)
             paths[name] = path
             label = "W8A16" if promote_to == "w8a16" else "float"
-            rows.append({"weights": weights, "method": "minmax",
+            rows.append({"weights": weights, "method": method,
                          "setting": f"auto, promoted to {label} (val budget −{args.budget:g} pt)",
                          "accuracy": accuracy, "promoted": len(result.promoted), "layers": result.quantized_layers,
                          "path": name, "seconds": seconds, "selection": result.to_dict()})
@@ -191,6 +199,7 @@ def main() -> None:
             "calibration_images": sum(len(b) for b in calibration), "budget_pt": args.budget,
             "max_promoted": args.max_promoted, "selection_images": args.selection_batches * args.batch_size,
             "checkpoint": args.checkpoint, "quick": args.quick, "relu6": args.relu6,
+            "auto_calibrators": args.auto_calibrators.split(","),
             "wall_minutes": (time.time() - started) / 60}
     stem = Path(args.output) if args.output else RESULTS / ("mixed_precision_quick" if args.quick else "mixed_precision")
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -211,6 +220,7 @@ def render(info: dict, rows: list[dict]) -> str:
              f"−{info['budget_pt']:g} pt, at most {100 * info['max_promoted']:.0f} % of layers); every accuracy below "
              f"is ONNX Runtime on the {info['test_size']}-image test split. Latency: batch 1, 1 thread; 16-bit Q/DQ "
              f"pairs run in float on the CPU provider, so the mixed rows' latency is a CPU's cost, not HTP's. "
+             f"The automatic rows start from the uniform models of {', '.join(info['auto_calibrators'])}. "
              f"Wall time of the run: {info['wall_minutes']:.1f} min.\n",
              "| weights | calibration | setting | test top-1 | Δ vs FP32 (pt) | layers promoted | MB | p50 ms | s |",
              "|---|---|---|---:|---:|---|---:|---:|---:|"]
@@ -224,7 +234,7 @@ def render(info: dict, rows: list[dict]) -> str:
     for row in rows:
         if "selection" in row:
             selection = row["selection"]
-            lines += ["", f"**{row['weights']} weights, {row['setting']}** (validation top-1 float "
+            lines += ["", f"**{row['weights']} weights, {row['method']}, {row['setting']}** (validation top-1 float "
                           f"{100 * selection['float_accuracy']:.2f} %, uniform {100 * selection['uniform_accuracy']:.2f} %, "
                           f"mixed {100 * selection['accuracy']:.2f} %; {'met' if selection['met'] else 'not met'}): "
                           + (", ".join(f"`{layer}`" for layer in selection["promoted"]) or "none")]
