@@ -52,11 +52,36 @@ def _supporting() -> list[str]:
                          for r in configs)
         rows.append(f"* Training-step time vs plain Lightning, end to end: {text}; targets pruning ≤ 1.05×, "
                     "QAT ≤ 2× — [overhead.md](benchmarks/results/overhead.md).")
+    rows += _mixed_precision()
     for name, label in (("quantization.md", "QAT vs PTQ vs FP32"), ("distillation.md", "distillation vs training alone"),
                         ("export.md", "export parity and SNPE/QNN bundle")):
         if (RESULTS / name).is_file():
             rows.append(f"* {label}: [{name}](benchmarks/results/{name}).")
     return rows
+
+
+def _mixed_precision() -> list[str]:
+    """Where uniform W8A8 lost a point or more, what the automatic W8A16 selection made of it."""
+    cases, files = [], []
+    for name in ("mixed_precision.json", "mixed_precision_mnv2_e12.json"):
+        path = RESULTS / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        info = data["info"]
+        files.append(f"[{path.stem}.md](benchmarks/results/{path.stem}.md)")
+        uniform = {(r["weights"], r["method"]): r for r in data["rows"] if r["setting"] == "uniform W8A8"}
+        for row in data["rows"]:
+            start = uniform.get((row["weights"], row["method"]))
+            if row["setting"].startswith("auto, promoted to W8A16") and start and round(start["delta_pt"], 1) <= -1.0:
+                cases.append(f"{info['backbone']} {info['epochs']} epochs, {row['weights']} {row['method']}: "
+                             f"{start['delta_pt']:+.1f} → {row['delta_pt']:+.1f} pt with {row['promoted']} of "
+                             f"{row['layers']} layers promoted")
+    if not files:
+        return []
+    found = "; ".join(cases) if cases else "no uniform W8A8 model lost 1 pt"
+    return [f"* Automatic mixed precision (every model whose uniform W8A8 lost ≥ 1 pt on the test split; the "
+            f"selection sees only validation images): {found} — {', '.join(files)}."]
 
 
 def _peers() -> list[str]:
