@@ -231,3 +231,17 @@ def test_parity_counts_a_flipped_near_tie_within_the_tolerance_but_not_a_real_fl
     assert result.near_ties == 1 and result.judged_agreement == pytest.approx(63 / 64) and not result.passed
     int8 = compare_outputs(reference, candidate, atol=None, min_top1_agreement=0.99)  # no tolerance, no ties
     assert int8.near_ties == 0 and not int8.passed
+
+
+def test_a_failed_runtime_parity_check_names_the_split_its_images_came_from(tmp_path):
+    from dms_lightning.export.parity import ParityError, check_runtime_parity, torch_outputs
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    images = torch.randn(5, 1, 2, 2)
+
+    def wrong_runtime(path, inputs):
+        return -torch_outputs(model, inputs)
+
+    with pytest.raises(ParityError, match="on 5 test images"):
+        check_runtime_parity(model, wrong_runtime, tmp_path / "m.bin", images, atol=1e-4, min_top1_agreement=0.99,
+                             runtime="fake", label="export", split="test")

@@ -92,14 +92,11 @@ def test_cache_stops_storing_at_max_entries_and_still_answers():
 
 def test_augment_views_work_in_a_run_that_never_seeded_torch():
     """Plain user code without seed_everything: torch's initial seed is any 64-bit number."""
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(2**64 - 1)  # what torch.seed() may draw
         datamodule = DMSDataModule(**DATA, augment_views=2)
         datamodule.setup("fit")
         images, labels = next(iter(datamodule.train_dataloader()))
-    finally:
-        torch.random.set_rng_state(state)
     assert images.shape == (16, 1, 48, 48) and labels.shape == (16,)
 
 

@@ -88,16 +88,18 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, *, atol: float
 
 def check_runtime_parity(model: nn.Module, run, path: str | Path, inputs: torch.Tensor | np.ndarray, *,
                          atol: float | None, min_top1_agreement: float, runtime: str, label: str,
-                         raise_on_failure: bool = True) -> tuple[ParityResult, np.ndarray, np.ndarray]:
+                         raise_on_failure: bool = True, split: str = "val"
+                         ) -> tuple[ParityResult, np.ndarray, np.ndarray]:
     """Compare ``run(path, inputs)`` (a runtime executing the written file) with the PyTorch ``model``.
 
     Returns ``(result, pytorch_logits, runtime_logits)``; raises :class:`ParityError` naming ``label``
-    when over tolerance and ``raise_on_failure``.
+    when over tolerance and ``raise_on_failure``. ``split`` names the split ``inputs`` came from.
     """
     inputs = np.asarray(inputs.detach().cpu() if isinstance(inputs, torch.Tensor) else inputs, dtype=np.float32)
     reference = torch_outputs(model, inputs)
     candidate = run(path, inputs)
     result = compare_outputs(reference, candidate, atol=atol, min_top1_agreement=min_top1_agreement, runtime=runtime)
+    result.split = split
     if raise_on_failure and not result.passed:
         raise ParityError(f"{label} {Path(path).name}: parity check failed: {result.describe()}")
     return result, reference, candidate

@@ -305,11 +305,12 @@ def tflite_latency(path: str | Path, image: np.ndarray, runs: int = 100, warmup:
 
 
 def check_tflite_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor | np.ndarray, *,
-                        atol: float | None, min_top1_agreement: float, raise_on_failure: bool = True
-                        ) -> tuple[ParityResult, np.ndarray, np.ndarray]:
-    """Compare the .tflite file (LiteRT interpreter) with the PyTorch ``model`` on NCHW ``inputs``."""
+                        atol: float | None, min_top1_agreement: float, raise_on_failure: bool = True,
+                        split: str = "val") -> tuple[ParityResult, np.ndarray, np.ndarray]:
+    """Compare the .tflite file (LiteRT interpreter) with the PyTorch ``model`` on NCHW ``inputs`` of ``split``."""
     return check_runtime_parity(model, tflite_outputs, path, inputs, atol=atol, min_top1_agreement=min_top1_agreement,
-                                runtime="litert", label="TFLite export", raise_on_failure=raise_on_failure)
+                                runtime="litert", label="TFLite export", raise_on_failure=raise_on_failure,
+                                split=split)
 
 
 def _float_network(model: nn.Module) -> nn.Module:
@@ -469,12 +470,11 @@ class TFLiteExport(FitEndExporter):
                                         float_file=float_file if precision == "fp16" else None)
                     result, _, _ = check_tflite_parity(network, tmp, images, atol=atol,
                                                        min_top1_agreement=self.min_top1_agreement,
-                                                       raise_on_failure=False)
+                                                       raise_on_failure=False, split=self.parity_split)
                     _raise_unless_passed(result, variant)
             if self.latency_runs:
                 record["latency_ms_p50"], record["latency_ms_p99"] = tflite_latency(path, images[:1].numpy(),
                                                                                     self.latency_runs)
-            result.split = self.parity_split
             update_manifest(directory, [{**file_record(path, directory), **record, "parity": result.to_dict(),
                                          "metadata": read_tflite_metadata(path)}], run=export_run(trainer))
             rank_zero_info(f"[dms_lightning] TFLiteExport: {variant}: {result.describe()}")
@@ -494,7 +494,8 @@ class TFLiteExport(FitEndExporter):
                                           metadata=onnx_metadata(info, variant=variant, precision="int8",
                                                                  source=origin))
             result, _, _ = check_tflite_parity(network, tmp, images, atol=None,
-                                               min_top1_agreement=self.int8_min_top1_agreement, raise_on_failure=False)
+                                               min_top1_agreement=self.int8_min_top1_agreement, raise_on_failure=False,
+                                               split=self.parity_split)
             result.reference = "pytorch fake-quant"
             _raise_unless_passed(result, variant)
             scales = _scales_against_encodings(network, images[:1], tmp, form.exceptions)
