@@ -10,7 +10,9 @@ quantized as for an NPU, signed int8 activations, depthwise convs left in float,
 latency, 1 intra-op thread, sessions interleaved round by round, and the ratio to FP32 in the same run. The
 profile's choices are judged by these ratios on the CPU named in the table (AVX2 and AVX-512 VNNI machines
 differ most on signed activations). A model named ``backbone:relu`` is that backbone with ``activation="relu"``
-(hard-swish replaced by ReLU, :func:`dms_lightning.models.backbones.use_relu`). Writes ``benchmarks/results/cpu_targets.md`` and ``.json``.
+(hard-swish replaced by ReLU, :func:`dms_lightning.models.backbones.use_relu`). A second table times a MobileNet
+stem alone (3×3 over 1, 3, 8 and 16 channels) with its first conv integer or float, what the ``cpu_x86`` profile's
+``min_integer_reduction`` rests on. Writes ``benchmarks/results/cpu_targets.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,40 @@ def variants() -> dict[str, object]:
         "cpu_x86 but int8 (signed) activations": x86.config(symmetric_activations=True),
         "cpu_x86 but depthwise convs in float": x86.config(quantize_depthwise=False),
         "cpu_x86 with 7-bit weights (reduce_range)": x86.config(weight_bits=7),
+        "cpu_x86 but the image stem quantized too (min_integer_reduction=0)": x86.config(min_integer_reduction=0),
+        "cpu_x86 but a 7×7 stem in float too (min_integer_reduction=64)": x86.config(min_integer_reduction=64),
     }
+
+
+def stem_network(channels: int, kernel: int) -> torch.nn.Module:
+    """A MobileNet stem: a stride-2 conv from the image, then a depthwise and a pointwise conv."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(channels, 16, kernel, 2, kernel // 2), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 1)).eval()
+
+
+STEMS = ((1, 3), (3, 3), (8, 3), (16, 3))  # (image channels, kernel)
+
+
+def stem_rows(work: Path, image_size: int, rounds: int, runs: int) -> list[dict]:
+    """Latency of the stem block: all-float, all-integer, and integer with the first conv in float."""
+    x86 = target_profile("cpu_x86")
+    rows = []
+    for channels, kernel in STEMS:
+        network, example = stem_network(channels, kernel), torch.zeros(1, channels, image_size, image_size)
+        calibration = [torch.randn(8, channels, image_size, image_size)]
+        paths = {"FP32": export_onnx(network, example, work / f"stem{channels}k{kernel}_fp32.onnx")}
+        for name, keep in (("INT8, first conv integer", 0), ("INT8, first conv float", channels * kernel ** 2 + 1)):
+            model = post_training_quantize(network, calibration, x86.config(min_integer_reduction=keep))
+            paths[name] = export_qdq_onnx(model, example, work / f"stem{channels}k{kernel}_{keep}.onnx")
+        p50 = latencies(paths, rounds, runs, image_size, channels=channels)
+        rows += [{"channels": channels, "kernel": kernel, "reduction": channels * kernel ** 2, "variant": name,
+                  "p50_us": value * 1e3, "ratio": value / p50["FP32"]} for name, value in p50.items()]
+        print(f"stem {channels} ch {kernel}x{kernel}: "
+              + ", ".join(f"{n} {v * 1e3:.1f} us" for n, v in p50.items()), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -81,6 +116,7 @@ def main() -> None:
         for name, value in p50.items():
             rows.append({"model": backbone, "variant": name, "p50_ms": value, "ratio": value / p50["FP32"]})
             print(f"{backbone:20s} {name:58s} {value:7.3f} ms  {value / p50['FP32']:.2f}x FP32", flush=True)
+    stems = stem_rows(work, args.image_size, args.rounds, args.runs)
     info = {"machine": machine_info(), "image_size": args.image_size, "rounds": args.rounds, "runs": args.runs,
             "wall_minutes": (time.time() - started) / 60}
     if args.quick:
@@ -92,8 +128,16 @@ def main() -> None:
              f"faster). Wall time {info['wall_minutes']:.1f} min.\n",
              "| model | variant | p50 ms | × FP32 |", "|---|---|---:|---:|"]
     lines += [f"| {r['model']} | {r['variant']} | {r['p50_ms']:.3f} | {r['ratio']:.2f} |" for r in rows]
+    lines += ["", "## The image stem: integer or float first conv", "",
+              f"A MobileNet stem alone (stride-2 conv from the image, BatchNorm, ReLU, depthwise 3×3, pointwise "
+              f"1×1; 16 channels), {args.image_size} px, batch 1, same rounds. Reduction: the length of the first conv's dot "
+              "products (image channels × kernel area). `cpu_x86` keeps spatial convs reducing over fewer than "
+              f"{target_profile('cpu_x86').min_integer_reduction} values in float (`min_integer_reduction`).", "",
+              "| image channels | kernel | reduction | variant | p50 µs | × FP32 |", "|---:|---:|---:|---|---:|---:|"]
+    lines += [f"| {r['channels']} | {r['kernel']}×{r['kernel']} | {r['reduction']} | {r['variant']} | "
+              f"{r['p50_us']:.1f} | {r['ratio']:.2f} |" for r in stems]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "cpu_targets.json", {"info": info, "rows": rows})
+    write_json_atomic(RESULTS / "cpu_targets.json", {"info": info, "rows": rows, "stem_rows": stems})
     write_text_atomic(RESULTS / "cpu_targets.md", "\n".join(lines) + "\n")
     print(f"wrote {RESULTS / 'cpu_targets.md'}")
 

@@ -94,10 +94,10 @@ def trainer(root: Path, epochs: int, callbacks=(), limit_train_batches=None) -> 
                      num_sanity_val_steps=0, callbacks=list(callbacks), limit_train_batches=limit_train_batches)
 
 
-def latencies(paths: dict[str, Path], rounds: int, runs: int, image_size: int) -> dict[str, float]:
+def latencies(paths: dict[str, Path], rounds: int, runs: int, image_size: int, channels: int = 1) -> dict[str, float]:
     """Median batch-1 latency (ms) of each model, sessions interleaved round by round."""
     sessions = {name: ort_session(path, threads=THREADS) for name, path in paths.items()}
-    x = np.random.default_rng(0).standard_normal((1, 1, image_size, image_size)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1, channels, image_size, image_size)).astype(np.float32)
     for session in sessions.values():
         for _ in range(20):
             session.run(None, {"input": x})

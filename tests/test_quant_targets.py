@@ -30,6 +30,26 @@ def test_each_target_picks_its_placement_and_activation_grid():
     assert PostTrainingQuantization(target="cpu_x86", reduce_range=True).config.weight.bits == 7
 
 
+def test_the_x86_target_keeps_a_shallow_image_stem_in_float():
+    from dms_lightning.quant.prepare import QuantizationConfig, quantizable_layers
+
+    def network(channels, kernel=3):
+        return nn.Sequential(nn.Conv2d(channels, 16, kernel), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16),
+                             nn.Conv2d(16, 8, 1))
+
+    x86 = QuantizationAwareTraining(target="cpu_x86").config
+    assert x86.min_integer_reduction == 32
+    # 3x3 stems of grayscale and RGB images (dot products of 9 and 27 values) stay float; a 3x3 conv over 8
+    # channels (72), a 7x7 grayscale stem (49, ResNet's) and the depthwise conv (1 channel per group) do not
+    assert quantizable_layers(network(1), x86) == quantizable_layers(network(3), x86) == ["2", "3"]
+    assert quantizable_layers(network(8), x86) == quantizable_layers(network(1, 7), x86) == ["0", "2", "3"]
+    assert QuantizationAwareTraining(target="htp").config.min_integer_reduction == 0
+    assert QuantizationAwareTraining(target="cpu_x86", min_integer_reduction=0).config.min_integer_reduction == 0
+    assert QuantizationConfig.from_dict(x86.to_dict()) == x86  # what a checkpoint records rebuilds the same
+    with pytest.raises(ValueError, match=r"min_integer_reduction=-1 must be an integer >= 0"):
+        QuantizationConfig(min_integer_reduction=-1)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(target="cpu_x86", activation_bits=16), r"activation_bits=16 is not run by target='cpu_x86'.*\[8\]"),
     (dict(target="cpu_x86", weight_bits=4), r"weight_bits=4 is not run by target='cpu_x86'.*\[7, 8\]"),
@@ -115,10 +135,13 @@ def test_a_relu_student_runs_its_activations_inside_the_integer_convolutions(tmp
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(tmp_path / f"{activation}_ort.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-        assert ops.count("QLinearConv") == 52
+        graph = onnx.load(options.optimized_model_filepath).graph
+        ops = [n.op_type for n in graph.node]
+        # the grayscale 3x3 stem stays a float conv reading the image (min_integer_reduction), the rest is integer
+        assert ops.count("QLinearConv") == 51 and (graph.node[0].op_type, graph.node[0].input[0]) == ("Conv", "input")
         float_ops[activation] = {op: ops.count(op) for op in ("DequantizeLinear", "HardSigmoid", "Mul")}
-    # Hard-swish: 18 float islands (DQ, HardSigmoid, Mul, Q) beside the 9 squeeze-excitation gates.
-    assert float_ops["default"] == {"DequantizeLinear": 28, "HardSigmoid": 27, "Mul": 18}
+    # Hard-swish: 17 float islands (DQ, HardSigmoid, Mul, Q) beside the 9 squeeze-excitation gates, and the
+    # float stem's own hard-swish (HardSigmoid, Mul before its Q).
+    assert float_ops["default"] == {"DequantizeLinear": 27, "HardSigmoid": 27, "Mul": 18}
     # ReLU: only the 9 gates are left in float.
     assert float_ops["relu"] == {"DequantizeLinear": 10, "HardSigmoid": 9, "Mul": 0}

@@ -287,6 +287,26 @@ def test_every_tensor_placement_quantizes_what_full_integer_runtimes_keep_in_int
         assert model.eval()(images).shape == (4, 5)
 
 
+def test_every_tensor_leaves_a_float_layer_whole():
+    """A conv kept in float runs with its BatchNorm and activation as one float kernel: no Q/DQ inside it."""
+    from dms_lightning.quant.fake_quant import FakeQuantizer
+    from dms_lightning.quant.prepare import QuantizationConfig, prepare_qat
+
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    qat = prepare_qat(net, QuantizationConfig(placement="every_tensor", exclude=("0",)))
+    read = {str(n.args[0]) for n in qat.graph.nodes if n.op == "call_module"
+            and isinstance(qat.get_submodule(str(n.target)), FakeQuantizer)}
+    # the image (read only by the float conv), the float conv's output and its BatchNorm's stay float; the
+    # float layer's activation output feeds an integer conv and carries a grid
+    assert {"input_1", "_0", "_1"}.isdisjoint(read) and "_2" in read
+    assert type(qat.get_submodule("1")) is nn.BatchNorm2d  # not folded: the conv is not quantized
+    everything = prepare_qat(net, QuantizationConfig(placement="every_tensor"))
+    assert "input_1" in {str(n.args[0]) for n in everything.graph.nodes if n.op == "call_module"
+                         and isinstance(everything.get_submodule(str(n.target)), FakeQuantizer)}
+
+
 def test_placement_is_checked_and_kept_in_the_config_record():
     from dms_lightning.quant.prepare import QuantizationConfig
 

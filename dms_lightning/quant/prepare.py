@@ -44,6 +44,9 @@ _PRESERVED_KEY = "_user_preserved_attributes"
 ACTIVATION_QUANTIZERS = "activation_quantizers"
 
 _FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, ChannelClamp)
+# Elementwise activations a runtime runs fused with a float conv (ONNX Runtime's FusedConv / NCHWc kernels).
+_FLOAT_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, ChannelClamp, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid,
+                            nn.Tanh, nn.LeakyReLU, nn.GELU)
 _FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 _RANGE_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 _RANGE_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, torch.reshape)
@@ -71,6 +74,12 @@ class QuantizationConfig:
             layer's weights at 8 bits and quantizes its input and output activations to 16 bits (what Hexagon
             HTP runs); a tensor shared with a neighbouring 8-bit layer takes the wider grid. ``float`` keeps the
             layer unquantized, like ``exclude``.
+        min_integer_reduction: spatial convs (kernel larger than 1x1) without groups whose dot products are
+            shorter than this (``in_channels x kernel height x kernel width``) stay in float; 0: every conv is
+            quantized. A 3x3 image stem reduces over 9 (grayscale / IR camera) or 27 (RGB) values, too few for
+            integer GEMM kernels: ONNX Runtime's ``QLinearConv`` ran such a stem about 2x slower than the float
+            conv, while a 3x3 conv over 8 channels (72) and ResNet-18's 7x7 stem (49) were faster in integer
+            (``benchmarks/results/cpu_targets.md``). The ``cpu_x86`` target sets 32.
         placement: which activations carry a quantizer. ``"fused"`` (default): the tensors an integer runtime
             that fuses a layer with its ReLU keeps in int8 (see the module docstring; ONNX Runtime, and the
             Qualcomm bundle's encodings, whose SDK quantizes the rest itself). ``"every_tensor"``: also every
@@ -92,10 +101,15 @@ class QuantizationConfig:
     include: tuple[str, ...] = field(default_factory=tuple)
     precision: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     placement: str = "fused"
+    min_integer_reduction: int = 0
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement={self.placement!r} must be one of {list(PLACEMENTS)}")
+        if isinstance(self.min_integer_reduction, bool) or not isinstance(self.min_integer_reduction, int) or \
+                self.min_integer_reduction < 0:
+            raise ValueError(f"min_integer_reduction={self.min_integer_reduction!r} must be an integer >= 0 (0: every "
+                             "conv is quantized)")
         pairs = tuple(self.precision.items()) if isinstance(self.precision, Mapping) else tuple(
             tuple(pair) for pair in self.precision)
         for pair in pairs:
@@ -119,7 +133,8 @@ class QuantizationConfig:
                    quantize_depthwise=data.get("quantize_depthwise", True),
                    quantize_linear=data.get("quantize_linear", True), exclude=tuple(data.get("exclude", ())),
                    include=tuple(data.get("include", ())), precision=data.get("precision", {}),
-                   placement=data.get("placement", "fused"))
+                   placement=data.get("placement", "fused"),
+                   min_integer_reduction=data.get("min_integer_reduction", 0))
 
     def layer_bits(self, name: str) -> tuple[int, int] | None:
         """``(weight bits, activation bits)`` of layer ``name`` (its override, else the defaults); ``None``: float."""
@@ -144,6 +159,9 @@ class QuantizationConfig:
         if self.include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.include):
             return False
         if isinstance(module, nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            if module.groups == 1 and kernel > 1 and module.in_channels * kernel < self.min_integer_reduction:
+                return False
             depthwise = module.groups > 1 and module.groups == module.in_channels
             return self.quantize_depthwise or not depthwise
         return isinstance(module, nn.Linear) and self.quantize_linear
@@ -375,9 +393,10 @@ def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], 
                 add(fused_output(node, modules), max(points[a] for a in inputs))
 
     if config.placement == "every_tensor":
+        inside_float = _inside_float_layers(gm, modules)
         for node in gm.graph.nodes:
             if node in points or not node.users or not _may_be_tensor(node) or \
-                    fused_output(node, modules) is not node:
+                    fused_output(node, modules) is not node or node in inside_float:
                 continue  # a layer's output its fused ReLU passes on: the ReLU's output carries the quantizer
             add(node, config.activation.bits)
 
@@ -402,6 +421,37 @@ def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], 
         with gm.graph.inserting_after(anchor):
             quantize = gm.graph.call_module(f"{ACTIVATION_QUANTIZERS}.{name}", (node,))
         node.replace_all_uses_with(quantize, delete_user_cb=lambda user, q=quantize: user is not q)
+
+
+def _inside_float_layers(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """Tensors ``every_tensor`` leaves in float because no integer op touches them.
+
+    A conv / linear layer kept in float (excluded, or promoted to ``float``) runs with its BatchNorm and
+    activation as one float kernel, so the conv output and the BatchNorm output it feeds are internal to it;
+    a quantizer there would put a Q/DQ pair between conv and BatchNorm and quantize a tensor that no runtime
+    materializes. Likewise a tensor read only by float layers (the image, when the first conv stays in float)
+    needs no grid.
+    """
+    def float_layer(node: fx.Node) -> bool:
+        return _is_module(node, modules, (nn.Conv2d, nn.Linear)) and not _is_module(node, modules, QUANTIZED_LAYERS)
+
+    def only_user(node: fx.Node, types: tuple[type, ...]) -> fx.Node | None:
+        users = list(node.users)
+        return users[0] if len(users) == 1 and _is_module(users[0], modules, types) else None
+
+    inside: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if float_layer(node):
+            tail = node
+            bn = only_user(node, (nn.BatchNorm2d, nn.BatchNorm1d))
+            if bn is not None:
+                inside.add(tail)
+                tail = bn
+            if only_user(tail, _FLOAT_FUSED_ACTIVATIONS) is not None:
+                inside.add(tail)
+        elif node.users and all(float_layer(user) for user in node.users):
+            inside.add(node)
+    return inside
 
 
 def _order_like(new: nn.Module, old: nn.Module) -> None:

@@ -165,6 +165,9 @@ class PostTrainingQuantization(Callback):
             profile picks placement, activation signedness and weight grid where those arguments are ``None``,
             refuses precisions it has no kernels for (``promote_to="w8a16"`` on a CPU), and its reasons go into
             the log and the report.
+        min_integer_reduction: spatial convs without groups whose dot products are shorter than this
+            (``in_channels x kernel area``: 9 for a grayscale 3x3 stem) stay in float; default 0 (none), or the
+            target's (``cpu_x86``: 32, where such an integer conv is slower than the float one).
 
     Example:
         >>> from dms_lightning.callbacks import PostTrainingQuantization
@@ -209,6 +212,7 @@ class PostTrainingQuantization(Callback):
         adaround: bool = False,
         adaround_iterations: int = 1000,
         target: str | None = None,
+        min_integer_reduction: int | None = None,
     ) -> None:
         super().__init__()
         if mode == "dynamic":
@@ -242,7 +246,8 @@ class PostTrainingQuantization(Callback):
             raise ValueError(f"min_agreement={min_agreement!r} must be in [0, 1]")
         self.config, self.target = resolve_target_config(
             target, weight_bits=7 if reduce_range else weight_bits, activation_bits=None,
-            symmetric_activations=symmetric_activations, placement=placement, per_channel_weights=per_channel,
+            symmetric_activations=symmetric_activations, placement=placement,
+            min_integer_reduction=min_integer_reduction, per_channel_weights=per_channel,
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear,
             exclude=_patterns("exclude", exclude), include=_patterns("include", include),
             precision=dict(precision or {}))

@@ -93,6 +93,9 @@ class QuantizationAwareTraining(Callback):
             signedness and weight grid where those arguments are left ``None``, refuses precisions it has no
             kernels for, warns about layers whose channel count it pads, and its reasons go into the log and
             the report (:mod:`dms_lightning.quant.targets`). ``None``: the defaults above.
+        min_integer_reduction: spatial convs without groups whose dot products are shorter than this
+            (``in_channels x kernel area``: 9 for a grayscale 3x3 stem) stay in float; default 0 (none), or the
+            target's (``cpu_x86``: 32, where such an integer conv is slower than the float one).
 
     Example:
         >>> from dms_lightning.callbacks import QuantizationAwareTraining
@@ -126,6 +129,7 @@ class QuantizationAwareTraining(Callback):
         precision: dict[str, str] | None = None,
         placement: str | None = None,
         target: str | None = None,
+        min_integer_reduction: int | None = None,
     ) -> None:
         super().__init__()
         check_int("start_epoch", start_epoch, minimum=0)
@@ -142,7 +146,8 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"opset={opset!r} must be >= 13 (per-channel QuantizeLinear)")
         self.config, self.target = resolve_target_config(
             target, weight_bits=weight_bits, activation_bits=activation_bits,
-            symmetric_activations=symmetric_activations, placement=placement, per_channel_weights=per_channel_weights,
+            symmetric_activations=symmetric_activations, placement=placement,
+            min_integer_reduction=min_integer_reduction, per_channel_weights=per_channel_weights,
             quantize_depthwise=quantize_depthwise, quantize_linear=quantize_linear, exclude=tuple(exclude),
             include=tuple(include), precision=dict(precision or {}))
         self.start_epoch = start_epoch

@@ -42,6 +42,9 @@ class TargetProfile:
         activation_bits: activation bit widths the device has integer kernels for.
         weight_bits_supported: weight bit widths it runs.
         channel_alignment: channel count the device tiles tensors by (other counts are padded).
+        min_integer_reduction: spatial convs without groups whose dot products are shorter than this
+            (``in_channels x kernel height x kernel width``) stay in float
+            (:class:`~dms_lightning.quant.QuantizationConfig`); 0: every conv is quantized.
         reasons: ``{choice: why}``, written into the log and the report.
     """
 
@@ -54,6 +57,7 @@ class TargetProfile:
     activation_bits: tuple[int, ...]
     weight_bits_supported: tuple[int, ...]
     channel_alignment: int
+    min_integer_reduction: int = 0
     reasons: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,7 +74,8 @@ class TargetProfile:
 
     def config(self, *, weight_bits: int | None = None, activation_bits: int | None = None,
                symmetric_activations: bool | None = None, placement: str | None = None,
-               per_channel_weights: bool | None = None, **rest) -> QuantizationConfig:
+               per_channel_weights: bool | None = None, min_integer_reduction: int | None = None,
+               **rest) -> QuantizationConfig:
         """The :class:`~dms_lightning.quant.QuantizationConfig` for this device; ``None`` takes the profile's choice.
 
         ``rest`` (``quantize_depthwise``, ``exclude``, ``include``, ``precision``, ...) passes through. Raises
@@ -83,7 +88,10 @@ class TargetProfile:
                                if per_channel_weights is None else per_channel_weights),
             activation=activation_spec(activation_bits, self.symmetric_activations if symmetric_activations is None
                                        else symmetric_activations),
-            placement=self.placement if placement is None else placement, **rest)
+            placement=self.placement if placement is None else placement,
+            min_integer_reduction=(self.min_integer_reduction if min_integer_reduction is None
+                                   else min_integer_reduction),
+            **rest)
         self.check(config)
         return config
 
@@ -123,6 +131,8 @@ class TargetProfile:
                    f"({'/'.join(map(str, self.activation_bits))} bits), int{self.weight_bits} "
                    f"{'per-channel' if self.per_channel_weights else 'per-tensor'} weights, channels in multiples "
                    f"of {self.channel_alignment}")
+        if self.min_integer_reduction:
+            choices += f", convs reducing over < {self.min_integer_reduction} values in float"
         return choices + "".join(f"; {key}: {why}" for key, why in self.reasons.items())
 
 
@@ -167,7 +177,7 @@ register_target(TargetProfile(
 register_target(TargetProfile(
     name="cpu_x86", device="x86-64 CPU, ONNX Runtime (MLAS)", placement="every_tensor",
     symmetric_activations=False, weight_bits=8, per_channel_weights=True, activation_bits=(8,),
-    weight_bits_supported=(7, 8), channel_alignment=8,
+    weight_bits_supported=(7, 8), channel_alignment=8, min_integer_reduction=32,
     reasons={
         "placement": "every tensor between two ops: ONNX Runtime then also runs the squeeze-excitation multiply, "
                      "the global pooling and the residual adds as integer ops (QLinearMul, "
@@ -181,6 +191,12 @@ register_target(TargetProfile(
                    "u8 x s8 pair sums from saturating int16",
         "activation_bits": "no 16-bit integer kernels: 16-bit Q/DQ pairs would run in float",
         "channel_alignment": "float and integer convs block channels by 8 (AVX2) or 16 (AVX-512)",
+        "min_integer_reduction": "a 3x3 image stem (1 or 3 input channels: dot products of 9 or 27 values) stays "
+                                 "in float: QLinearConv's GEMM is too shallow there and ran a grayscale stem at 96 px "
+                                 "about 2x slower than the float conv, the largest single cost of MobileNetV3-small's "
+                                 "INT8 graph (INT8 1.17x -> 1.01x FP32); a 3x3 conv over 8 channels (72) and "
+                                 "ResNet-18's 7x7 grayscale stem (49) are faster in integer (ResNet-18 INT8 0.22x FP32, "
+                                 "0.31x with that stem in float): benchmarks/results/cpu_targets.md",
         "latency": "a small MobileNet at low resolution can run slower in INT8 than in FP32 on such a CPU (Q/DQ "
                    "around float ops, NHWC transposes); the report measures both. MobileNetV3's hard-swish has no "
                    "integer kernel: a backbone built with activation='relu' runs it inside the integer convs "
@@ -203,10 +219,12 @@ register_target(TargetProfile(
 
 def resolve_target_config(target: str | None, *, weight_bits: int | None, activation_bits: int | None,
                           symmetric_activations: bool | None, placement: str | None,
+                          min_integer_reduction: int | None = None,
                           **rest) -> tuple[QuantizationConfig, TargetProfile | None]:
     """The callbacks' config: the profile's choices where an argument is ``None`` (no target: the old defaults)."""
     if target is None:
         config = QuantizationConfig(
+            min_integer_reduction=0 if min_integer_reduction is None else min_integer_reduction,
             weight=weight_spec(8 if weight_bits is None else weight_bits, symmetric=True,
                                per_channel=rest.pop("per_channel_weights", None) is not False),
             activation=activation_spec(8 if activation_bits is None else activation_bits,
@@ -215,7 +233,8 @@ def resolve_target_config(target: str | None, *, weight_bits: int | None, activa
         return config, None
     profile = target_profile(target)
     return profile.config(weight_bits=weight_bits, activation_bits=activation_bits,
-                          symmetric_activations=symmetric_activations, placement=placement, **rest), profile
+                          symmetric_activations=symmetric_activations, placement=placement,
+                          min_integer_reduction=min_integer_reduction, **rest), profile
 
 
 def target_info(profile: TargetProfile | None, padded: Mapping[str, int] | None = None) -> dict:
