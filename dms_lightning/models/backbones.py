@@ -200,8 +200,8 @@ def use_relu(model: nn.Module) -> int:
     NPUs): in an INT8 graph each one runs in float between a dequantize and a quantize, and on a small
     MobileNetV3 at low resolution those round trips make the INT8 model slower than the FP32 one, whose
     convolutions fuse the activation. With ReLU the activation folds into the integer convolution's output
-    range. Measured on MobileNetV3-small, 96 px, ONNX Runtime, 1 thread (AVX-512 VNNI CPU): INT8 1.19x the FP32
-    latency with hard-swish, 0.91x with ReLU (``benchmarks/results/cpu_targets.md``). Google's
+    range. Measured on MobileNetV3-small, 96 px, ONNX Runtime, 1 thread (AVX-512 VNNI CPU): INT8 1.02x the FP32
+    latency with hard-swish, 0.81x with ReLU (the cpu_x86 target, ``benchmarks/results/cpu_targets.md``). Google's
     MobileNetV3-minimalistic and EfficientNet-Lite make the same change for edge accelerators.
     """
     count = 0

@@ -44,7 +44,8 @@ _PRESERVED_KEY = "_user_preserved_attributes"
 ACTIVATION_QUANTIZERS = "activation_quantizers"
 
 _FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, ChannelClamp)
-# Elementwise activations a runtime runs fused with a float conv (ONNX Runtime's FusedConv / NCHWc kernels).
+# Elementwise activations that run in float right after a float conv / BatchNorm (ONNX Runtime fuses ReLU, Clip,
+# HardSigmoid into its float conv; the others run beside it): no integer op reads the tensor between them.
 _FLOAT_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, ChannelClamp, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid,
                             nn.Tanh, nn.LeakyReLU, nn.GELU)
 _FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6)

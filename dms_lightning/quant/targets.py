@@ -200,7 +200,7 @@ register_target(TargetProfile(
         "latency": "a small MobileNet at low resolution can run slower in INT8 than in FP32 on such a CPU (Q/DQ "
                    "around float ops, NHWC transposes); the report measures both. MobileNetV3's hard-swish has no "
                    "integer kernel: a backbone built with activation='relu' runs it inside the integer convs "
-                   "(MobileNetV3-small INT8 1.19x -> 0.91x FP32 latency, benchmarks/results/cpu_targets.md)",
+                   "(MobileNetV3-small INT8 1.02x -> 0.81x FP32 latency, benchmarks/results/cpu_targets.md)",
     }))
 register_target(TargetProfile(
     name="cpu_arm", device="Arm CPU (NEON / dot-product), ONNX Runtime or XNNPACK", placement="every_tensor",
