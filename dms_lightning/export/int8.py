@@ -103,9 +103,9 @@ def export_int8(model: nn.Module, example_input: torch.Tensor, path: str | Path,
                                 runtime="onnxruntime (fused INT8 kernels)")
         if not fused.passed:
             rank_zero_warn(f"[dms_lightning] {label}: the graph matches PyTorch, but ONNX Runtime's fused INT8 kernels "
-                           f"on this CPU do not: {fused.describe()}. On x86 CPUs without VNNI the u8s8 kernels can "
-                           "saturate (ONNX Runtime recommends reduce_range or symmetric activations); an NPU runs "
-                           "the graph's semantics")
+                           f"on this CPU do not: {fused.describe()}. The fused kernels requantize in fixed point where the "
+                           "graph rounds in float (and on x86 CPUs without VNNI they run with exact integer "
+                           "products, session.x64quantprecision); an NPU runs the graph's semantics")
         stripped = strip_qdq(proto)
     write_encodings(stripped.encodings, encodings_path, encodings_version)
     return Int8Export(path, encodings_path, result, fused, stripped, reference, candidate)

@@ -8,6 +8,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dms_lightning.utils.cpu import cpu_flags
+
 # CPU features that decide ONNX Runtime's INT8 speed (VNNI dot products) and FP32 kernels.
 _INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 
@@ -22,14 +24,8 @@ def _cpu_model() -> str:
 
 
 def _cpu_flags() -> list[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return []
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        if line.lower().startswith(("flags", "features")):
-            present = set(line.split(":", 1)[1].split())
-            return [flag for flag in _INTERESTING_FLAGS if flag in present]
-    return []
+    present = cpu_flags()
+    return [flag for flag in _INTERESTING_FLAGS if flag in present]
 
 
 def _physical_cores() -> int | None:

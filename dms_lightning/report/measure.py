@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from dms_lightning.export.runtimes import EXACT_INT8_PRODUCTS, exact_int8_products_needed, ort_session_options
 from dms_lightning.report.graph import count_onnx_macs, count_parameters, detect_precision, quantized_weight_fraction
 from dms_lightning.report.machine import machine_info
 from dms_lightning.utils.artifacts import Variant
@@ -198,18 +199,14 @@ def open_session(path: str | Path, threads: int = 1, fuse_qdq: bool = True):
     """An ONNX Runtime CPU session with a fixed intra-op thread count and full graph optimization.
 
     ``fuse_qdq=False`` runs Q/DQ pairs as float ops: the QDQ graph's exact semantics instead of ORT's fused
-    integer kernels.
+    integer kernels. On an x86 CPU without VNNI an INT8 model with 8-bit weights runs with exact integer
+    products (:func:`~dms_lightning.export.runtimes.ort_session`, ``exact_int8``): the report measures the
+    arithmetic the model is meant to have, at the speed that arithmetic costs there.
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if not fuse_qdq:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
+    options = ort_session_options(path, threads, fuse_qdq)
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -513,6 +510,11 @@ def measure_onnx(
 
     if row.info.get("target_summary"):
         row.notes.append(f"quantized for {row.info['target_summary']}")
+    if qdq and exact_int8_products_needed(path):
+        row.info["exact_int8_products"] = True
+        row.notes.append(f"run with exact integer products ({EXACT_INT8_PRODUCTS}=1): this x86 CPU has no VNNI, "
+                         "where ONNX Runtime's default uint8 x int8 kernels add pairs of products in saturating int16 "
+                         "and the model would compute something else; set the same option to deploy on such a CPU")
     if dataloader is not None:
         result = evaluate_onnx(runner, dataloader, settings.max_test_batches)
         row.accuracy, row.macro_f1, row.test_samples = result["accuracy"], result["macro_f1"], result["samples"]
@@ -520,8 +522,8 @@ def measure_onnx(
         row.per_class = per_class_metrics(result["confusion_matrix"], names)
         row.class_names = list(row.per_class)
         if qdq:
-            # ORT's fused x86 integer kernels (u8s8, int16 intermediate sums without VNNI) can differ from
-            # the graph's arithmetic; the QDQ graph itself is what an NPU converter reads.
+            # ORT's fused integer kernels round differently from the graph's float Q/DQ arithmetic; the QDQ
+            # graph itself is what an NPU converter reads.
             graph = evaluate_onnx(_Runner(path, settings.threads, fuse_qdq=False), dataloader, settings.max_test_batches)
             row.info["accuracy_qdq_graph"] = graph["accuracy"]
             row.notes.append(f"accuracy {100 * row.accuracy:.2f} % with ONNX Runtime's fused CPU integer kernels; "
