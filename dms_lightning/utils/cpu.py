@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -21,15 +22,16 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux); empty where they cannot be read."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux); empty where they cannot be read. Read once."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
-        return set()
+        return frozenset()
     for line in cpuinfo.read_text(errors="replace").splitlines():
         if line.lower().startswith(("flags", "features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def int8_pair_sums_saturate() -> bool:
