@@ -46,8 +46,8 @@ ACTIVATION_QUANTIZERS = "activation_quantizers"
 _FUSABLE_ACTIVATIONS = (nn.ReLU, nn.ReLU6, ChannelClamp)
 # Elementwise activations that run in float right after a float conv / BatchNorm (ONNX Runtime fuses ReLU, Clip,
 # HardSigmoid into its float conv; the others run beside it): no integer op reads the tensor between them.
-_FLOAT_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, ChannelClamp, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid,
-                            nn.Tanh, nn.LeakyReLU, nn.GELU)
+_FLOAT_FUSED_ACTIVATIONS = _FUSABLE_ACTIVATIONS + (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.Tanh,
+                                                   nn.LeakyReLU, nn.GELU)
 _FUSABLE_FUNCTIONS = (F.relu, torch.relu, F.relu6)
 _RANGE_PRESERVING_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 _RANGE_PRESERVING_FUNCTIONS = (torch.flatten, F.max_pool2d, torch.reshape)
