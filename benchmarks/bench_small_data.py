@@ -28,7 +28,6 @@ Needs ``pip install scikit-image`` for the real set (``--no-lfw`` skips it). Sav
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from dms_lightning import DMSClassifier, DMSDataModule, DistillationModule  # no
 from dms_lightning.export import export_onnx  # noqa: E402
 from dms_lightning.models.batchnorm import reestimate_batch_norm, statistics_loader  # noqa: E402
 from dms_lightning.report.measure import _Runner, evaluate_onnx, per_class_metrics  # noqa: E402
+from dms_lightning.report.machine import machine_info, machine_summary  # noqa: E402
 from dms_lightning.report.safety import DMS_SAFETY_CLASSES  # noqa: E402
 from dms_lightning.utils.io import write_text_atomic  # noqa: E402
 
@@ -62,6 +62,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--distill-epochs", type=int, default=None,
+                        help="epochs of the distilled student (default: --epochs)")
+    parser.add_argument("--mixing", default="none", choices=("none", "mixup", "cutmix"),
+                        help="DistillationModule(mixing=...): function matching on mixed images")
+    parser.add_argument("--skip-alone", action="store_true", help="leave out the student trained alone")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--val-size", type=int, default=100)
     parser.add_argument("--test-size", type=int, default=500)
@@ -119,7 +124,8 @@ def _int8(fp32: Path, datamodule: DMSDataModule, trainer: Trainer) -> dict:
     return _measure(int8, datamodule)
 
 
-def run_recipe(make_datamodule, epochs: int, seed: int, workdir: Path) -> dict[str, dict]:
+def run_recipe(make_datamodule, epochs: int, seed: int, workdir: Path, distill_epochs: int | None = None,
+               mixing: str = "none", alone: bool = True) -> dict[str, dict]:
     """Teacher, student alone, distilled (without / with BN re-estimation) and INT8 for one data set and seed."""
     results: dict[str, dict] = {}
     datamodule = make_datamodule()
@@ -134,15 +140,17 @@ def run_recipe(make_datamodule, epochs: int, seed: int, workdir: Path) -> dict[s
     trainer.save_checkpoint(checkpoint)
     results["teacher"] = _onnx_metrics(teacher.model, datamodule, workdir / "teacher.onnx")
 
-    seed_everything(seed, verbose=False)
-    alone = DMSClassifier(backbone="mobilenet_v3_small", **link)
-    _trainer(epochs, workdir / "alone").fit(alone, datamodule=datamodule)
-    results["alone"] = _onnx_metrics(alone.model, datamodule, workdir / "alone.onnx")
+    if alone:
+        seed_everything(seed, verbose=False)
+        alone = DMSClassifier(backbone="mobilenet_v3_small", **link)
+        _trainer(epochs, workdir / "alone").fit(alone, datamodule=datamodule)
+        results["alone"] = _onnx_metrics(alone.model, datamodule, workdir / "alone.onnx")
 
     seed_everything(seed, verbose=False)
-    student = DistillationModule(student="mobilenet_v3_small", teacher_checkpoint=str(checkpoint), **link)
+    student = DistillationModule(student="mobilenet_v3_small", teacher_checkpoint=str(checkpoint), mixing=mixing,
+                                 **link)
     student.bn_reestimation = False  # train once; training is the same with it, only the buffers differ
-    trainer = _trainer(epochs, workdir / "distilled")
+    trainer = _trainer(distill_epochs or epochs, workdir / "distilled")
     trainer.fit(student, datamodule=datamodule)
     results["distilled_no_bn"] = _onnx_metrics(student.model, datamodule, workdir / "distilled_no_bn.onnx")
     with torch.random.fork_rng(devices=[]):
@@ -170,6 +178,9 @@ def table(rows: list[tuple[str, list[dict], list[str]]]) -> str:
     for label, runs, classes in rows:
         cells = []
         for arm in ARMS:
+            if any(arm not in run for run in runs):
+                cells.append("–")
+                continue
             top1 = [run[arm]["accuracy"] for run in runs]
             worst = [_worst(run[arm]["per_class"], classes) for run in runs]
             cells.append(f"{_cell(top1)} / {_cell(worst)}")
@@ -188,8 +199,10 @@ def _job(kind: str, size: int, seed: int, args: dict, folder: str | None, workdi
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args["threads"])
     started = time.time()
-    result = run_recipe(lambda: _make_datamodule(kind, size, seed, args, folder), args["epochs"], seed, Path(workdir))
-    print(f"{kind} {size} seed {seed}: " + ", ".join(f"{a} {100 * result[a]['accuracy']:.1f}" for a in ARMS),
+    result = run_recipe(lambda: _make_datamodule(kind, size, seed, args, folder), args["epochs"], seed, Path(workdir),
+                        args["distill_epochs"], args["mixing"], not args["skip_alone"])
+    print(f"{kind} {size} seed {seed}: " + ", ".join(f"{a} {100 * result[a]['accuracy']:.1f}" for a in ARMS
+                                                     if a in result),
           f"({time.time() - started:.0f} s)", flush=True)
     return kind, size, seed, result
 
@@ -204,7 +217,8 @@ def main() -> None:
         args.sizes, args.seeds, args.epochs, args.lfw_seeds = [60], [0], 2, [0]
         args.val_size, args.test_size = 20, 40
     started = time.time()
-    settings = {k: getattr(args, k) for k in ("image_size", "val_size", "test_size", "epochs", "threads")}
+    settings = {k: getattr(args, k) for k in ("image_size", "val_size", "test_size", "epochs", "threads",
+                                              "distill_epochs", "mixing", "skip_alone")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         jobs = [("synthetic", size, seed, None) for size in args.sizes for seed in args.seeds]
@@ -225,9 +239,11 @@ def main() -> None:
     if lfw:
         rows.append((f"real: skimage lfw_subset faces, 150 ({len(lfw)} seeds)", lfw, ["face", "non_face"]))
     minutes = (time.time() - started) / 60
+    distilled = "" if args.distill_epochs is None else f" ({args.distill_epochs} for the distilled student)"
+    mixing = "" if args.mixing == "none" else f", `mixing: {args.mixing}`: function matching on mixed images"
     text = "\n".join([
         "# Small data: the default distillation recipe on a few hundred images\n",
-        f"`benchmarks/bench_small_data.py`: {args.epochs} epochs per model, {args.image_size} px, plain `Trainer`, "
+        f"`benchmarks/bench_small_data.py`: {args.epochs} epochs per model{distilled}, {args.image_size} px, plain `Trainer`, "
         "library defaults (AdamW lr 1e-3, batch size auto: 8 for 150 images, warm-up + cosine, BatchNorm momentum 0.1, "
         "the student's inverted residual blocks zero-initialised); ONNX Runtime top-1 "
         f"on the test split ({args.test_size} synthetic images; 40 lfw images). Each cell: top-1 % / worst "
@@ -235,10 +251,10 @@ def main() -> None:
         "mean ± std over seeds.\n",
         table(rows),
         "Teacher: ResNet-18 trained alone; student alone: MobileNetV3-small trained alone; distilled: "
-        "`DistillationModule` defaults (T = 4, α = 0.7) from that teacher; \"defaults\": the running BatchNorm "
+        f"`DistillationModule` defaults (T = 4, α = 0.7{mixing}) from that teacher; \"defaults\": the running BatchNorm "
         "statistics training left (the default); \"+ BN re-est.\": the same network with them re-estimated; INT8: "
         "the distilled student through ONNX Runtime static PTQ.\n",
-        f"Run: {minutes:.1f} min wall on {platform.processor() or platform.machine()} with {args.jobs} parallel "
+        f"Run: {minutes:.1f} min wall on {machine_summary(machine_info())} with {args.jobs} parallel "
         f"job(s) of {args.threads} intra-op thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.\n",
     ])
     print(text)

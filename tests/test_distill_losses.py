@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dms_lightning.distill import HintAdapter, attention_transfer_loss, distillation_loss, kd_loss
+from dms_lightning.distill.losses import MixedBatch, mix_batch
 from dms_lightning.distill.features import capture_outputs, parse_feature_pairs
 
 
@@ -104,3 +105,46 @@ def test_feature_pairs_accept_mappings_and_lists_with_default_weight():
     pairs = parse_feature_pairs("f", [{"student": "a", "teacher": "b"}, ["c", "d", 2]], default_weight=500.0)
 
     assert [(p.student, p.teacher, p.weight) for p in pairs] == [("a", "b", 500.0), ("c", "d", 2.0)]
+
+
+# ---------------------------------------------------------------------------------------------- function matching
+def test_mixup_blends_each_image_with_its_partner_by_the_drawn_share():
+    images = torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 1, 3, 3).contiguous()
+    generator = torch.Generator().manual_seed(3)
+
+    batch = mix_batch(images, "mixup", generator)
+
+    expected = batch.share * images + (1 - batch.share) * images[batch.partner]
+    assert torch.allclose(batch.images, expected)
+    assert sorted(batch.partner.tolist()) == [0, 1, 2, 3]  # a permutation of the batch
+    assert 0.0 <= batch.share <= 1.0
+
+
+def test_cutmix_pastes_a_rectangle_of_the_partner_covering_one_minus_the_share():
+    images = torch.cat([torch.zeros(1, 1, 16, 16), torch.ones(1, 1, 16, 16)])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        batch = mix_batch(images, "cutmix", generator)
+        for i in range(2):
+            own = images[i, 0, 0, 0].item()
+            kept = (batch.images[i] == own).float().mean().item()
+            if batch.partner[i] != i:
+                assert kept == pytest.approx(batch.share)  # the share reported is the area kept
+
+
+def test_mixed_cross_entropy_weighs_both_labels_by_their_share():
+    logits, teacher = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]), torch.zeros(2, 3)
+    labels = torch.tensor([0, 1])
+    mixed = MixedBatch(torch.zeros(2, 1, 1, 1), torch.tensor([1, 0]), 0.3)
+
+    _, ce, _ = distillation_loss(logits, teacher, labels, alpha=0.0, mixed=mixed)
+
+    own = torch.nn.functional.cross_entropy(logits, labels)
+    other = torch.nn.functional.cross_entropy(logits, labels[mixed.partner])
+    assert ce.item() == pytest.approx(0.3 * own.item() + 0.7 * other.item(), rel=1e-6)
+    assert mixed.dominant_labels(labels).tolist() == [1, 0]  # the partner's label has the larger share
+
+
+def test_unknown_mixing_mode_is_rejected():
+    with pytest.raises(ValueError, match="mixing='mixupp'"):
+        mix_batch(torch.zeros(2, 1, 4, 4), "mixupp")

@@ -16,9 +16,11 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+import torch.nn.functional as F
 from torch import nn
 
 from dms_lightning import DMSClassifier, DMSDataModule, DistillationModule
+from dms_lightning.distill import kd_loss
 from dms_lightning.export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +93,66 @@ def test_training_loss_matches_hand_computed_formula(teacher_ckpt):
     ce = -(s[torch.arange(4), labels] - torch.logsumexp(s, dim=1)).mean()
     expected = (1 - alpha) * ce + alpha * temperature**2 * kl
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_mixing_shows_teacher_and_student_the_same_mixed_images_and_mixes_the_labels(teacher_ckpt):
+    module = _module(teacher_ckpt, mixing="mixup", alpha=0.5).eval()  # eval: dropout off
+    torch.manual_seed(1)
+    images, labels = torch.randn(4, 1, 64, 64), torch.tensor([0, 1, 2, 4])
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, args[0])
+        return hook
+
+    module.teacher.network.register_forward_hook(record("teacher"))
+    module.model.register_forward_hook(record("student"))
+
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss, logits = module.training_loss(images, labels)
+
+    mixed = module._mixed
+    assert not torch.equal(mixed.images, images)
+    assert torch.equal(seen["teacher"], seen["student"]) and torch.allclose(seen["student"], mixed.images)
+    with torch.no_grad():
+        s, t = module.model(mixed.images), module.teacher.network(mixed.images)
+    ce = (mixed.share * F.cross_entropy(s, labels) + (1 - mixed.share) * F.cross_entropy(s, labels[mixed.partner]))
+    expected = 0.5 * ce + 0.5 * kd_loss(s, t, module.temperature)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert module.accuracy_targets(labels).tolist() == mixed.dominant_labels(labels).tolist()
+
+
+def test_mixing_with_the_teacher_cache_is_refused_with_the_fix(teacher_ckpt):
+    with pytest.raises(ValueError, match=r"model\.mixing='cutmix'.*teacher_cache: false"):
+        _module(teacher_ckpt, mixing="cutmix", teacher_cache=True)
+
+
+def test_mixup_fit_trains_and_validates_on_unmixed_images(teacher_ckpt, tmp_path):
+    torch.manual_seed(0)
+    module = _module(teacher_ckpt, mixing="mixup")
+    calls = []
+    module.model.register_forward_hook(lambda m, args, out: calls.append(m.training))
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=DMSDataModule(**DATA))
+    assert module._mixed is not None and calls.count(True) == 2 and calls.count(False) >= 1
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("mixing", ["none", "mixup"])
+def test_a_small_training_set_without_mixing_is_pointed_to_function_matching(teacher_ckpt, tmp_path, caplog, mixing):
+    module = _module(teacher_ckpt, mixing=mixing)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=str(tmp_path))
+    with caplog.at_level("INFO"):
+        trainer.fit(module, datamodule=DMSDataModule(**DATA))
+    hinted = "96 training images" in caplog.text and "model.mixing: mixup" in caplog.text
+    assert hinted == (mixing == "none")
 
 
 # ---------------------------------------------------------------------------------------------- frozen teacher
@@ -279,7 +341,8 @@ def test_hint_on_a_layer_without_feature_map_is_rejected(teacher_ckpt):
         _module(teacher_ckpt, attention_transfer=[{"student": "features.8", "teacher": "fc"}])
 
 
-@pytest.mark.parametrize(("field", "value"), [("temperature", 0.0), ("alpha", 1.5), ("student", 3)])
+@pytest.mark.parametrize(("field", "value"), [("temperature", 0.0), ("alpha", 1.5), ("student", 3),
+                                             ("mixing", "blend")])
 def test_invalid_distillation_settings_name_the_field(teacher_ckpt, field, value):
     with pytest.raises(ValueError, match=rf"model\.{field}="):
         _module(teacher_ckpt, **{field: value})

@@ -1,4 +1,5 @@
-"""Distillation losses: logit KD (Hinton et al. 2015), FitNets hints (Romero et al. 2015), attention transfer.
+"""Distillation losses: logit KD (Hinton et al. 2015), FitNets hints (Romero et al. 2015), attention transfer,
+and the input mixing of function matching (Beyer et al. 2022).
 
 All three are plain functions / small modules that work on tensors, so they can be reused outside
 :class:`~dms_lightning.distill.module.DistillationModule`. They compute in float32 whatever the input
@@ -6,6 +7,8 @@ dtype, because a KL divergence of bf16 softmaxes at temperature 4 loses most of 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +34,67 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return kl * temperature**2
 
 
+MIXING_MODES = ("none", "mixup", "cutmix")
+
+
+class MixedBatch(NamedTuple):
+    """A batch whose image ``i`` was mixed with image ``partner[i]``; ``share`` of every image is its own."""
+
+    images: torch.Tensor
+    partner: torch.Tensor
+    share: float
+
+    def dominant_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The label of the image with the larger share (what a mixed image "is", for a training accuracy)."""
+        return labels if self.share >= 0.5 else labels[self.partner]
+
+
+def mix_batch(images: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> MixedBatch:
+    """Mix every image of a batch with another one of the same batch, as function matching does.
+
+    ``mixup`` blends whole images, ``share · x + (1 − share) · x[partner]`` (Zhang et al. 2018); ``cutmix`` pastes
+    a rectangle of the partner covering ``1 − share`` of the image (Yun et al. 2019). ``share`` is drawn from
+    U(0, 1) per batch, the aggressive setting of Beyer et al. 2022 ("Knowledge distillation: A good teacher is
+    patient and consistent"): the teacher labels images *between* the training images, which a student can
+    learn from nowhere else when there are only a few hundred of them.
+
+    Example:
+        >>> batch = mix_batch(torch.stack([torch.zeros(1, 4, 4), torch.ones(1, 4, 4)]), "mixup")
+        >>> bool(torch.allclose(batch.images[0], torch.full((1, 4, 4), 1 - batch.share)))
+        True
+    """
+    if mode not in MIXING_MODES[1:]:
+        raise ValueError(f"mixing={mode!r} must be one of {MIXING_MODES[1:]}")
+    partner = torch.randperm(images.shape[0], generator=generator).to(images.device)
+    share = float(torch.rand((), generator=generator))
+    other = images[partner]
+    if mode == "mixup":
+        return MixedBatch(share * images + (1.0 - share) * other, partner, share)
+    height, width = images.shape[-2:]
+    cut_h, cut_w = int(height * (1.0 - share) ** 0.5), int(width * (1.0 - share) ** 0.5)
+    top = int(torch.randint(0, height - cut_h + 1, (), generator=generator))
+    left = int(torch.randint(0, width - cut_w + 1, (), generator=generator))
+    mixed = images.clone()
+    mixed[..., top:top + cut_h, left:left + cut_w] = other[..., top:top + cut_h, left:left + cut_w]
+    return MixedBatch(mixed, partner, 1.0 - cut_h * cut_w / (height * width))
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       temperature: float = 4.0, alpha: float = 0.7,
                       label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+                      mixed: MixedBatch | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, ce, kd)`` with ``loss = (1 − alpha)·CE(student, labels) + alpha·kd_loss(student, teacher, T)``.
 
     ``class_weights`` (one per class) weigh the cross-entropy term against class imbalance; the teacher's
-    soft targets already carry every class.
+    soft targets already carry every class. For a ``mixed`` batch the cross-entropy is that of mixup, each
+    image's label weighed by its share (the teacher term needs nothing: it saw the same mixed images).
     """
-    ce = F.cross_entropy(student_logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing)
+    logits = student_logits.float()
+    ce = F.cross_entropy(logits, labels, weight=class_weights, label_smoothing=label_smoothing)
+    if mixed is not None:
+        ce = mixed.share * ce + (1.0 - mixed.share) * F.cross_entropy(
+            logits, labels[mixed.partner], weight=class_weights, label_smoothing=label_smoothing)
     kd = kd_loss(student_logits, teacher_logits, temperature)
     return (1.0 - alpha) * ce + alpha * kd, ce, kd
 
