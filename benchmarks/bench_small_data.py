@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
                         help="epochs of the distilled student (default: --epochs)")
     parser.add_argument("--mixing", default="none", choices=("none", "mixup", "cutmix"),
                         help="DistillationModule(mixing=...): function matching on mixed images")
+    parser.add_argument("--alpha", type=float, default=0.7,
+                        help="DistillationModule(alpha=...): 1.0 is function matching's teacher-only loss")
     parser.add_argument("--skip-alone", action="store_true", help="leave out the student trained alone")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--val-size", type=int, default=100)
@@ -125,7 +127,7 @@ def _int8(fp32: Path, datamodule: DMSDataModule, trainer: Trainer) -> dict:
 
 
 def run_recipe(make_datamodule, epochs: int, seed: int, workdir: Path, distill_epochs: int | None = None,
-               mixing: str = "none", alone: bool = True) -> dict[str, dict]:
+               mixing: str = "none", alone: bool = True, alpha: float = 0.7) -> dict[str, dict]:
     """Teacher, student alone, distilled (without / with BN re-estimation) and INT8 for one data set and seed."""
     results: dict[str, dict] = {}
     datamodule = make_datamodule()
@@ -148,7 +150,7 @@ def run_recipe(make_datamodule, epochs: int, seed: int, workdir: Path, distill_e
 
     seed_everything(seed, verbose=False)
     student = DistillationModule(student="mobilenet_v3_small", teacher_checkpoint=str(checkpoint), mixing=mixing,
-                                 **link)
+                                 alpha=alpha, **link)
     student.bn_reestimation = False  # train once; training is the same with it, only the buffers differ
     trainer = _trainer(distill_epochs or epochs, workdir / "distilled")
     trainer.fit(student, datamodule=datamodule)
@@ -200,7 +202,7 @@ def _job(kind: str, size: int, seed: int, args: dict, folder: str | None, workdi
     torch.set_num_threads(args["threads"])
     started = time.time()
     result = run_recipe(lambda: _make_datamodule(kind, size, seed, args, folder), args["epochs"], seed, Path(workdir),
-                        args["distill_epochs"], args["mixing"], not args["skip_alone"])
+                        args["distill_epochs"], args["mixing"], not args["skip_alone"], args["alpha"])
     print(f"{kind} {size} seed {seed}: " + ", ".join(f"{a} {100 * result[a]['accuracy']:.1f}" for a in ARMS
                                                      if a in result),
           f"({time.time() - started:.0f} s)", flush=True)
@@ -218,7 +220,7 @@ def main() -> None:
         args.val_size, args.test_size = 20, 40
     started = time.time()
     settings = {k: getattr(args, k) for k in ("image_size", "val_size", "test_size", "epochs", "threads",
-                                              "distill_epochs", "mixing", "skip_alone")}
+                                              "distill_epochs", "mixing", "skip_alone", "alpha")}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         jobs = [("synthetic", size, seed, None) for size in args.sizes for seed in args.seeds]
@@ -251,7 +253,7 @@ def main() -> None:
         "mean ± std over seeds.\n",
         table(rows),
         "Teacher: ResNet-18 trained alone; student alone: MobileNetV3-small trained alone; distilled: "
-        f"`DistillationModule` defaults (T = 4, α = 0.7{mixing}) from that teacher; \"defaults\": the running BatchNorm "
+        f"`DistillationModule` defaults (T = 4, α = {args.alpha}{mixing}) from that teacher; \"defaults\": the running BatchNorm "
         "statistics training left (the default); \"+ BN re-est.\": the same network with them re-estimated; INT8: "
         "the distilled student through ONNX Runtime static PTQ.\n",
         f"Run: {minutes:.1f} min wall on {machine_summary(machine_info())} with {args.jobs} parallel "
