@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from lightning.pytorch import Trainer, seed_everything  # noqa: E402
 
 from dms_lightning import DMSClassifier, DMSDataModule, DistillationModule  # noqa: E402
+from dms_lightning.distill.losses import MIXING_MODES  # noqa: E402
 from dms_lightning.export import export_onnx  # noqa: E402
 from dms_lightning.models.batchnorm import reestimate_batch_norm, statistics_loader  # noqa: E402
 from dms_lightning.report.measure import _Runner, evaluate_onnx, per_class_metrics  # noqa: E402
@@ -64,10 +65,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--distill-epochs", type=int, default=None,
                         help="epochs of the distilled student (default: --epochs)")
-    parser.add_argument("--mixing", default="none", choices=("none", "mixup", "cutmix"),
+    parser.add_argument("--mixing", default="none", choices=MIXING_MODES,
                         help="DistillationModule(mixing=...): function matching on mixed images")
-    parser.add_argument("--alpha", type=float, default=0.7,
-                        help="DistillationModule(alpha=...): 1.0 is function matching's teacher-only loss")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="DistillationModule(alpha=...) (default: the module's); 1.0 is function matching's "
+                             "teacher-only loss")
     parser.add_argument("--skip-alone", action="store_true", help="leave out the student trained alone")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--val-size", type=int, default=100)
@@ -127,8 +129,11 @@ def _int8(fp32: Path, datamodule: DMSDataModule, trainer: Trainer) -> dict:
 
 
 def run_recipe(make_datamodule, epochs: int, seed: int, workdir: Path, distill_epochs: int | None = None,
-               mixing: str = "none", alone: bool = True, alpha: float = 0.7) -> dict[str, dict]:
-    """Teacher, student alone, distilled (without / with BN re-estimation) and INT8 for one data set and seed."""
+               distill_options: dict | None = None, alone: bool = True) -> dict[str, dict]:
+    """Teacher, student alone, distilled (without / with BN re-estimation) and INT8 for one data set and seed.
+
+    ``distill_options`` go to :class:`DistillationModule` over its defaults (e.g. ``mixing``, ``alpha``).
+    """
     results: dict[str, dict] = {}
     datamodule = make_datamodule()
     link = dict(num_classes=datamodule.num_classes, class_names=datamodule.class_names,
@@ -144,13 +149,13 @@ def run_recipe(make_datamodule, epochs: int, seed: int, workdir: Path, distill_e
 
     if alone:
         seed_everything(seed, verbose=False)
-        alone = DMSClassifier(backbone="mobilenet_v3_small", **link)
-        _trainer(epochs, workdir / "alone").fit(alone, datamodule=datamodule)
-        results["alone"] = _onnx_metrics(alone.model, datamodule, workdir / "alone.onnx")
+        student_alone = DMSClassifier(backbone="mobilenet_v3_small", **link)
+        _trainer(epochs, workdir / "alone").fit(student_alone, datamodule=datamodule)
+        results["alone"] = _onnx_metrics(student_alone.model, datamodule, workdir / "alone.onnx")
 
     seed_everything(seed, verbose=False)
-    student = DistillationModule(student="mobilenet_v3_small", teacher_checkpoint=str(checkpoint), mixing=mixing,
-                                 alpha=alpha, **link)
+    student = DistillationModule(student="mobilenet_v3_small", teacher_checkpoint=str(checkpoint),
+                                 **(distill_options or {}), **link)
     student.bn_reestimation = False  # train once; training is the same with it, only the buffers differ
     trainer = _trainer(distill_epochs or epochs, workdir / "distilled")
     trainer.fit(student, datamodule=datamodule)
@@ -201,8 +206,9 @@ def _job(kind: str, size: int, seed: int, args: dict, folder: str | None, workdi
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args["threads"])
     started = time.time()
+    options = {"mixing": args["mixing"], **({} if args["alpha"] is None else {"alpha": args["alpha"]})}
     result = run_recipe(lambda: _make_datamodule(kind, size, seed, args, folder), args["epochs"], seed, Path(workdir),
-                        args["distill_epochs"], args["mixing"], not args["skip_alone"], args["alpha"])
+                        distill_epochs=args["distill_epochs"], distill_options=options, alone=not args["skip_alone"])
     print(f"{kind} {size} seed {seed}: " + ", ".join(f"{a} {100 * result[a]['accuracy']:.1f}" for a in ARMS
                                                      if a in result),
           f"({time.time() - started:.0f} s)", flush=True)
@@ -253,7 +259,7 @@ def main() -> None:
         "mean ± std over seeds.\n",
         table(rows),
         "Teacher: ResNet-18 trained alone; student alone: MobileNetV3-small trained alone; distilled: "
-        f"`DistillationModule` defaults (T = 4, α = {args.alpha}{mixing}) from that teacher; \"defaults\": the running BatchNorm "
+        f"`DistillationModule` defaults (T = 4, α = {0.7 if args.alpha is None else args.alpha}{mixing}) from that teacher; \"defaults\": the running BatchNorm "
         "statistics training left (the default); \"+ BN re-est.\": the same network with them re-estimated; INT8: "
         "the distilled student through ONNX Runtime static PTQ.\n",
         f"Run: {minutes:.1f} min wall on {machine_summary(machine_info())} with {args.jobs} parallel "

@@ -42,12 +42,11 @@ DEFAULT_ATTENTION_WEIGHT = 500.0
 
 
 def _training_images(trainer) -> int | None:
-    """Size of the training set, when its dataloader has a sized dataset."""
+    """Size of the training set, when its dataloader has a sized dataset (not a dict of loaders, not an iterable)."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
     try:
-        loaders = trainer.train_dataloader
-        dataset = loaders.dataset if loaders is not None else None
         return len(dataset) if dataset is not None else None
-    except (AttributeError, TypeError):  # a dataloader dict / an iterable dataset
+    except TypeError:
         return None
 
 
