@@ -314,3 +314,45 @@ def test_placement_is_checked_and_kept_in_the_config_record():
         QuantizationConfig(placement="all")
     config = QuantizationConfig(placement="every_tensor")
     assert QuantizationConfig.from_dict(config.to_dict()).placement == "every_tensor"
+
+
+@pytest.mark.parametrize("quant_min, quant_max", [(0, 255), (-128, 127), (0, 65535), (-8, 7)])
+def test_cpu_fake_quantizer_is_torchs_op_bit_for_bit(quant_min, quant_max):
+    # The vectorised CPU path must give torch's fake_quantize_per_tensor_affine exactly: outputs and
+    # straight-through gradients, with rounding ties (half to even), saturation at both ends and NHWC inputs.
+    from dms_lightning.quant.fake_quant import _FakeQuantizePerTensor
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(12):
+        scale = 0.25 if trial % 3 == 0 else float(torch.rand(1, generator=generator)) * 0.1 + 1e-4
+        zero = int(torch.randint(quant_min, quant_max + 1, (1,), generator=generator)) if quant_min == 0 else 0
+        if trial % 3 == 0:  # every value exactly half-way between two levels
+            x = (torch.randint(-700, 700, (4, 6, 5, 5), generator=generator) + 0.5) * scale
+        else:
+            # From 20 % below the grid's lowest value to 20 % above its highest: both ends saturate.
+            span = (torch.rand(4, 6, 5, 5, generator=generator) * 1.4 - 0.2) * (quant_max - quant_min)
+            x = (span + quant_min - zero) * scale
+        x = x.contiguous(memory_format=torch.channels_last) if trial % 2 else x
+        scale_t, zero_t = torch.tensor(scale), torch.tensor(zero, dtype=torch.int32)
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_ours = _FakeQuantizePerTensor.apply(ours, scale_t, zero_t, quant_min, quant_max)
+        y_theirs = torch.fake_quantize_per_tensor_affine(theirs, scale_t, zero_t, quant_min, quant_max)
+        weights = torch.randn(x.shape, generator=generator)
+        (y_ours * weights).sum().backward()
+        (y_theirs * weights).sum().backward()
+        assert torch.equal(y_ours, y_theirs)
+        assert torch.equal(ours.grad, theirs.grad)
+        assert 0 < int((ours.grad == 0).sum()) < x.numel() or trial % 3 == 0  # both clamped and passed values
+
+
+def test_fake_quantizer_leaves_torchs_op_visible_to_exporters():
+    # fake_quant_disabled (the float twin of a QAT network) and the tracers recognise torch's op: inside them
+    # the quantizer calls it, so the bypass still yields the float tensor.
+    from dms_lightning.export.qdq import fake_quant_disabled
+
+    q = FakeQuantizer(QuantSpec(8, symmetric=False, per_channel=False)).train()
+    q(torch.linspace(-1, 1, 100))
+    x = torch.linspace(-1, 1, 7) / 3
+    assert not torch.equal(q.eval()(x), x)
+    with fake_quant_disabled():
+        assert torch.equal(q(x), x)

@@ -47,6 +47,44 @@ def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
+class _FakeQuantizePerTensor(torch.autograd.Function):
+    """``torch.fake_quantize_per_tensor_affine`` on the CPU, bit for bit, in a few vectorised passes.
+
+    ATen's CPU kernel rounds one element at a time (about 4 ns an element on a 2-core x86 machine: 10 ms for one
+    64 x 16 x 48 x 48 activation, 40x a ReLU of it), which made fake quantization most of a QAT step. The same
+    arithmetic as that kernel: ``q = clamp(round_half_even(x * (1 / scale)) + zero_point, min, max)``,
+    ``y = (q - zero_point) * scale`` in float32 (every intermediate is an integer below 2^24, so exact), and the
+    straight-through gradient passes where ``round(...) + zero_point`` fell inside ``[min, max]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                quant_max: int) -> torch.Tensor:
+        scale = scale.to(x.dtype)
+        zero = zero_point.to(x.dtype)
+        q = torch.mul(x, torch.reciprocal(scale)).round_().add_(zero)
+        if ctx.needs_input_grad[0]:
+            # 1.0 inside [min, max], else 0.0, in float: multiplying by a float mask is 3x faster than by a bool one.
+            middle, half = (quant_min + quant_max) / 2, (quant_max - quant_min) / 2
+            ctx.save_for_backward(torch.sub(q, middle).abs_().le_(half))
+        return q.clamp_(quant_min, quant_max).sub_(zero).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def _fast_path(x: torch.Tensor) -> bool:
+    """Whether :class:`_FakeQuantizePerTensor` stands in for torch's op: float32 on the CPU, nothing watching.
+
+    Exporters and ``fake_quant_disabled`` recognise torch's op by name (a tracer, a torch-function mode), so
+    while either runs the op itself is called.
+    """
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not _tracing()
+            and not torch._C._is_torch_function_mode_enabled())
+
+
 class FakeQuantizer(nn.Module):
     """Simulates ``QuantizeLinear → DequantizeLinear`` on a tensor and tracks its range.
 
@@ -102,10 +140,9 @@ class FakeQuantizer(nn.Module):
         """Update the range with ``x`` and recompute scale and zero point."""
         x = x.detach().float()
         if self.per_channel:
-            flat = x.reshape(x.shape[0], -1)
-            low, high = flat.amin(dim=1), flat.amax(dim=1)
+            low, high = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
         else:
-            low, high = x.amin(), x.amax()
+            low, high = torch.aminmax(x)
         if self.is_weight or not bool(self.initialized):
             self.min_val.copy_(low)
             self.max_val.copy_(high)
@@ -199,6 +236,8 @@ class FakeQuantizer(nn.Module):
             return torch.fake_quantize_per_tensor_affine(x, self.scale, zero_point, *container)  # activations: per tensor
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 0, quant_min, quant_max)
+        if _fast_path(x):
+            return _FakeQuantizePerTensor.apply(x, self.scale, self.zero_point, quant_min, quant_max)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, quant_min, quant_max)
 
 
