@@ -86,11 +86,15 @@ class DMSLightningCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # Raise parse errors instead of printing the whole usage and exiting: console_main shows one line.
         kwargs["parser_kwargs"] = {"exit_on_error": False, **kwargs.get("parser_kwargs", {})}
+        self._default_lr_monitor = LearningRateMonitor(logging_interval="epoch")
         defaults = {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": "runs", "name": "dms"}},
-                    "callbacks": [LearningRateMonitor(logging_interval="epoch")],
+                    "callbacks": [self._default_lr_monitor],
                     "log_every_n_steps": 10}
-        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
+        given = dict(kwargs.get("trainer_defaults", {}))
+        # Callbacks given here join the default ones (after the config's own), they do not replace them.
+        defaults["callbacks"] += list(given.pop("callbacks", []))
+        kwargs["trainer_defaults"] = {**defaults, **given}
         super().__init__(*args, **kwargs)
 
     @override
@@ -114,6 +118,8 @@ class DMSLightningCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        if trainer.logger is None:  # `--trainer.logger=false`: the default monitor would refuse to start
+            trainer.callbacks = [c for c in trainer.callbacks if c is not self._default_lr_monitor]
         if self.subcommand == "predict" and not any(isinstance(c, PredictionWriter) for c in trainer.callbacks):
             trainer.callbacks.append(PredictionWriter())
         return trainer

@@ -5,7 +5,8 @@
 2. ``fit --config configs/distill.yaml`` — the MobileNetV3-small student distilled from it, with
    iterative channel pruning, then quantization-aware training in the same ``fit``; at the end FP32 and
    INT8 ONNX (parity-checked), the SNPE/QNN bundle and the compression report;
-3. prints where everything is and the TensorBoard command.
+3. prints where the time went (teacher stage, student training, the exports and report after it) and the
+   TensorBoard command.
 
 Each stage is an ordinary LightningCLI run, so anything after ``--`` is passed to both ``fit`` calls as
 overrides (``python -m dms_lightning pipeline -- --trainer.max_epochs 2``).
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from dms_lightning.cli import DMSLightningCLI
@@ -40,6 +42,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs=argparse.REMAINDER,
                         help="after '--': LightningCLI overrides given to both fit runs")
     return parser
+
+
+class _FitClock(Callback):
+    """When the student's training started and ended, and when the last ``on_fit_end`` before it returned.
+
+    Added after the config's callbacks, so its ``on_fit_end`` runs once the exporters and the report are done.
+    """
+
+    def __init__(self) -> None:
+        self.train_start = self.train_end = self.fit_end = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.train_start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_end = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.fit_end = time.perf_counter()
 
 
 def _teacher_checkpoint_written(teacher_cli: DMSLightningCLI, config: str) -> str:
@@ -76,10 +97,14 @@ def _check_report_baseline(teacher_cli: DMSLightningCLI, student_config: str) ->
 
 
 def run_pipeline(argv: list[str] | None = None) -> dict:
-    """Run the flow; return ``{"teacher": cli or None, "student": cli, "teacher_checkpoint": str, "seconds": float}``.
+    """Run the flow; return ``{"teacher": cli or None, "student": cli, "teacher_checkpoint": str, "seconds": float,
+    "stages": {stage: seconds}}``.
 
     The student distils from exactly the checkpoint the teacher stage wrote (its ModelCheckpoint's
-    ``best_model_path``), never from a path guessed from the config.
+    ``best_model_path``), never from a path guessed from the config. ``stages``: ``teacher`` (the whole teacher
+    run, 0 when reused), ``student_setup`` (the student run up to its first step: reading the teacher, the
+    data), ``student_training`` and ``after_training`` (the callbacks' work at the end of ``fit``: exports,
+    checks, report).
     """
     args = _parser().parse_args(argv)
     overrides = [a for a in args.overrides if a != "--"]
@@ -103,13 +128,27 @@ def run_pipeline(argv: list[str] | None = None) -> dict:
                        "(--retrain-teacher to force)")
     rank_zero_info(f"[pipeline] 2/2 distil + prune + QAT + export + report from {teacher_checkpoint}: "
                    f"fit --config {args.student_config}")
+    student_start, clock = time.perf_counter(), _FitClock()
     student_cli = DMSLightningCLI(args=["fit", "--config", args.student_config,
-                                        f"--model.init_args.teacher_checkpoint={teacher_checkpoint}", *overrides])
-    seconds = time.perf_counter() - start
+                                        f"--model.init_args.teacher_checkpoint={teacher_checkpoint}", *overrides],
+                                  trainer_defaults={"callbacks": [clock]})
+    end = time.perf_counter()
+    seconds = end - start
+    stages = _stages(start, student_start, clock, end)
     log_root = Path(student_cli.trainer.log_dir or "runs").parent.parent
-    rank_zero_info(f"[pipeline] done in {seconds / 60:.1f} min. TensorBoard: tensorboard --logdir {log_root}")
+    breakdown = ", ".join(f"{name.replace('_', ' ')} {value / 60:.1f}" for name, value in stages.items())
+    rank_zero_info(f"[pipeline] done in {seconds / 60:.1f} min ({breakdown}; `-- --trainer.profiler=simple` times "
+                   f"each callback). TensorBoard: tensorboard --logdir {log_root}")
     return {"teacher": teacher_cli, "student": student_cli, "teacher_checkpoint": teacher_checkpoint,
-            "seconds": seconds}
+            "seconds": seconds, "stages": stages}
+
+
+def _stages(start: float, student_start: float, clock: _FitClock, end: float) -> dict[str, float]:
+    """Seconds per stage of the run; a stage the student run never reached (no training) counts from there on."""
+    train_start = clock.train_start or end
+    train_end = clock.train_end or train_start
+    return {"teacher": student_start - start, "student_setup": train_start - student_start,
+            "student_training": train_end - train_start, "after_training": end - train_end}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -218,3 +218,15 @@ def test_last_checkpoint_holds_the_final_epoch_even_when_the_best_is_earlier(tmp
     assert best["epoch"] == 0 and last["epoch"] == 2 and last["global_step"] == trainer.global_step
     final = {k: v for k, v in module.state_dict().items()}
     assert all(torch.equal(last["state_dict"][k], v) for k, v in final.items())
+
+
+def test_fit_without_a_logger_runs(tmp_path, monkeypatch):
+    # `--trainer.logger=false`: the CLI's default learning-rate monitor would refuse to start without a logger.
+    from dms_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(args=["fit", "--model=DMSClassifier", "--model.backbone=mobilenet_v3_small", "--trainer.logger=false",
+               "--data.image_size=32", "--data.train_size=20", "--data.val_size=10", "--data.test_size=10",
+               "--data.batch_size=10", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
+               "--trainer.enable_model_summary=false", f"--checkpoint.dirpath={tmp_path / 'ckpt'}"])
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()

@@ -59,3 +59,15 @@ def test_retrain_teacher_hands_the_new_checkpoint_to_the_student(configs):
     key = next(k for k in used if k.endswith("weight") and used[k].dim() == 4)
     assert torch.equal(used[key], new_teacher[key])
     assert not torch.equal(used[key], old_teacher[key])
+
+
+def test_pipeline_says_where_the_time_went(configs):
+    args, _ = configs
+    result = run_pipeline([*args, "--", *TINY])
+    stages = result["stages"]
+    assert list(stages) == ["teacher", "student_setup", "student_training", "after_training"]
+    assert all(value >= 0 for value in stages.values())
+    assert stages["teacher"] > 0 and stages["student_training"] > 0
+    assert abs(sum(stages.values()) - result["seconds"]) < 1e-6
+    callbacks = result["student"].trainer.callbacks
+    assert any(type(c).__name__ == "LearningRateMonitor" for c in callbacks), "the clock joins the defaults"
