@@ -47,7 +47,7 @@ def _supporting() -> list[str]:
         rows.append(line + " — [pruning.md](benchmarks/results/pruning.md).")
     overhead = RESULTS / "overhead.json"
     if overhead.is_file():
-        configs = [r for r in json.loads(overhead.read_text())["rows"] if r["config"] != "plain"]
+        configs = [r for r in json.loads(overhead.read_text())["rows"] if r["config"] != "plain" and "ratio" in r]
         text = ", ".join(f"{r['config']} {r['ratio']:.2f}× (own hooks {r['in_callback_ratio']:.3f}×)"
                          for r in configs)
         rows.append(f"* Training-step time vs plain Lightning, end to end: {text}; targets pruning ≤ 1.05×, "

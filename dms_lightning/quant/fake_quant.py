@@ -1,7 +1,9 @@
 """FakeQuantizer: an observer plus ``torch.fake_quantize_per_*_affine`` in one module.
 
 Built only on the two core fake-quantize ops, which have straight-through gradients and export to ONNX
-``QuantizeLinear``/``DequantizeLinear``. torch's deprecated eager / FX quantization workflow is not used.
+``QuantizeLinear``/``DequantizeLinear``. torch's deprecated eager / FX quantization workflow is not used. On the
+CPU the per-tensor op is computed by :class:`_FakeQuantizePerTensor`, the same arithmetic in vectorised passes
+(torch's CPU kernel rounds one element at a time), except while an exporter or ``fake_quant_disabled`` watches.
 
 Range tracking rules (each one fixes a bug users hit with Lightning's removed QAT callback):
 
@@ -25,7 +27,7 @@ no value is within :data:`TIE_MARGIN` of a tie.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -102,6 +104,10 @@ class FakeQuantizer(nn.Module):
         >>> round(float(q.scale), 4), int(q.zero_point)
         (0.01, 0)
     """
+
+    #: Compute per-tensor fake quantization on the CPU with :class:`_FakeQuantizePerTensor` (equal to the bit,
+    #: faster); ``False`` calls torch's kernel everywhere (``benchmarks/bench_overhead.py`` compares the two).
+    vectorised_cpu: ClassVar[bool] = True
 
     scale: torch.Tensor
     zero_point: torch.Tensor
@@ -236,7 +242,7 @@ class FakeQuantizer(nn.Module):
             return torch.fake_quantize_per_tensor_affine(x, self.scale, zero_point, *container)  # activations: per tensor
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, 0, quant_min, quant_max)
-        if _fast_path(x):
+        if self.vectorised_cpu and _fast_path(x):
             return _FakeQuantizePerTensor.apply(x, self.scale, self.zero_point, quant_min, quant_max)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, quant_min, quant_max)
 
