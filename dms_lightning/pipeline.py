@@ -45,22 +45,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _FitClock(Callback):
-    """When the student's training started and ended, and when the last ``on_fit_end`` before it returned.
-
-    Added after the config's callbacks, so its ``on_fit_end`` runs once the exporters and the report are done.
-    """
+    """When the student's training started and ended (the exporters and the report run after ``on_train_end``)."""
 
     def __init__(self) -> None:
-        self.train_start = self.train_end = self.fit_end = None
+        self.train_start = self.train_end = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.train_start = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_end = time.perf_counter()
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        self.fit_end = time.perf_counter()
 
 
 def _teacher_checkpoint_written(teacher_cli: DMSLightningCLI, config: str) -> str:

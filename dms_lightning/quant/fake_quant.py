@@ -55,8 +55,8 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
     ATen's CPU kernel rounds one element at a time (about 4 ns an element on a 2-core x86 machine: 10 ms for one
     64 x 16 x 48 x 48 activation, 40x a ReLU of it), which made fake quantization most of a QAT step. The same
     arithmetic as that kernel: ``q = clamp(round_half_even(x * (1 / scale)) + zero_point, min, max)``,
-    ``y = (q - zero_point) * scale`` in float32 (every intermediate is an integer below 2^24, so exact), and the
-    straight-through gradient passes where ``round(...) + zero_point`` fell inside ``[min, max]``.
+    ``y = (q - zero_point) * scale`` in float32 (a value inside the grid is an integer below 2^24 all the way, so
+    exact), and the straight-through gradient passes where ``round(...) + zero_point`` fell inside ``[min, max]``.
     """
 
     @staticmethod
@@ -77,14 +77,17 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
+# A torch without this query is taken to always have a mode active: torch's own op is then used everywhere.
+_function_mode_active = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: True)
+
+
 def _fast_path(x: torch.Tensor) -> bool:
     """Whether :class:`_FakeQuantizePerTensor` stands in for torch's op: float32 on the CPU, nothing watching.
 
     Exporters and ``fake_quant_disabled`` recognise torch's op by name (a tracer, a torch-function mode), so
     while either runs the op itself is called.
     """
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not _tracing()
-            and not torch._C._is_torch_function_mode_enabled())
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not _tracing() and not _function_mode_active()
 
 
 class FakeQuantizer(nn.Module):
