@@ -92,8 +92,9 @@ class DMSLightningCLI(LightningCLI):
                     "callbacks": [self._default_lr_monitor],
                     "log_every_n_steps": 10}
         given = dict(kwargs.get("trainer_defaults", {}))
-        # Callbacks given here join the default ones (after the config's own), they do not replace them.
-        defaults["callbacks"] += list(given.pop("callbacks", []))
+        # Callbacks given here (a list or one, as LightningCLI takes them) join the default ones, after the config's.
+        extra = given.pop("callbacks", [])
+        defaults["callbacks"] += extra if isinstance(extra, list) else [extra]
         kwargs["trainer_defaults"] = {**defaults, **given}
         super().__init__(*args, **kwargs)
 

@@ -230,3 +230,19 @@ def test_fit_without_a_logger_runs(tmp_path, monkeypatch):
                "--data.batch_size=10", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
                "--trainer.enable_model_summary=false", f"--checkpoint.dirpath={tmp_path / 'ckpt'}"])
     assert (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+
+def test_trainer_default_callbacks_join_the_cli_defaults(tmp_path, monkeypatch):
+    # One callback or a list, as LightningCLI takes them: added after the defaults, never replacing them.
+    from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from dms_lightning.cli import DMSLightningCLI
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--model=DMSClassifier", "--model.backbone=mobilenet_v3_small", "--data.image_size=32",
+            "--data.train_size=20", f"--checkpoint.dirpath={tmp_path / 'ckpt'}"]
+    for given in (Callback(), [Callback()]):
+        cli = DMSLightningCLI(args=args, run=False, trainer_defaults={"callbacks": given})
+        types = [type(c) for c in cli.trainer.callbacks]
+        assert LearningRateMonitor in types and Callback in types
