@@ -219,7 +219,27 @@ def test_pareto_front_keeps_only_undominated_variants():
     assert pareto_front(points) == [0, 1, 3, 4]
 
 
+def test_accuracy_pass_runs_on_its_own_thread_count_with_the_same_result(onnx_files, test_loader, monkeypatch):
+    import dataclasses
+
+    from dms_lightning.report import measure
+
+    opened = []
+    original = measure.open_session
+    monkeypatch.setattr(measure, "open_session",
+                        lambda path, threads=1, fuse_qdq=True: opened.append(threads) or original(path, threads, fuse_qdq))
+    one = measure_onnx(onnx_files["small"], test_loader, settings=dataclasses.replace(FAST, accuracy_threads=1))
+    assert opened == [1], "with accuracy_threads == threads the latency session is reused"
+    two = measure_onnx(onnx_files["small"], test_loader, settings=dataclasses.replace(FAST, accuracy_threads=2))
+
+    assert opened == [1, 1, 2]  # latency / throughput on `threads`, the accuracy pass on its own session
+    assert two.info["confusion_matrix"] == one.info["confusion_matrix"]
+    assert (two.accuracy, two.macro_f1) == (one.accuracy, one.macro_f1)
+
+
 def test_invalid_measure_settings_name_the_field():
+    with pytest.raises(ValueError, match="accuracy_threads=0"):
+        MeasureSettings(accuracy_threads=0)
     with pytest.raises(ValueError, match="threads=0"):
         MeasureSettings(threads=0)
     with pytest.raises(ValueError, match="max_test_batches"):

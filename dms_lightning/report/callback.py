@@ -156,6 +156,8 @@ class CompressionReport(Callback):
         throughput_batch: batch size of the throughput measurement.
         throughput_runs: timed runs at ``throughput_batch``.
         max_test_batches: evaluate on at most this many test batches (``None``: the whole test set).
+        accuracy_threads: ONNX Runtime intra-op threads of the accuracy pass (``None``: one per physical core; the
+            logits are the same for any count).
         log_to_tensorboard: log the table, plots and hparams to every TensorBoard logger of the run.
         print_table: print the markdown table at the end.
         progress_bar: show a progress bar while measuring.
@@ -183,6 +185,7 @@ class CompressionReport(Callback):
         throughput_batch: int = 32,
         throughput_runs: int = 10,
         max_test_batches: int | None = None,
+        accuracy_threads: int | None = None,
         log_to_tensorboard: bool = True,
         print_table: bool = True,
         progress_bar: bool = True,
@@ -195,7 +198,7 @@ class CompressionReport(Callback):
                                    max_recall_drop_pt, on_safety_violation)
         self.settings = MeasureSettings(threads=threads, warmup_runs=warmup_runs, latency_runs=latency_runs,
                                         throughput_batch=throughput_batch, throughput_runs=throughput_runs,
-                                        max_test_batches=max_test_batches)
+                                        max_test_batches=max_test_batches, accuracy_threads=accuracy_threads)
         self.extra_variants = parse_variant_specs(extra_variants)
         for variant in self.extra_variants:
             if not variant.onnx_path.endswith(".onnx"):

@@ -77,6 +77,10 @@ class MeasureSettings:
         throughput_batch: batch size of the throughput measurement (ignored for a static-batch graph).
         throughput_runs: timed runs at ``throughput_batch``; images/s uses their median.
         max_test_batches: evaluate accuracy on at most this many dataloader batches (``None``: all).
+        accuracy_threads: ONNX Runtime intra-op threads of the accuracy pass (``None``: ONNX Runtime's default, one
+            per physical core). The logits do not depend on it (ONNX Runtime splits the work, not the sums:
+            checked bit-equal for the FP32, FP16 and INT8 files of the main job), only the time does: the
+            teacher's 1000 test images take half as long on two cores as on one.
         seed: seeds the random input used when no dataloader gives a real one.
     """
 
@@ -86,6 +90,7 @@ class MeasureSettings:
     throughput_batch: int = 32
     throughput_runs: int = 10
     max_test_batches: int | None = None
+    accuracy_threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +102,10 @@ class MeasureSettings:
         if self.max_test_batches is not None and (not isinstance(self.max_test_batches, int)
                                                   or self.max_test_batches < 1):
             raise ValueError(f"max_test_batches={self.max_test_batches!r} must be None (all) or an integer >= 1")
+        if self.accuracy_threads is not None and (not isinstance(self.accuracy_threads, int)
+                                                  or isinstance(self.accuracy_threads, bool) or self.accuracy_threads < 1):
+            raise ValueError(f"accuracy_threads={self.accuracy_threads!r} must be None (ONNX Runtime's default) or an "
+                             "integer >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,8 +204,9 @@ def onnx_file_size(path: str | Path) -> int:
     return total + sum((path.parent / name).stat().st_size for name in external)
 
 
-def open_session(path: str | Path, threads: int = 1, fuse_qdq: bool = True):
-    """An ONNX Runtime CPU session with a fixed intra-op thread count and full graph optimization.
+def open_session(path: str | Path, threads: int | None = 1, fuse_qdq: bool = True):
+    """An ONNX Runtime CPU session with a fixed intra-op thread count (``None``: ONNX Runtime's default) and full
+    graph optimization.
 
     ``fuse_qdq=False`` runs Q/DQ pairs as float ops: the QDQ graph's exact semantics instead of ORT's fused
     integer kernels. On an x86 CPU without VNNI an INT8 model with 8-bit weights runs with exact integer
@@ -234,7 +244,7 @@ def _split_batch(batch) -> tuple[np.ndarray, np.ndarray | None]:
 class _Runner:
     """Runs one ONNX Runtime session on numpy batches, whatever its batch dimension (dynamic or static)."""
 
-    def __init__(self, path: str | Path, threads: int, fuse_qdq: bool = True) -> None:
+    def __init__(self, path: str | Path, threads: int | None, fuse_qdq: bool = True) -> None:
         self.session = open_session(path, threads, fuse_qdq)
         spec = self.session.get_inputs()[0]
         self.input_name = spec.name
@@ -516,7 +526,11 @@ def measure_onnx(
                          "where ONNX Runtime's default uint8 x int8 kernels add pairs of products in saturating int16 "
                          "and the model would compute something else; set the same option to deploy on such a CPU")
     if dataloader is not None:
-        result = evaluate_onnx(runner, dataloader, settings.max_test_batches)
+        if not isinstance(runner, _Runner) or settings.accuracy_threads == settings.threads:
+            evaluator = runner
+        else:
+            evaluator = _Runner(path, settings.accuracy_threads)
+        result = evaluate_onnx(evaluator, dataloader, settings.max_test_batches)
         row.accuracy, row.macro_f1, row.test_samples = result["accuracy"], result["macro_f1"], result["samples"]
         row.info.setdefault("confusion_matrix", result["confusion_matrix"])
         row.per_class = per_class_metrics(result["confusion_matrix"], names)
@@ -524,7 +538,8 @@ def measure_onnx(
         if qdq:
             # ORT's fused integer kernels round differently from the graph's float Q/DQ arithmetic; the QDQ
             # graph itself is what an NPU converter reads.
-            graph = evaluate_onnx(_Runner(path, settings.threads, fuse_qdq=False), dataloader, settings.max_test_batches)
+            graph = evaluate_onnx(_Runner(path, settings.accuracy_threads, fuse_qdq=False), dataloader,
+                                  settings.max_test_batches)
             row.info["accuracy_qdq_graph"] = graph["accuracy"]
             row.notes.append(f"accuracy {100 * row.accuracy:.2f} % with ONNX Runtime's fused CPU integer kernels; "
                              f"{100 * graph['accuracy']:.2f} % with the QDQ graph's own arithmetic (Q/DQ unfused, "
