@@ -299,3 +299,47 @@ def test_integer_form_rounds_hardsigmoid_once_as_the_fake_quant_network_does():
         torch.testing.assert_close(gates[0](x).clamp(0, 1), nn.functional.hardsigmoid(x), rtol=0, atol=1e-6)
         # so the integer form computes what the fake-quant network computes, tensor for tensor
         torch.testing.assert_close(form.network(images), int8(images), rtol=0, atol=1e-4)
+
+
+@needs_tflite
+def test_tflite_export_of_a_plain_lightning_module_after_qat(tmp_path):
+    """Someone's own LightningModule: no ``compression_target``, the network a child attribute, QAT wraps that
+    child. The float files come from the child's float network, the INT8 one from the fake-quant twin."""
+    from lightning.pytorch import LightningModule
+    from test_export_callbacks import _datamodule, _trainer
+
+    from dms_lightning.callbacks import QuantizationAwareTraining, TFLiteExport
+    from dms_lightning.export.manifest import read_manifest
+    from dms_lightning.export.tflite import tflite_outputs
+
+    class Project(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _cnn().train()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    export = tmp_path / "export"
+    callbacks = [QuantizationAwareTraining(start_epoch=0, export=False),
+                 TFLiteExport(dirpath=str(export), name="own", checkpoint="last", parity_images=16,
+                              calibration_images=16, latency_runs=0, int8_min_top1_agreement=0.9)]
+    module = Project()
+    _trainer(tmp_path, callbacks, epochs=1).fit(module, _datamodule(channels=3))
+
+    assert sorted(p.name for p in export.glob("*.tflite")) == ["own_fp16.tflite", "own_fp32.tflite", "own_int8.tflite"]
+    assert all(a["parity"]["passed"] for a in read_manifest(export)["artifacts"])
+    # the FP32 file is the float network with the trained weights, not an untrained or fake-quantized copy
+    from dms_lightning.quant import float_model
+
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = float_model(module.net).eval()(images).numpy()
+    assert np.abs(tflite_outputs(export / "own_fp32.tflite", images.numpy()) - expected).max() < 1e-4

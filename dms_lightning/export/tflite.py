@@ -15,6 +15,8 @@ Both packages are heavy (jax, the LiteRT converter; about 1 GB) and live in the 
 
 from __future__ import annotations
 
+import copy
+
 import importlib.util
 import json
 import logging
@@ -315,13 +317,25 @@ def check_tflite_parity(model: nn.Module, path: str | Path, inputs: torch.Tensor
 
 def _float_network(model: nn.Module) -> nn.Module:
     """The float network of a QAT model (its fake-quant wrappers hold data-dependent Python branches that
-    ``torch.export`` cannot trace), else ``model``: these files are the float variants."""
+    ``torch.export`` cannot trace), else ``model``: these files are the float variants.
+
+    A model that holds fake-quantized networks as sub-modules (a LightningModule without ``compression_target``,
+    whose children QAT wrapped one by one) becomes a shallow copy with each of them swapped for its float network;
+    ``model`` itself is left as it is (the INT8 file is made from it next)."""
     from dms_lightning.quant import float_model, is_quantized
 
-    if not is_quantized(model):
-        return model
-    network = float_model(model)
-    if network is None:
+    def unwrap(module: nn.Module) -> nn.Module:
+        if not is_quantized(module):
+            return module
+        original = float_model(module)
+        if original is not None:
+            return original
+        twin = copy.copy(module)
+        twin._modules = {name: None if child is None else unwrap(child) for name, child in module._modules.items()}
+        return twin
+
+    network = unwrap(model)
+    if is_quantized(network):
         raise RuntimeError("TFLiteExport: the quantized network does not reference its float network; "
                            "export it before quantization-aware training starts")
     return network
