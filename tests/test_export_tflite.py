@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +344,27 @@ def test_tflite_export_of_a_plain_lightning_module_after_qat(tmp_path):
     with torch.no_grad():
         expected = float_model(module.net).eval()(images).numpy()
     assert np.abs(tflite_outputs(export / "own_fp32.tflite", images.numpy()) - expected).max() < 1e-4
+
+
+@needs_tflite
+@pytest.mark.parametrize("quantizer", ["qat", "ptq"])
+def test_exporters_say_why_the_best_checkpoint_gives_no_int8_file(tmp_path, quantizer):
+    """TinyClassifier's best epoch is always epoch 0: before QAT starts, and with PTQ every checkpoint is float."""
+    from test_export_callbacks import TinyClassifier, _datamodule, _trainer
+
+    from dms_lightning.callbacks import ONNXExport, PostTrainingQuantization, QuantizationAwareTraining, TFLiteExport
+
+    torch.manual_seed(0)
+    export = tmp_path / "export"
+    quantize = (QuantizationAwareTraining(start_epoch=1, export=False) if quantizer == "qat" else
+                PostTrainingQuantization(calibration_batches=1, evaluate_batches=1, min_agreement=0.0, export=False))
+    callbacks = [quantize, ONNXExport(dirpath=str(export), name="tiny", parity_batches=1),
+                 TFLiteExport(dirpath=str(export), name="tiny", parity_images=8, latency_runs=0)]
+    why = "PostTrainingQuantization quantizes when fit ends" if quantizer == "ptq" else "it predates quantization-aware"
+    with pytest.warns(UserWarning, match=rf"ONNXExport: the best checkpoint .* holds the float network: {why}") as seen:
+        _trainer(tmp_path, callbacks, epochs=2).fit(TinyClassifier(in_channels=3), _datamodule(channels=3))
+    assert any(re.search(rf"TFLiteExport: the best checkpoint .* float network: {why}.*checkpoint='last'", str(w.message))
+               for w in seen)
+    # what was written is what the warning says: float files only
+    assert sorted(p.name for p in export.glob("*.tflite")) == ["tiny_fp16.tflite", "tiny_fp32.tflite"]
+    assert not list(export.glob("*int8*.onnx"))

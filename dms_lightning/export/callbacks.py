@@ -34,6 +34,7 @@ from dms_lightning.export.source import (
     model_preprocessing,
     parity_images,
     uses_fake_quant,
+    warn_if_best_is_float,
 )
 from dms_lightning.utils.artifacts import (
     ParityRule,
@@ -44,7 +45,6 @@ from dms_lightning.utils.artifacts import (
     quantized_networks,
     variants,
 )
-from dms_lightning.utils.checkpoint import compression_target
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 from dms_lightning.utils.tensorboard import log_figure, log_text
 
@@ -219,12 +219,9 @@ class ONNXExport(FitEndExporter):
         # This eager forward also settles weight quantization ranges, which follow the weights on every
         # eager forward but are frozen while the exporter traces.
         quantized = uses_fake_quant(source.model, example)
-        if not quantized and self.export_int8 and source.origin["checkpoint"] == "best" \
-                and uses_fake_quant(compression_target(pl_module), example.to(pl_module.device)):
-            rank_zero_warn(f"[dms_lightning] ONNXExport: the best checkpoint ({source.origin['path']}) predates "
-                           "quantization-aware training, so no INT8 model is exported from it; use "
-                           "checkpoint='last' (or monitor a metric of the QAT epochs) for an INT8 export")
-        elif not quantized and self.export_int8 and not self.export_fp32:
+        best_is_float = not quantized and self.export_int8 and warn_if_best_is_float("ONNXExport", trainer, pl_module,
+                                                                                   source, example)
+        if not quantized and self.export_int8 and not self.export_fp32 and not best_is_float:
             rank_zero_warn("[dms_lightning] ONNXExport: export_int8 only, but the exported network has no "
                            "fake-quant modules (QAT not active in the chosen checkpoint): nothing exported")
         entries, exported = [], {}

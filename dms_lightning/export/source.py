@@ -111,6 +111,28 @@ def uses_fake_quant(model: nn.Module, example_input: torch.Tensor) -> bool:
     return bool(recorder.seen)
 
 
+def warn_if_best_is_float(owner: str, trainer: Trainer, pl_module: LightningModule, source: ExportSource,
+                          example_input: torch.Tensor) -> bool:
+    """Warn (and return True) when ``checkpoint='best'`` chose float weights although the run's network is now
+    fake-quantized: the exporter then writes no INT8 file, which the user meant to get.
+
+    With QAT the best epoch came before quantization started; with PTQ every checkpoint of the fit is float,
+    because PTQ quantizes when ``fit`` ends.
+    """
+    if source.origin.get("checkpoint") != "best" or uses_fake_quant(source.model, example_input):
+        return False
+    target = compression_target(pl_module)
+    if not uses_fake_quant(target, example_input.to(next(target.parameters()).device)):
+        return False
+    ptq = any(type(callback).__name__ == "PostTrainingQuantization" for callback in trainer.callbacks)
+    why = ("PostTrainingQuantization quantizes when fit ends, after the last checkpoint, so every checkpoint of the "
+           "run is float" if ptq else "it predates quantization-aware training")
+    fix = "checkpoint='last'" if ptq else "checkpoint='last' (or monitor a metric of the QAT epochs)"
+    rank_zero_warn(f"[dms_lightning] {owner}: the best checkpoint ({source.origin.get('path')}) holds the float "
+                   f"network: {why}. No INT8 file is written from it; use {fix} for the INT8 export")
+    return True
+
+
 def _loaders(trainer: Trainer, split: str) -> list:
     """The ``split`` dataloaders; without them (a module that brings only its own loaders) val, then train."""
     for candidate in dict.fromkeys((split, "val", "train")):

@@ -35,7 +35,13 @@ from dms_lightning.export.manifest import export_run, file_record, update_manife
 from dms_lightning.export.parity import ParityError, ParityResult, check_runtime_parity
 from dms_lightning.export.qdq import fake_quant_disabled
 from dms_lightning.export.metadata import onnx_metadata
-from dms_lightning.export.source import CHECKPOINT_CHOICES, export_source, model_preprocessing, sample_images
+from dms_lightning.export.source import (
+    CHECKPOINT_CHOICES,
+    export_source,
+    model_preprocessing,
+    sample_images,
+    warn_if_best_is_float,
+)
 from dms_lightning.export.tflite_int8 import (
     IO_TYPES,
     IntegerForm,
@@ -461,8 +467,10 @@ class TFLiteExport(FitEndExporter):
             return {}
         directory = ensure_writable_dir(self.dirpath or default_export_dir(trainer), "TFLiteExport.dirpath")
         source = export_source(trainer, pl_module, self.checkpoint)
-        precisions = self._precisions(source.model)
         images = sample_images(trainer, self.parity_images, self.parity_split)
+        if self.precisions is None or "int8" in self.precisions:
+            warn_if_best_is_float("TFLiteExport", trainer, pl_module, source, images[:1])
+        precisions = self._precisions(source.model)
         info = model_preprocessing(trainer, pl_module, images[:1])
         exported = {}
         float_file = None  # the FP32 file, whose weights the FP16 one casts (one conversion for both)
