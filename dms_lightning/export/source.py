@@ -124,7 +124,9 @@ def warn_if_best_is_float(owner: str, trainer: Trainer, pl_module: LightningModu
     target = compression_target(pl_module)
     if not uses_fake_quant(target, example_input.to(next(target.parameters()).device)):
         return False
-    ptq = any(type(callback).__name__ == "PostTrainingQuantization" for callback in trainer.callbacks)
+    from dms_lightning.quant.ptq import PostTrainingQuantization
+
+    ptq = any(isinstance(callback, PostTrainingQuantization) for callback in trainer.callbacks)
     why = ("PostTrainingQuantization quantizes when fit ends, after the last checkpoint, so every checkpoint of the "
            "run is float" if ptq else "it predates quantization-aware training")
     fix = "checkpoint='last'" if ptq else "checkpoint='last' (or monitor a metric of the QAT epochs)"
