@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dms_lightning.export.metadata import preprocessing_info
+from dms_lightning.quant.ptq import PostTrainingQuantization
 from dms_lightning.utils.artifacts import ParityRule
 from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
 from dms_lightning.utils.predictions import batch_images, split_dataloaders
@@ -124,8 +125,6 @@ def warn_if_best_is_float(owner: str, trainer: Trainer, pl_module: LightningModu
     target = compression_target(pl_module)
     if not uses_fake_quant(target, example_input.to(next(target.parameters()).device)):
         return False
-    from dms_lightning.quant.ptq import PostTrainingQuantization
-
     ptq = any(isinstance(callback, PostTrainingQuantization) for callback in trainer.callbacks)
     why = ("PostTrainingQuantization quantizes when fit ends, after the last checkpoint, so every checkpoint of the "
            "run is float" if ptq else "it predates quantization-aware training")
