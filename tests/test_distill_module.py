@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import nn
 
 from dms_lightning import DMSClassifier, DMSDataModule, DistillationModule
 from dms_lightning.distill import kd_loss
+from dms_lightning.distill.teacher import TEACHER_DEFAULT_CHECKPOINT
 from dms_lightning.export import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,6 +307,65 @@ def test_any_nn_module_classifier_can_be_the_student(teacher_ckpt):
 
     assert module.compression_target is student and logits.shape == (4, 5)
     assert student[0].weight.grad is not None and "student" not in module.hparams
+
+
+class _OwnTeacherProject(LightningModule):
+    """Someone's own LightningModule (no DMSClassifier hyper-parameters): its checkpoint cannot build a teacher."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(32, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_own_teacher_network_distils_and_reloads_and_stays_untouched(tmp_path):
+    torch.manual_seed(0)
+    project = _OwnTeacherProject()
+    fit = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=1,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    Trainer(default_root_dir=str(tmp_path / "own"), **fit).fit(project, datamodule=DMSDataModule(**DATA))
+    own_ckpt = next((tmp_path / "own").rglob("*.ckpt"))
+    with pytest.raises(ValueError, match=r"Lightning checkpoint of another LightningModule.*teacher=YourModule"):
+        DistillationModule(teacher_checkpoint=str(own_ckpt), image_size=64)
+
+    teacher = _OwnTeacherProject.load_from_checkpoint(own_ckpt).train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = _module("", teacher=teacher, teacher_checkpoint=TEACHER_DEFAULT_CHECKPOINT,
+                     attention_transfer=[{"student": "features.3", "teacher": "net.3"}])
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = Trainer(default_root_dir=str(tmp_path / "distil"), logger=False, callbacks=[checkpoint], **fit)
+    trainer.fit(module, datamodule=DMSDataModule(**DATA))
+
+    # the caller's module is not frozen, put in eval mode or changed; the run's copy taught with its weights
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    images = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():  # the run's copy is in NHWC memory format (channels_last): equal up to float rounding
+        torch.testing.assert_close(module.teacher(images), teacher.eval()(images), rtol=0, atol=1e-5)
+    teacher.train()
+    assert "teacher" not in module.hparams
+    reloaded = DistillationModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", teacher=teacher).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), module.eval()(images))
+    with pytest.raises(FileNotFoundError, match=r"DistillationModule\(teacher=\.\.\.\)"):
+        DistillationModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+
+
+def test_teacher_network_and_teacher_checkpoint_together_are_refused(teacher_ckpt):
+    with pytest.raises(ValueError, match=r"model\.teacher .*model\.teacher_checkpoint=.*give one of them"):
+        _module(teacher_ckpt, teacher=_OwnTeacherProject())
+    with pytest.raises(ValueError, match=r"model\.teacher=.*must be a trained nn\.Module"):
+        _module(teacher_ckpt, teacher="resnet18")
 
 
 # ---------------------------------------------------------------------------------------------- clear errors

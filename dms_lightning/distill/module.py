@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 import warnings
 from typing import Any
@@ -75,6 +76,7 @@ class DistillationModule(ClassificationModule):
             mapping ``N × in_channels × H × W`` images to ``N × num_classes`` logits.
         teacher_checkpoint: a ``DMSClassifier`` Lightning checkpoint (``configs/teacher.yaml`` writes
             ``artifacts/teacher/best.ckpt``) or a plain ``state_dict`` file (then ``teacher_backbone`` is needed).
+            Not used when ``teacher`` is given.
         temperature: softmax temperature ``T`` of the soft targets (> 0).
         alpha: weight of the distillation term in ``[0, 1]``; ``1 − alpha`` weighs the label cross-entropy.
         feature_hints: FitNets hints, ``[{student: features.8, teacher: layer3, weight: 1.0}, ...]``; each
@@ -98,6 +100,11 @@ class DistillationModule(ClassificationModule):
             ``class_weights`` weigh the hard-label term only; ``channels_last`` covers the teacher too).
         student_activation: ``"default"`` or ``"relu"`` for a student built by name (``activation`` of
             :class:`~dms_lightning.DMSClassifier`: hard-swish replaced by ReLU for integer CPU / NPU graphs).
+        teacher: your own trained teacher network instead of ``teacher_checkpoint`` (any ``nn.Module`` mapping the
+            student's input to ``N × num_classes`` logits, e.g. ``MyModule.load_from_checkpoint(path)`` of your own
+            LightningModule, or a timm / torchvision model with its weights loaded). A copy is frozen, so the
+            module you pass is left as it is. Like a ``student`` module it is not part of the hyper-parameters:
+            pass it again to ``load_from_checkpoint``.
         mixing: ``"none"`` (default), ``"mixup"`` or ``"cutmix"``: function matching (Beyer et al. 2022). Each
             training batch is mixed with a shuffled copy of itself (:func:`~dms_lightning.distill.losses.mix_batch`)
             and teacher and student see the same mixed images, so the teacher labels inputs between the training
@@ -144,6 +151,7 @@ class DistillationModule(ClassificationModule):
         zero_init_residual: bool | None = None,
         student_activation: Activation = "default",
         mixing: str = "none",
+        teacher: nn.Module | None = None,
     ) -> None:
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights, bn_reestimation, channels_last)
@@ -162,7 +170,14 @@ class DistillationModule(ClassificationModule):
         self.hint_pairs = parse_feature_pairs("model.feature_hints", feature_hints, default_weight=1.0)
         self.attention_pairs = parse_feature_pairs("model.attention_transfer", attention_transfer,
                                                    default_weight=DEFAULT_ATTENTION_WEIGHT)
-        self.save_hyperparameters(ignore=["student"] if isinstance(student, nn.Module) else None)
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise ValueError(f"model.teacher={teacher!r} must be a trained nn.Module (your teacher network), or None to "
+                             "read model.teacher_checkpoint")
+        if teacher is not None and (teacher_checkpoint != TEACHER_DEFAULT_CHECKPOINT
+                                    or any(v is not None for v in (teacher_backbone, teacher_head, teacher_head_hidden))):
+            raise ValueError(f"model.teacher (a {type(teacher).__name__} network) and model.teacher_checkpoint="
+                             f"{teacher_checkpoint!r} / model.teacher_backbone both name a teacher: give one of them")
+        self.save_hyperparameters(ignore=["student", "teacher"] if isinstance(student, nn.Module) else ["teacher"])
         self.temperature, self.alpha, self.save_teacher = float(temperature), float(alpha), save_teacher
         self.mixing = mixing
         self._mixed: MixedBatch | None = None
@@ -175,11 +190,15 @@ class DistillationModule(ClassificationModule):
             self.model = student
         self._check_classifier(self.model, "model.student")
 
-        spec = load_teacher(teacher_checkpoint, teacher_backbone, teacher_head, teacher_head_hidden,
-                            num_classes, in_channels)
-        self._check_teacher_agrees(spec, teacher_checkpoint)
-        self.teacher = FrozenTeacher(spec.network)
-        self._check_classifier(self.teacher.network, "model.teacher_checkpoint")
+        if teacher is None:
+            spec = load_teacher(teacher_checkpoint, teacher_backbone, teacher_head, teacher_head_hidden,
+                                num_classes, in_channels)
+            self._check_teacher_agrees(spec, teacher_checkpoint)
+            self.teacher = FrozenTeacher(spec.network)
+        else:
+            # A copy: freezing must not change the caller's module (it may go on training, or be a student elsewhere).
+            self.teacher = FrozenTeacher(copy.deepcopy(teacher))
+        self._check_classifier(self.teacher.network, "model.teacher" if teacher is not None else "model.teacher_checkpoint")
 
         self.hint_adapters = nn.ModuleList(self._build_adapters())
         if teacher_cache and self.hint_pairs:

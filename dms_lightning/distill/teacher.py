@@ -70,9 +70,16 @@ def load_teacher(checkpoint: str | Path, backbone: str | None = None, head: str 
     path = Path(checkpoint).expanduser()
     obj = load_checkpoint(path, "model.teacher_checkpoint", hint=(
         f"Train the teacher first with `{TEACHER_COMMAND}` (it writes {TEACHER_DEFAULT_CHECKPOINT}), or point "
-        "model.teacher_checkpoint at a checkpoint of your own DMSClassifier."))
-    if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
-        return _from_lightning_checkpoint(path, obj["hyper_parameters"], backbone, head, head_hidden)
+        "model.teacher_checkpoint at a checkpoint of your own DMSClassifier, or pass a trained network as "
+        "DistillationModule(teacher=...) (to load_from_checkpoint too, for a student distilled from one)."))
+    hparams = obj.get("hyper_parameters") if isinstance(obj, dict) and "state_dict" in obj else None
+    if isinstance(hparams, dict) and ("backbone" in hparams or backbone is not None):
+        return _from_lightning_checkpoint(path, hparams, backbone, head, head_hidden)
+    if backbone is None and isinstance(obj, dict) and "state_dict" in obj:
+        raise ValueError(f"model.teacher_checkpoint={str(checkpoint)!r} is a Lightning checkpoint of another "
+                         f"LightningModule, not of a DMSClassifier (hyper-parameters: {_short(hparams or {}) or 'none'}), "
+                         "so the teacher network cannot be built from it. Load it with your own class and pass the "
+                         "network: DistillationModule(teacher=YourModule.load_from_checkpoint(path), ...)")
     if backbone is None:
         raise ValueError(f"model.teacher_checkpoint={str(checkpoint)!r} holds a plain state_dict without "
                          "hyper-parameters: set model.teacher_backbone (and teacher_head / teacher_head_hidden if "
