@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dms_lightning.quant.calibration import check_calibration_batches
 from dms_lightning.export.qdq import materialize_constant_identities
 from dms_lightning.utils.io import atomic_path
+from dms_lightning.utils.predictions import batch_images
 
 CalibrationMethod = Literal["minmax", "percentile", "entropy"]
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -50,7 +51,7 @@ class BatchCalibrationReader:
         for i, batch in enumerate(self.batches):
             if self.calibration_batches is not None and i >= self.calibration_batches:
                 return
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            images = batch if isinstance(batch, np.ndarray) else batch_images(batch)
             if isinstance(images, torch.Tensor):
                 images = images.detach().cpu().numpy()
             self.seen += 1

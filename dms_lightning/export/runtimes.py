@@ -17,7 +17,14 @@ import onnx
 from onnx import numpy_helper
 
 from dms_lightning.utils.cpu import int8_pair_sums_saturate
-from dms_lightning.utils.predictions import accuracy, batch_images, top1_agreement, torch_logits, torch_outputs
+from dms_lightning.utils.predictions import (
+    accuracy,
+    batch_images,
+    require_labels,
+    top1_agreement,
+    torch_logits,
+    torch_outputs,
+)
 
 __all__ = ["EXACT_INT8_PRODUCTS", "accuracy", "batches_of", "exact_int8_products_needed", "loader_logits",
            "onnxruntime_outputs", "openvino_available", "openvino_outputs", "ort_session", "ort_session_options",
@@ -128,8 +135,8 @@ def loader_logits(session, batches: Iterable, limit: int | None = None) -> tuple
     for i, batch in enumerate(batches):
         if limit is not None and i >= limit:
             break
-        logits.append(session_outputs(session, batch_images(batch).numpy()))
-        labels.append(np.asarray(batch[1]))
+        logits.append(session_outputs(session, batch_images(batch).cpu().numpy()))
+        labels.append(require_labels(batch, "loader_logits").cpu().numpy())
     return np.concatenate(logits), np.concatenate(labels)
 
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
-from dms_lightning.utils.predictions import batch_images
+from dms_lightning.utils.predictions import batch_images, batch_labels
 
 #: Key of the re-estimation history in ``checkpoint["dms_lightning"]``.
 CHECKPOINT_RECORD = "batch_norm_reestimation"
@@ -248,11 +248,12 @@ def _val_accuracy(trainer: Trainer, network: nn.Module, max_batches: int | None,
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break
-                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                labels = batch_labels(batch)
+                if labels is None:
                     return None
-                logits = network(batch[0].to(device))
-                correct[0] += (logits.argmax(dim=1) == batch[1].to(device)).sum()
-                correct[1] += len(batch[1])
+                logits = network(batch_images(batch).to(device))
+                correct[0] += (logits.argmax(dim=1) == labels.to(device)).sum()
+                correct[1] += len(labels)
     finally:
         for module, training in was_training.items():
             module.training = training

@@ -37,6 +37,7 @@ from dms_lightning.quant.prepare import (
     prepare_qat,
     set_quantizers_state,
 )
+from dms_lightning.utils.predictions import batch_images
 
 #: ``reestimate_batchnorm(float_model, batches)``: re-estimate BatchNorm statistics before calibration.
 BatchNormHook = Callable[[nn.Module, Sequence[torch.Tensor]], None]
@@ -55,16 +56,15 @@ def check_calibration_batches(batches: Iterable, calibration_batches: int | None
 
 
 def _images(batch) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if isinstance(batch, dict):
-        batch = next((batch[k] for k in ("image", "images", "input", "inputs", "x") if k in batch), None)
     if isinstance(batch, np.ndarray):
         batch = torch.from_numpy(batch)
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"calibration batches must be image tensors / arrays or (images, labels, ...) tuples, "
-                        f"got {type(batch).__name__}")
-    return batch.detach().float()
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], np.ndarray):
+        batch = torch.from_numpy(batch[0])
+    try:
+        return batch_images(batch).detach().float()
+    except TypeError as err:
+        raise TypeError(f"calibration batches must be image tensors / arrays or (images, labels, ...) tuples: {err}") \
+            from err
 
 
 def calibration_inputs(data: Iterable, calibration_batches: int | None = None) -> list[torch.Tensor]:

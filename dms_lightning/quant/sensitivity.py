@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from dms_lightning.quant.fake_quant import FakeQuantizer
+from dms_lightning.utils.predictions import batch_images, require_labels
 
 WEIGHT_SUFFIX = ".weight_quantizer"
 
@@ -118,9 +119,7 @@ def _bypassed(quantizers: Iterable[FakeQuantizer], active: set[int] | None):
 
 
 def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ValueError("quantization_sensitivity() needs batches of (images, labels)")
+    return batch_images(batch), require_labels(batch, "quantization_sensitivity()")
 
 
 def labelled_batches(data: Iterable, batches: int | None, owner: str, images: int | None = None

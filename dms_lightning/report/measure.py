@@ -36,6 +36,7 @@ from dms_lightning.export.runtimes import EXACT_INT8_PRODUCTS, exact_int8_produc
 from dms_lightning.report.graph import count_onnx_macs, count_parameters, detect_precision, quantized_weight_fraction
 from dms_lightning.report.machine import machine_info
 from dms_lightning.utils.artifacts import Variant
+from dms_lightning.utils.predictions import batch_images, batch_labels
 
 #: Stages of measuring one variant, in order; a progress callback is called once after each.
 STAGES: tuple[str, ...] = ("graph", "latency", "throughput", "accuracy")
@@ -228,16 +229,16 @@ def _to_numpy(value) -> np.ndarray:
 
 def _split_batch(batch) -> tuple[np.ndarray, np.ndarray | None]:
     """``(images, labels)`` from a dataloader batch: a tuple/list ``(images, labels, ...)``, a dict or images."""
-    if isinstance(batch, dict):
-        images = batch.get("image", batch.get("images", batch.get("input")))
-        labels = batch.get("label", batch.get("labels", batch.get("target")))
-    elif isinstance(batch, (list, tuple)):
-        images, labels = batch[0], batch[1] if len(batch) > 1 else None
-    else:
-        images, labels = batch, None
-    if images is None:
-        raise ValueError(f"cannot find the images in a dataloader batch of type {type(batch).__name__}: expected "
-                         "(images, labels, ...) or a dict with an 'image'/'images'/'input' key")
+    if isinstance(batch, np.ndarray):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], np.ndarray):  # CachedBatches' replay
+        labels = batch[1] if len(batch) > 1 else None
+        return batch[0], None if labels is None else np.asarray(labels).astype(np.int64).reshape(-1)
+    try:
+        images = batch_images(batch)
+    except TypeError as err:
+        raise ValueError(str(err)) from err
+    labels = batch_labels(batch)
     return _to_numpy(images), None if labels is None else _to_numpy(labels).astype(np.int64).reshape(-1)
 
 

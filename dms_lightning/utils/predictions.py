@@ -28,18 +28,46 @@ def split_dataloaders(trainer, split: str):
     return loaders
 
 
+#: Keys of a dict batch that hold the images / the class labels, tried in this order.
+IMAGE_KEYS = ("image", "images", "input", "inputs", "pixel_values", "x")
+LABEL_KEYS = ("label", "labels", "target", "targets", "y")
+
+
 def batch_images(batch) -> torch.Tensor:
-    """The image tensor of a batch: a tensor, ``(images, labels, ...)`` or a dict with an image key."""
+    """The image tensor of a batch: a tensor, ``(images, labels, ...)`` or a dict with a key of :data:`IMAGE_KEYS`."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
     if isinstance(batch, dict):
-        for key in ("image", "images", "input", "inputs", "x"):
+        for key in IMAGE_KEYS:
             if isinstance(batch.get(key), torch.Tensor):
                 return batch[key]
-    raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}: expected a tensor, "
-                    "(images, labels, ...) or a dict with an 'image(s)' / 'input(s)' key")
+    raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}"
+                    f"{' with keys ' + str(list(batch)) if isinstance(batch, dict) else ''}: expected a tensor, "
+                    f"(images, labels, ...) or a dict with one of the keys {list(IMAGE_KEYS)}")
+
+
+def batch_labels(batch) -> torch.Tensor | None:
+    """The class labels of a batch: the second item of ``(images, labels, ...)`` or a dict's key of
+    :data:`LABEL_KEYS`; ``None`` when the batch has none (images only)."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return torch.as_tensor(batch[1])
+    if isinstance(batch, dict):
+        for key in LABEL_KEYS:
+            if batch.get(key) is not None:
+                return torch.as_tensor(batch[key])
+    return None
+
+
+def require_labels(batch, owner: str) -> torch.Tensor:
+    """:func:`batch_labels`, or an error naming ``owner`` (which measures accuracy and needs them)."""
+    labels = batch_labels(batch)
+    if labels is None:
+        raise ValueError(f"{owner} needs labelled batches: (images, labels, ...) or a dict with one of the keys "
+                         f"{list(LABEL_KEYS)}; got {type(batch).__name__}"
+                         f"{' with keys ' + str(list(batch)) if isinstance(batch, dict) else ''}")
+    return labels
 
 
 def torch_outputs(model: nn.Module, inputs: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -62,7 +90,7 @@ def torch_logits(model: nn.Module, batches: Iterable, limit: int | None = None) 
         if limit is not None and i >= limit:
             break
         logits.append(torch_outputs(model, batch_images(batch).cpu()))
-        labels.append(np.asarray(batch[1]))
+        labels.append(require_labels(batch, "torch_logits").cpu().numpy())
     return np.concatenate(logits), np.concatenate(labels)
 
 
