@@ -90,3 +90,30 @@ def test_quantization_configs_run_a_short_fit_and_write_their_int8_model(tmp_pat
 
     graph = onnx.load(str(written[0])).graph
     assert any(node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for node in graph.node)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> Path:
+    """150 small photos in three class folders: a first run on one's own data."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for name in ("alert", "eyes_closed", "phone"):
+        (root / name).mkdir()
+        for i in range(60):
+            Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_data_gives_a_few_hundred_photos_enough_optimizer_steps(config, photo_folder):
+    """The README points the configs at one's own folder (`--data.source image_folder`): a batch of 64 there would
+    leave 2-3 optimizer steps an epoch and a network at chance. The synthetic set keeps its batches of 64."""
+    from dms_lightning import DMSDataModule
+
+    data = yaml.safe_load(config.read_text())["data"]
+    own = DMSDataModule(**{**data, "source": "image_folder", "data_dir": str(photo_folder), "image_size": 16})
+    assert own.batch_size == 8 and 144 // own.batch_size >= 16  # 144 of the 180 photos train (val / test split off)
+    assert DMSDataModule(**data).batch_size == 64
