@@ -65,7 +65,10 @@ class SafetyPolicy:
         """Raise when a safety class is not one of ``class_names`` (a typo would silently disable the gate)."""
         unknown = [c for c in self.safety_classes if c not in class_names]
         if unknown:
-            raise ValueError(f"safety_classes {unknown} are not classes of {where}; its classes: {list(class_names)}")
+            raise ValueError(f"safety_classes {unknown} are not classes of {where}; its classes: {list(class_names)}. "
+                             "Name the classes whose recall must hold among those (the configs name the DMS set's: "
+                             "on your own data override CompressionReport's safety_classes), or give [] to turn the "
+                             "safety gate off")
 
 
 @dataclass(frozen=True)
