@@ -16,7 +16,6 @@ Both packages are heavy (jax, the LiteRT converter; about 1 GB) and live in the 
 from __future__ import annotations
 
 import copy
-
 import importlib.util
 import json
 import logging
