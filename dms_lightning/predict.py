@@ -42,7 +42,7 @@ class PredictionWriter(BasePredictionWriter):
                 ids = batch.get("ids") or [""] * len(probs)
                 labels = batch.get("label")
                 for i, row in enumerate(probs.tolist()):
-                    label = names[int(labels[i])] if labels is not None else ""
+                    label = names[int(labels[i])] if labels is not None and int(labels[i]) >= 0 else ""  # -1: none
                     writer.writerow([ids[i], names[int(batch["pred"][i])], label] + [f"{p:.6f}" for p in row])
         self.written = path
         rank_zero_info(f"[dms_lightning] predictions written to {path}")

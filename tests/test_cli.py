@@ -69,6 +69,46 @@ def test_predict_writes_class_and_probabilities_per_image(fitted, tmp_path):
     assert rows[0]["id"] == "synthetic/test/000000"
 
 
+def test_predict_classifies_a_folder_of_new_unlabelled_frames(fitted, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from dms_lightning.data.synthetic import render_sample
+
+    run_dir, _ = fitted
+    frames = tmp_path / "new_frames"
+    (frames / "cam2").mkdir(parents=True)
+    written = []
+    for i in range(5):  # frames of the synthetic set, saved as a camera would (no class folders)
+        path = frames / ("cam2" if i % 2 else ".") / f"frame_{i:03d}.png"
+        Image.fromarray(render_sample(7, "test", i, 32)[0]).save(path)
+        written.append(str(path.resolve()))
+    (frames / "notes.txt").write_text("not an image")
+    (frames / ".thumbs").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(frames / ".thumbs" / "x.png")
+    out = tmp_path / "predictions.csv"
+    main(args=["predict", "--config", str(ROOT / "configs/student.yaml"), *TINY, f"--data.predict_dir={frames}",
+               f"--ckpt_path={run_dir / 'ckpt' / 'last.ckpt'}", "--trainer.logger=false",
+               "--trainer.callbacks+=dms_lightning.callbacks.PredictionWriter",
+               f"--trainer.callbacks.output_path={out}", f"--trainer.default_root_dir={tmp_path}"])
+
+    rows = list(csv.DictReader(open(out)))
+    assert sorted(str(Path(r["id"]).resolve()) for r in rows) == sorted(written)  # every frame once, nothing else
+    assert all(r["label"] == "" and r["predicted"] in {"alert", "eyes_closed", "yawning", "looking_away", "phone"}
+               for r in rows)
+
+
+@pytest.mark.parametrize("make, message", [(lambda p: None, "is not a folder"),
+                                           (lambda p: p.mkdir(), "holds no image")])
+def test_predict_dir_without_images_is_refused_naming_the_field(tmp_path, make, message):
+    from dms_lightning import DMSDataModule
+
+    folder = tmp_path / "frames"
+    make(folder)
+    with pytest.raises(FileNotFoundError, match=rf"data\.predict_dir=.*{message}"):
+        DMSDataModule(image_size=32, predict_dir=str(folder))
+
+
 def test_test_subcommand_reloads_a_checkpoint_and_reports_accuracy(fitted):
     run_dir, _ = fitted
     cli = main(args=["test", "--config", str(ROOT / "configs/student.yaml"), *TINY,

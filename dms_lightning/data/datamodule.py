@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 
 from dms_lightning.data.sources import (
+    IMAGE_EXTENSIONS,
     FileImageDataset,
     SyntheticDMSDataset,
     image_bit_depth,
@@ -106,6 +107,18 @@ def _targets(dataset: Dataset) -> list[int]:
 AUTO_MAX_BATCH, AUTO_MIN_BATCH, AUTO_MIN_STEPS = 64, 8, 16
 
 
+def _unlabelled_images(predict_dir: str) -> list[tuple[str, int]]:
+    """``(path, -1)`` for every image file under ``predict_dir`` (sorted, sub-folders included)."""
+    root = Path(predict_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.predict_dir={predict_dir!r} is not a folder; point it at the images to classify")
+    files = [(str(path), -1) for path in sorted(root.rglob("*")) if path.suffix.lower() in IMAGE_EXTENSIONS
+             and path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    if not files:
+        raise FileNotFoundError(f"data.predict_dir={predict_dir!r} holds no image with extensions {IMAGE_EXTENSIONS}")
+    return files
+
+
 def auto_batch_size(train_images: int) -> int:
     """The batch size ``"auto"`` picks: 64, halved until an epoch of ``train_images`` has 16 steps, never below 8.
 
@@ -159,6 +172,9 @@ class DMSDataModule(LightningDataModule):
     computed once and kept in memory (up to 1 GiB per dataset: 3000 images at 96 px, 2 views, take 221 MB), so
     later epochs read no image and augment nothing.
 
+    Prediction (``trainer.predict`` / ``python -m dms_lightning predict``): every image under ``predict_dir``
+    (sub-folders included, no labels needed: new frames to classify), else the ``predict_split`` of the data.
+
     Example:
         >>> dm = DMSDataModule(image_size=64, train_size=20, val_size=10, test_size=10, batch_size=4)
         >>> dm.class_names[:2], dm.num_classes
@@ -192,6 +208,7 @@ class DMSDataModule(LightningDataModule):
         predict_split: Literal["train", "val", "test"] = "test",
         balance: Balance = "none",
         augment_views: int | None = None,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         if source not in ("synthetic", "image_folder", "csv"):
@@ -244,6 +261,7 @@ class DMSDataModule(LightningDataModule):
             rank_zero_info(f"[dms_lightning] data.batch_size auto: {self.batch_size} "
                            f"({sum(self._train_counts())} training images)")
         self._bit_depth: int | None = 8
+        self._predict_files = _unlabelled_images(predict_dir) if predict_dir is not None else None
 
     def _discover(self, source, data_dir, manifest, val_split, test_split, split_seed) -> list[str]:
         """Validate the source's paths and find its class names (and file lists) without decoding images."""
@@ -393,11 +411,17 @@ class DMSDataModule(LightningDataModule):
         return FileImageDataset(self._files[split], self.image_size, self.channels, skip_corrupt=hp.skip_corrupt)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
-                  "predict": (self.hparams.predict_split,)}.get(stage, _SPLITS)
+        predict = ("predict",) if self._predict_files is not None else (self.hparams.predict_split,)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": predict}.get(stage, _SPLITS)
         added = []
         for split in wanted:
             if split in self.datasets:
+                continue
+            if split == "predict":  # data.predict_dir: unlabelled images, no classes to count
+                self.datasets[split] = FileImageDataset(self._predict_files, self.image_size, self.channels,
+                                                        skip_corrupt=self.hparams.skip_corrupt)
+                rank_zero_info(f"[dms_lightning] predict: {len(self.datasets[split])} unlabelled images from "
+                               f"data.predict_dir={self.hparams.predict_dir!r}")
                 continue
             base = self._base(split)
             if len(base) == 0 and not self._may_be_empty(split):
@@ -483,5 +507,9 @@ class DMSDataModule(LightningDataModule):
         return self._loader(split)
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of ``(image, label, sample_id)`` where the id is the file path or synthetic index."""
+        """Batches of ``(image, label, sample_id)`` where the id is the file path or synthetic index; with
+        ``predict_dir`` every image under it, with label ``-1`` (unlabelled)."""
+        if self._predict_files is not None:
+            self.setup("predict")
+            return self._loader("predict", with_ids=True)
         return self._loader(self.hparams.predict_split, with_ids=True)
