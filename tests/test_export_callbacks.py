@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_export_units import FakeQuantCNN
 from torch import nn
@@ -437,3 +438,42 @@ def test_a_rerun_into_the_same_export_folder_lists_only_its_own_artifacts(tmp_pa
     assert {"tiny_fp32", "tiny_int8"} <= first
     second = run(export_int8=False)
     assert "tiny_fp32" in second and "tiny_int8" not in second
+
+
+class _TwoOutputs(LightningModule):
+    """forward returns (logits, embedding), as multi-output projects do; the logits network is ``self.net``."""
+
+    def __init__(self, with_target: bool) -> None:
+        super().__init__()
+        self.net = FloatCNN(1)
+        self.with_target = with_target
+        self.class_names, self.in_channels, self.image_size = CLASSES, 1, 16
+
+    @property
+    def compression_target(self) -> nn.Module:
+        return self.net if self.with_target else self
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits, logits.softmax(dim=1)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0])[0], batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_returning_several_outputs_is_refused_before_training_with_the_recipe(tmp_path):
+    export = ONNXExport(dirpath=str(tmp_path / "export"), checkpoint="last", parity_batches=1)
+    trainer = _trainer(tmp_path, [export], epochs=1)
+    with pytest.raises(MisconfigurationException,
+                       match=r"ONNXExport exports _TwoOutputs .* returns a tuple of 2 .* `compression_target`"):
+        trainer.fit(_TwoOutputs(with_target=False), _datamodule())
+    assert trainer.global_step == 0 and not list((tmp_path / "export").glob("*.onnx"))
+
+    # the recipe: compression_target names the logits network, and the export goes through
+    trainer = _trainer(tmp_path / "fixed", [ONNXExport(dirpath=str(tmp_path / "fixed_export"), checkpoint="last",
+                                                       parity_batches=1)], epochs=1)
+    trainer.fit(_TwoOutputs(with_target=True), _datamodule())
+    assert (tmp_path / "fixed_export" / "model_fp32.onnx").is_file()

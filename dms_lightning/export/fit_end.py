@@ -22,6 +22,9 @@ class FitEndExporter(Callback):
     """
 
     dirpath_is_artifact: ClassVar[bool] = False
+    #: Whether the exporter traces the run's network (then its output must be the class logits, checked when fit
+    #: starts) rather than reading files another exporter wrote.
+    traces_network: ClassVar[bool] = True
     dirpath: str | None = None
 
     @override
@@ -30,6 +33,13 @@ class FitEndExporter(Callback):
         if stage == "fit" and trainer.is_global_zero and self.dirpath is not None:
             folder = Path(self.dirpath).parent if self.dirpath_is_artifact else self.dirpath
             ensure_writable_dir(folder, f"{type(self).__name__}.dirpath")
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.traces_network:
+            from dms_lightning.export.source import check_logits_output
+
+            check_logits_output(type(self).__name__, trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -132,6 +133,39 @@ def warn_if_best_is_float(owner: str, trainer: Trainer, pl_module: LightningModu
     rank_zero_warn(f"[dms_lightning] {owner}: the best checkpoint ({source.origin.get('path')}) holds the float "
                    f"network: {why}. No INT8 file is written from it; use {fix} for the INT8 export")
     return True
+
+
+def check_logits_output(owner: str, trainer: Trainer, pl_module: LightningModule) -> None:
+    """Refuse, before training, a compression target whose forward does not return one ``N × classes`` logits tensor.
+
+    The exporters trace that network and judge the file on its output's top-1; a LightningModule whose forward
+    returns ``(logits, features)`` or a dict would fail only when ``fit`` ends. The example input is the module's
+    ``example_input_array`` or one validation / training image; without either the check is skipped.
+    """
+    target = compression_target(pl_module)
+    example = getattr(pl_module, "example_input_array", None)
+    if not isinstance(example, torch.Tensor):
+        try:
+            example = sample_images(trainer, 1, "val")
+        except (ValueError, TypeError, RuntimeError):
+            return
+    parameter = next(target.parameters(), None)
+    was_training = target.training
+    target.eval()
+    try:
+        with torch.no_grad():
+            output = target(example[:1].to(parameter.device if parameter is not None else "cpu"))
+    finally:
+        target.train(was_training)
+    if isinstance(output, torch.Tensor) and output.dim() == 2:
+        return
+    found = (f"a {type(output).__name__} of {len(output)}" if isinstance(output, (tuple, list, dict))
+             else f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__)
+    raise MisconfigurationException(
+        f"{owner} exports {type(target).__name__} and judges the file on its class logits, but its forward returns "
+        f"{found} for one image, not one N x classes logits tensor. Give {type(pl_module).__name__} a "
+        "`compression_target` property that returns the sub-network producing the logits (e.g. `return self.net`); "
+        "the compression callbacks and exporters then act on it")
 
 
 def _loaders(trainer: Trainer, split: str) -> list:

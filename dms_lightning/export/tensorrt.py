@@ -260,6 +260,8 @@ class TensorRTExport(FitEndExporter):
         >>> trainer = Trainer(callbacks=[ONNXExport(), TensorRTExport(max_batch=16)])  # doctest: +SKIP
     """
 
+    traces_network: ClassVar[bool] = False  # it reads the ONNX files ONNXExport wrote
+
     #: ``dirpath`` is the folder written (it appears complete); its parent must be writable.
     dirpath_is_artifact: ClassVar[bool] = True
 

@@ -235,6 +235,8 @@ class TritonExport(FitEndExporter):
         >>> trainer = Trainer(callbacks=[ONNXExport(export_fp16=True), TritonExport(max_batch_size=16)])  # doctest: +SKIP
     """
 
+    traces_network: ClassVar[bool] = False  # it reads the ONNX files ONNXExport wrote
+
     #: ``dirpath`` is the folder written (it appears complete); its parent must be writable.
     dirpath_is_artifact: ClassVar[bool] = True
 
