@@ -477,3 +477,16 @@ def test_a_module_returning_several_outputs_is_refused_before_training_with_the_
                                                        parity_batches=1)], epochs=1)
     trainer.fit(_TwoOutputs(with_target=True), _datamodule())
     assert (tmp_path / "fixed_export" / "model_fp32.onnx").is_file()
+
+
+def test_the_logits_check_leaves_every_submodule_in_its_mode():
+    from types import SimpleNamespace
+
+    from dms_lightning.export.source import check_logits_output
+
+    module = _TwoOutputs(with_target=True).train()
+    module.example_input_array = torch.zeros(1, 1, 16, 16)
+    frozen = module.net.features[1].eval()  # e.g. a frozen BatchNorm in a user's network
+    check_logits_output("ONNXExport", SimpleNamespace(), module)
+    assert module.net.training and not frozen.training
+    assert all(m.training for m in module.net.modules() if m is not frozen)

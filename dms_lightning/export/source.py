@@ -150,13 +150,14 @@ def check_logits_output(owner: str, trainer: Trainer, pl_module: LightningModule
         except (ValueError, TypeError, RuntimeError):
             return
     parameter = next(target.parameters(), None)
-    was_training = target.training
+    modes = {module: module.training for module in target.modules()}  # a frozen sub-network stays in eval mode
     target.eval()
     try:
         with torch.no_grad():
             output = target(example[:1].to(parameter.device if parameter is not None else "cpu"))
     finally:
-        target.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         return
     found = (f"a {type(output).__name__} of {len(output)}" if isinstance(output, (tuple, list, dict))
