@@ -490,3 +490,33 @@ def test_the_logits_check_leaves_every_submodule_in_its_mode():
     check_logits_output("ONNXExport", SimpleNamespace(), module)
     assert module.net.training and not frozen.training
     assert all(m.training for m in module.net.modules() if m is not frozen)
+
+
+class _Head(nn.Module):
+    def __init__(self, make_output) -> None:
+        super().__init__()
+        self.conv, self.make_output = nn.Conv2d(1, 5, 3), make_output
+
+    def forward(self, x):
+        return self.make_output(self.conv(x))
+
+
+@pytest.mark.parametrize("make_output, refused", [
+    (lambda y: y.mean((2, 3)), None),                       # N x classes
+    (lambda y: y.mean((2, 3), keepdim=True), None),         # N x classes x 1 x 1: a fully convolutional head
+    (lambda y: y, r"shape \(1, 5, 14, 14\)"),               # a feature map
+    (lambda y: {"logits": y.mean((2, 3))}, r"a dict of 1"),
+])
+def test_the_logits_check_takes_classifier_outputs_only(make_output, refused):
+    from types import SimpleNamespace
+
+    from dms_lightning.export.source import check_logits_output
+
+    module = _TwoOutputs(with_target=True)
+    module.net = _Head(make_output)
+    module.example_input_array = torch.zeros(1, 1, 16, 16)
+    if refused is None:
+        check_logits_output("ONNXExport", SimpleNamespace(), module)
+    else:
+        with pytest.raises(MisconfigurationException, match=refused):
+            check_logits_output("ONNXExport", SimpleNamespace(), module)

@@ -158,8 +158,8 @@ def check_logits_output(owner: str, trainer: Trainer, pl_module: LightningModule
     finally:
         for module, training in modes.items():
             module.training = training
-    if isinstance(output, torch.Tensor) and output.dim() == 2:
-        return
+    if isinstance(output, torch.Tensor) and output.dim() >= 2 and all(size == 1 for size in output.shape[2:]):
+        return  # N x classes (or N x classes x 1 x 1 from a fully convolutional head)
     found = (f"a {type(output).__name__} of {len(output)}" if isinstance(output, (tuple, list, dict))
              else f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__)
     raise MisconfigurationException(
