@@ -60,6 +60,8 @@ def test_images_and_labels_are_found_in_tuples_and_dicts():
                   {"pixel_values": images, "targets": labels}):
         assert batch_images(batch) is images and torch.equal(batch_labels(batch), labels)
     assert batch_labels(images) is None and batch_labels({"image": images}) is None
+    assert batch_labels((images, ["a.png", "b.png"])) is None  # file names are not labels
+    assert batch_labels((images, torch.eye(2))) is None  # nor are one-hot targets
     with pytest.raises(ValueError, match=r"sensitivity needs labelled batches.*'label'.*keys \['image'\]"):
         require_labels({"image": images}, "sensitivity")
     with pytest.raises(TypeError, match=r"keys \['frames'\].*'pixel_values'"):

@@ -50,14 +50,21 @@ def batch_images(batch) -> torch.Tensor:
 
 def batch_labels(batch) -> torch.Tensor | None:
     """The class labels of a batch: the second item of ``(images, labels, ...)`` or a dict's key of
-    :data:`LABEL_KEYS`; ``None`` when the batch has none (images only)."""
+    :data:`LABEL_KEYS`; ``None`` when the batch has none (images only, or ``(images, file names)``, or one-hot
+    targets: only one integer class index per image counts as labels)."""
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return torch.as_tensor(batch[1])
-    if isinstance(batch, dict):
-        for key in LABEL_KEYS:
-            if batch.get(key) is not None:
-                return torch.as_tensor(batch[key])
-    return None
+        value = batch[1]
+    elif isinstance(batch, dict):
+        value = next((batch[key] for key in LABEL_KEYS if batch.get(key) is not None), None)
+    else:
+        return None
+    try:
+        labels = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return None
+    return labels
 
 
 def require_labels(batch, owner: str) -> torch.Tensor:
