@@ -9,7 +9,9 @@
    TensorBoard command.
 
 Each stage is an ordinary LightningCLI run, so anything after ``--`` is passed to both ``fit`` calls as
-overrides (``python -m dms_lightning pipeline -- --trainer.max_epochs 2``).
+overrides (``python -m dms_lightning pipeline -- --data.train_size 3000``: both stages on half the images).
+Epoch overrides must leave the student config's schedule room: its pruning ends at epoch 2 and QAT starts at
+epoch 3, so ``--trainer.max_epochs`` below 4 is refused when the student stage starts.
 """
 
 from __future__ import annotations
