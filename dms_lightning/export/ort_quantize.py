@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 import onnx
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dms_lightning.quant.calibration import check_calibration_batches
@@ -51,9 +50,7 @@ class BatchCalibrationReader:
         for i, batch in enumerate(self.batches):
             if self.calibration_batches is not None and i >= self.calibration_batches:
                 return
-            images = batch if isinstance(batch, np.ndarray) else batch_images(batch)
-            if isinstance(images, torch.Tensor):
-                images = images.detach().cpu().numpy()
+            images = batch_images(batch).detach().cpu().numpy()
             self.seen += 1
             yield {self.input_name: np.asarray(images, dtype=np.float32)}
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
-from dms_lightning.utils.predictions import batch_images, batch_labels
+from dms_lightning.utils.predictions import batch_images, batch_labels, eval_mode
 
 #: Key of the re-estimation history in ``checkpoint["dms_lightning"]``.
 CHECKPOINT_RECORD = "batch_norm_reestimation"
@@ -241,22 +241,16 @@ def _val_accuracy(trainer: Trainer, network: nn.Module, max_batches: int | None,
         return None
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     correct = torch.zeros(2, dtype=torch.float64, device=device)
-    was_training = {m: m.training for m in network.modules()}
-    network.eval()
-    try:
-        with torch.no_grad():
-            for index, batch in enumerate(loader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                labels = batch_labels(batch)
-                if labels is None:
-                    return None
-                logits = network(batch_images(batch).to(device))
-                correct[0] += (logits.argmax(dim=1) == labels.to(device)).sum()
-                correct[1] += len(labels)
-    finally:
-        for module, training in was_training.items():
-            module.training = training
+    with eval_mode(network), torch.no_grad():
+        for index, batch in enumerate(loader):
+            if max_batches is not None and index >= max_batches:
+                break
+            labels = batch_labels(batch)
+            if labels is None:
+                return None
+            logits = network(batch_images(batch).to(device))
+            correct[0] += (logits.argmax(dim=1) == labels.to(device)).sum()
+            correct[1] += len(labels)
     if not local and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(correct)
     return float(correct[0] / correct[1]) if correct[1] > 0 else None

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import fx, nn
 
@@ -56,10 +55,6 @@ def check_calibration_batches(batches: Iterable, calibration_batches: int | None
 
 
 def _images(batch) -> torch.Tensor:
-    if isinstance(batch, np.ndarray):
-        batch = torch.from_numpy(batch)
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], np.ndarray):
-        batch = torch.from_numpy(batch[0])
     try:
         return batch_images(batch).detach().float()
     except TypeError as err:

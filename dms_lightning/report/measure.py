@@ -229,11 +229,6 @@ def _to_numpy(value) -> np.ndarray:
 
 def _split_batch(batch) -> tuple[np.ndarray, np.ndarray | None]:
     """``(images, labels)`` from a dataloader batch: a tuple/list ``(images, labels, ...)``, a dict or images."""
-    if isinstance(batch, np.ndarray):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], np.ndarray):  # CachedBatches' replay
-        labels = batch[1] if len(batch) > 1 else None
-        return batch[0], None if labels is None else np.asarray(labels).astype(np.int64).reshape(-1)
     try:
         images = batch_images(batch)
     except TypeError as err:

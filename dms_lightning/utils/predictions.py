@@ -7,6 +7,7 @@ here, below ``quant`` and ``export``, so both use the same loop. ONNX Runtime's 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -34,18 +35,33 @@ LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 
 def batch_images(batch) -> torch.Tensor:
-    """The image tensor of a batch: a tensor, ``(images, labels, ...)`` or a dict with a key of :data:`IMAGE_KEYS`."""
+    """The image tensor of a batch: a tensor or numpy array, ``(images, labels, ...)`` or a dict with a key of
+    :data:`IMAGE_KEYS` (a numpy array comes back as a tensor sharing its memory)."""
+    if isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    elif isinstance(batch, dict):
+        batch = next((batch[key] for key in IMAGE_KEYS if isinstance(batch.get(key), (torch.Tensor, np.ndarray))),
+                     batch)
+    if isinstance(batch, np.ndarray):
+        return torch.from_numpy(batch)
     if isinstance(batch, torch.Tensor):
         return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, dict):
-        for key in IMAGE_KEYS:
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
     raise TypeError(f"cannot find the images in a batch of type {type(batch).__name__}"
                     f"{' with keys ' + str(list(batch)) if isinstance(batch, dict) else ''}: expected a tensor, "
                     f"(images, labels, ...) or a dict with one of the keys {list(IMAGE_KEYS)}")
+
+
+@contextlib.contextmanager
+def eval_mode(network: nn.Module):
+    """``network`` in eval mode inside the block; afterwards every sub-module is back in its own mode (a frozen
+    sub-network stays in eval mode, which ``network.train(was_training)`` would undo)."""
+    modes = {module: module.training for module in network.modules()}
+    network.eval()
+    try:
+        yield network
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def batch_labels(batch) -> torch.Tensor | None:
