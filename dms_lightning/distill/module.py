@@ -178,6 +178,7 @@ class DistillationModule(ClassificationModule):
             raise ValueError(f"model.teacher (a {type(teacher).__name__} network) and model.teacher_checkpoint="
                              f"{teacher_checkpoint!r} / model.teacher_backbone both name a teacher: give one of them")
         self.save_hyperparameters(ignore=["student", "teacher"] if isinstance(student, nn.Module) else ["teacher"])
+        self._factories_as_config()
         self.temperature, self.alpha, self.save_teacher = float(temperature), float(alpha), save_teacher
         self.mixing = mixing
         self._mixed: MixedBatch | None = None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from dms_lightning.models.backbones import Activation, Head, build_backbone
 from dms_lightning.models.batchnorm import BatchNormReestimation, find_reestimation
+from dms_lightning.models.factories import OPTIMIZER_BASES, SCHEDULER_BASES, factory_config, resolve_factory
 from dms_lightning.utils.checkpoint import restore_architecture
 from dms_lightning.utils.plotting import confusion_matrix_figure
 from dms_lightning.utils.tensorboard import log_figure
@@ -66,8 +67,8 @@ class ClassificationModule(LightningModule):
             raise ValueError(f"model.label_smoothing={label_smoothing!r} must be in [0, 1)")
         self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
-        self.optimizer_factory = optimizer or torch.optim.AdamW
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory = resolve_factory(optimizer, "model.optimizer", OPTIMIZER_BASES) or torch.optim.AdamW
+        self.lr_scheduler_factory = resolve_factory(lr_scheduler, "model.lr_scheduler", SCHEDULER_BASES)
         self.label_smoothing = label_smoothing
         if class_weights is not None and (len(class_weights) != num_classes or not all(w > 0 for w in class_weights)):
             raise ValueError(f"model.class_weights={list(class_weights)!r} must be {num_classes} positive numbers, one "
@@ -86,6 +87,31 @@ class ClassificationModule(LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+
+    def _factories_as_config(self) -> None:
+        """After ``save_hyperparameters``: the optimizer and scheduler factories as ``{class_path, init_args}``.
+
+        A ``functools.partial`` would otherwise be pickled into every checkpoint, which ``weights_only`` loading
+        (ours and ``load_from_checkpoint``'s) refuses (:mod:`dms_lightning.models.factories`). A factory that
+        has no such form (a function, a lambda) is left out of the hyperparameters, as Lightning leaves out what
+        it cannot pickle: ``load_from_checkpoint`` then builds the default optimizer unless given ``optimizer=``.
+        """
+        for key in ("optimizer", "lr_scheduler"):
+            stores = [h for h in (getattr(self, "_hparams", None), getattr(self, "_hparams_initial", None))
+                      if h is not None and h.get(key) is not None]
+            if not stores:
+                continue
+            given = stores[0][key]
+            config = factory_config(given)
+            for hparams in stores:
+                if config is None:
+                    del hparams[key]
+                else:
+                    hparams[key] = config
+            if config is None:
+                rank_zero_info(f"[dms_lightning] model.{key}={given!r} is not recorded in checkpoints (only a class, "
+                               "or a functools.partial of one with plain keyword arguments, is): load_from_checkpoint "
+                               f"builds the default unless given {key}=...")
 
     @property
     def compression_target(self) -> nn.Module:
@@ -304,6 +330,7 @@ class DMSClassifier(ClassificationModule):
         super().__init__(num_classes, class_names, in_channels, image_size, optimizer, lr_scheduler, label_smoothing,
                          class_weights, bn_reestimation, channels_last)
         self.save_hyperparameters()
+        self._factories_as_config()
         self.model = build_backbone(backbone, num_classes, in_channels, head, head_hidden, dropout, weights,
                                     bn_momentum, zero_init_residual, activation)
 

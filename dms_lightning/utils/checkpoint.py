@@ -155,9 +155,15 @@ def load_checkpoint(path: str | Path, field: str = "checkpoint", hint: str = "")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        fix = "Re-save it as a state_dict."
+        if "functools.partial" in str(err):
+            fix = ("It is probably a Lightning checkpoint whose hyper_parameters hold an optimizer or scheduler given "
+                   "as functools.partial (this package's modules now record those as {class_path, init_args}). If "
+                   "you trust the file: ckpt = torch.load(path, weights_only=False); delete "
+                   "ckpt['hyper_parameters']['optimizer'] (and 'lr_scheduler'); torch.save(ckpt, path).")
         raise CheckpointError(
             f"{field}={str(path)!r} holds Python objects other than tensors and plain containers; it was not "
-            f"loaded, because unpickling them can run arbitrary code. Re-save it as a state_dict. ({err})") from err
+            f"loaded, because unpickling them can run arbitrary code. {fix} ({err})") from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{field}={str(path)!r} is not a readable torch checkpoint (truncated or "
                               f"corrupted?): {err}") from err
