@@ -277,8 +277,10 @@ class DMSClassifier(ClassificationModule):
         weights: local file with pretrained weights (never downloaded).
         head: ``"dms"`` (pooled features → Linear ``head_hidden`` → ReLU → Dropout → Linear) or
             ``"torchvision"`` (the backbone's own classifier, resized).
-        optimizer: optimizer factory, LightningCLI style (default ``AdamW(lr=1e-3)``).
-        lr_scheduler: scheduler factory; default: 3 % linear warm-up then cosine decay per step.
+        optimizer: optimizer factory, LightningCLI style (default ``AdamW(lr=1e-3)``); from Python e.g.
+            ``functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)``, recorded in checkpoints as
+            ``{class_path, init_args}`` (a lambda or function is not recorded).
+        lr_scheduler: scheduler factory (the same forms); default: 3 % linear warm-up then cosine decay per step.
         label_smoothing: cross-entropy label smoothing.
         class_weights: one cross-entropy weight per class (against class imbalance); linked by the CLI from
             ``DMSDataModule(balance="loss_weights").class_weights``. ``None``: unweighted.
