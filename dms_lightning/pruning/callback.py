@@ -30,6 +30,7 @@ from dms_lightning.pruning.trainer_surgery import (
     rewrap_distributed,
 )
 from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
+from dms_lightning.utils.run_length import run_length
 from dms_lightning.utils.compression import (
     compression_target,
     example_from_batch,
@@ -51,6 +52,11 @@ Method = Literal["unstructured", "channel", "n_m"]
 _METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (UnstructuredPruning, ChannelPruning,
                                                                  SemiStructuredPruning)}
 METHODS: tuple[str, ...] = ("unstructured", "channel", "n_m")
+
+
+def _span(points: Sequence[int]) -> str:
+    """``[2, 3]``, or ``6, 7, ..., 20`` for a long list of pruning points."""
+    return str(list(points)) if len(points) <= 4 else f"{points[0]}, {points[1]}, ..., {points[-1]}"
 
 
 def _network(pl_module: pl.LightningModule) -> nn.Module:
@@ -86,8 +92,10 @@ class IterativePruning(Callback):
     ``load_from_checkpoint`` the module's ``on_load_checkpoint`` calls
     :func:`~dms_lightning.utils.checkpoint.restore_architecture` (ours do).
 
-    Checked in ``setup``, before training: ``end_epoch`` (``end_step``) within ``max_epochs``
-    (``max_steps``), and, next to :class:`~dms_lightning.callbacks.QuantizationAwareTraining`, that the
+    Checked before training: ``end_epoch`` (``end_step``) within the run, in ``setup`` against ``max_epochs``
+    (``max_steps``) and in ``on_train_start`` against the run the Trainer really makes (the epochs of a
+    ``max_steps`` run, the optimizer steps left by ``accumulate_grad_batches`` / ``limit_train_batches``); a fit
+    that early stopping or a time limit ends before the schedule says so in a warning; and, next to :class:`~dms_lightning.callbacks.QuantizationAwareTraining`, that the
     channels are removed before quantization starts. Layers the module lists in ``fixed_width_layers``
     (a :class:`~dms_lightning.DistillationModule`: the student layers of its FitNets hints) keep their width.
 
@@ -252,12 +260,15 @@ class IterativePruning(Callback):
     def architecture_changes_until(self, trainer: pl.Trainer) -> tuple[int, str] | None:
         """The epoch at whose start the channels are removed, and the field that sets it (``None``: no removal).
 
-        Step schedules return ``None`` here (the epoch of a step is known only once the data is loaded);
-        their removal refuses a network that quantization-aware training already wrapped.
+        Step schedules return ``None`` until the training data is loaded (``on_train_start``), when the epoch of
+        ``end_step`` is known; their removal also refuses a network that quantization-aware training already wrapped.
         """
-        if not self._method.removes_channels or self.unit != "epoch" or self._method.is_removed:
+        if not self._method.removes_channels or self._method.is_removed:
             return None
         end = self._resolve_end(trainer)
+        if self.unit == "step":
+            epoch = run_length(trainer).epoch_of_step(end)
+            return None if epoch is None else (epoch, f"end_step={end}")
         return end, f"end_epoch={self.end}" if self.end is not None else f"end_epoch=None, i.e. the last epoch {end}"
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -360,10 +371,31 @@ class IterativePruning(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_schedule_within_run(trainer)
         # Every strategy has restored the checkpoint by now (some only after on_fit_start): rebuild the
         # masks from the restored state and hold on to the (possibly resized) parameters.
         if self._prepared:
             self._attach(pl_module)
+
+    def _check_schedule_within_run(self, trainer: pl.Trainer) -> None:
+        # setup compared the schedule with the limit of its own unit; only now, with the training data loaded, are
+        # the epochs of a max_steps run (and the steps of a max_epochs run) known.
+        length = run_length(trainer)
+        last = length.last(self.unit)
+        if self._schedule is None or last is None:
+            return
+        points = self._schedule.points
+        unreached = [index for index in range(self.next_point, len(points)) if points[index] > last]
+        if not unreached:
+            return
+        reached = self._schedule.sparsity_at_point(unreached[0] - 1) if unreached[0] > 0 else 0.0
+        removal = " and the channels would only be removed when fit ends" if self._method.removes_channels else ""
+        raise MisconfigurationException(
+            f"IterativePruning(start_{self.unit}={self._schedule.start}, end_{self.unit}={self._schedule.end}) reaches "
+            f"beyond the run: it ends at {self.unit} {last} ({length.limited_by}), so pruning at {self.unit}s "
+            f"{_span([points[index] for index in unreached])} would never happen and the sparsity would stop at "
+            f"{reached:.3f} instead of target_sparsity={self.target_sparsity}{removal}. Use end_{self.unit} <= {last} "
+            "or train longer")
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         target = _network(pl_module)
@@ -404,11 +436,19 @@ class IterativePruning(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._method.removes_channels and not self.removed and self.pruned_channels:
-            reached = self.history[-1]["target"] if self.history else 0.0
-            rank_zero_warn("IterativePruning: fit ended before the last pruning point; removing the channels pruned "
-                           f"so far (sparsity {reached:.2f} of the target {self.target_sparsity})")
+        # Early stopping, max_time or an interrupt can end fit before the schedule does: say so, for every method.
+        if self._schedule is None or self.next_point >= len(self._schedule.points) or self.removed:
+            return
+        reached = self.history[-1]["target"] if self.history else 0.0
+        position = trainer.current_epoch if self.unit == "epoch" else trainer.global_step
+        message = (f"IterativePruning: fit ended before the last pruning point ({self.unit} {position}; the next point "
+                   f"was {self.unit} {self._schedule.points[self.next_point]}, end_{self.unit}={self._schedule.end}): "
+                   f"sparsity {reached:.2f} of the target {self.target_sparsity}")
+        if self._method.removes_channels and self.pruned_channels:
+            rank_zero_warn(f"{message}; removing the channels pruned so far")
             self._remove(trainer, pl_module, rebuild=False)
+        else:
+            rank_zero_warn(message)
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule, position: int) -> None:
         points = self._schedule.points

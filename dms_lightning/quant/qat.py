@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -29,6 +29,7 @@ from dms_lightning.quant.target import (
 from dms_lightning.utils.artifacts import ParityRule, QuantizedNetwork, warn_without_int8_writer
 from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
 from dms_lightning.utils.compression import compression_target
+from dms_lightning.utils.run_length import run_length
 from dms_lightning.utils.validation import check_choice, check_fraction, check_int, check_names
 
 
@@ -47,7 +48,9 @@ class QuantizationAwareTraining(Callback):
     pruning callback that physically removes channels earlier in the same run is picked up as is.
     Activation ranges are moving averages updated only in training steps (never in validation / test),
     averaged over DDP ranks each step, frozen at ``freeze_observers_epoch``; BatchNorm switches to its
-    running statistics at ``freeze_bn_epoch``. Checkpoints record the quantized architecture, so
+    running statistics at ``freeze_bn_epoch``. A ``start_epoch`` the run never reaches (``max_epochs``, or the
+    epochs ``max_steps`` allows) is refused before training; a fit stopped early before it warns that no INT8
+    network exists. Checkpoints record the quantized architecture, so
     ``trainer.test(ckpt_path="best")``, ``fit(ckpt_path=...)`` and ``load_from_checkpoint`` rebuild it.
 
     It writes no file itself: at the end of ``fit`` (with ``export=True``) it hands the fake-quantized network
@@ -197,9 +200,27 @@ class QuantizationAwareTraining(Callback):
                 epoch, field = until
                 raise MisconfigurationException(
                     f"QuantizationAwareTraining(start_epoch={self.start_epoch}) would start before "
-                    f"{type(callback).__name__}({field}) has finished changing the network (at the start of epoch "
+                    f"{type(callback).__name__}({field}) has finished changing the network (in epoch "
                     f"{epoch}): quantizers would be sized for channels that are removed later. Use "
                     f"QuantizationAwareTraining(start_epoch>={epoch + 1}) or end {type(callback).__name__} earlier")
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # setup knew only max_epochs; with the training data loaded, a max_steps run's last epoch is known too, and
+        # so is the epoch in which a step-scheduled channel removal happens.
+        self._check_earlier_changes_end_before_start(trainer)
+        length = run_length(trainer)
+        if length.last_epoch is None or target_is_quantized(pl_module):
+            return
+        if self.start_epoch > length.last_epoch:
+            raise MisconfigurationException(
+                f"QuantizationAwareTraining(start_epoch={self.start_epoch}) would never start: the run ends at epoch "
+                f"{length.last_epoch} ({length.limited_by}); use start_epoch <= {length.last_epoch} or train longer")
+        for field, epoch in (("freeze_bn_epoch", self.freeze_bn_epoch),
+                             ("freeze_observers_epoch", self.freeze_observers_epoch)):
+            if epoch is not None and epoch > length.last_epoch:
+                rank_zero_warn(f"QuantizationAwareTraining({field}={epoch}) is after the run's last epoch "
+                               f"{length.last_epoch} ({length.limited_by}): it will not take effect")
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -249,8 +270,14 @@ class QuantizationAwareTraining(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # quant/ writes no file: the network flows down to ONNXExport, which runs after this hook.
         self.int8_networks = []
+        if not target_is_quantized(pl_module):
+            # Early stopping, max_time or an interrupt ended fit before start_epoch: no INT8 network exists.
+            rank_zero_warn(f"QuantizationAwareTraining(start_epoch={self.start_epoch}): fit ended at epoch "
+                           f"{trainer.current_epoch} before quantization-aware training started; the network is "
+                           "still float" + (" and no INT8 model is handed down for export" if self.export else ""))
+            return
         padded = warn_padded_channels(self.target, compression_target(pl_module), "QuantizationAwareTraining")
-        if self.export and target_is_quantized(pl_module):
+        if self.export:
             self.int8_networks = [QuantizedNetwork(
                 name=self.filename, network=compression_target(pl_module), producer=type(self).__name__,
                 dirpath=self.dirpath, parity=self.parity, opset=self.opset,
