@@ -17,6 +17,7 @@ from dms_lightning.export.metadata import preprocessing_info
 from dms_lightning.quant.ptq import PostTrainingQuantization
 from dms_lightning.utils.artifacts import ParityRule
 from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
+from dms_lightning.utils.compression import as_network_input
 from dms_lightning.utils.predictions import batch_images, eval_mode, split_dataloaders
 
 CHECKPOINT_CHOICES = ("best", "last")
@@ -149,9 +150,8 @@ def check_logits_output(owner: str, trainer: Trainer, pl_module: LightningModule
             example = sample_images(trainer, 1, "val")
         except (ValueError, TypeError, RuntimeError):
             return
-    parameter = next(target.parameters(), None)
     with eval_mode(target), torch.no_grad():
-        output = target(example[:1].to(parameter.device if parameter is not None else "cpu"))
+        output = target(as_network_input(example[:1], target))
     if isinstance(output, torch.Tensor) and output.dim() >= 2 and all(size == 1 for size in output.shape[2:]):
         return  # N x classes (or N x classes x 1 x 1 from a fully convolutional head)
     found = (f"a {type(output).__name__} of {len(output)}" if isinstance(output, (tuple, list, dict))

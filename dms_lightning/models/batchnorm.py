@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from dms_lightning.utils.checkpoint import checkpoint_records, compression_target
+from dms_lightning.utils.compression import as_network_input
 from dms_lightning.utils.predictions import batch_images, batch_labels, eval_mode
 
 #: Key of the re-estimation history in ``checkpoint["dms_lightning"]``.
@@ -149,7 +150,6 @@ def reestimate_batch_norm(
                                 world_size=_distributed_world() if sync_distributed else 1)
     if not layers:
         return result
-    device = next((p.device for p in model.parameters()), layers[0][1].running_mean.device)
     sums: dict[int, list] = {}
 
     def accumulate(bn: _BatchNorm, inputs: tuple) -> None:
@@ -166,7 +166,7 @@ def reestimate_batch_norm(
             for index, batch in enumerate(batches):
                 if num_batches is not None and index >= num_batches:
                     break
-                images = batch_images(batch).to(device)
+                images = as_network_input(batch_images(batch), model)
                 forward(model, images)
                 result.batches += 1
                 result.samples += len(images)
@@ -248,7 +248,7 @@ def _val_accuracy(trainer: Trainer, network: nn.Module, max_batches: int | None,
             labels = batch_labels(batch)
             if labels is None:
                 return None
-            logits = network(batch_images(batch).to(device))
+            logits = network(as_network_input(batch_images(batch), network))
             correct[0] += (logits.argmax(dim=1) == labels.to(device)).sum()
             correct[1] += len(labels)
     if not local and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():

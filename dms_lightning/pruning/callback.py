@@ -32,6 +32,7 @@ from dms_lightning.pruning.trainer_surgery import (
 from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
 from dms_lightning.utils.run_length import run_length
 from dms_lightning.utils.compression import (
+    as_network_input,
     compression_target,
     example_from_batch,
     fixed_width_layers,
@@ -356,7 +357,7 @@ class IterativePruning(Callback):
 
     def _prepare(self, pl_module: pl.LightningModule, example: Tensor) -> None:
         target = _network(pl_module)
-        self._example_input = example.detach()[:1].to(next(target.parameters()).device)
+        self._example_input = as_network_input(example.detach()[:1], target)
         ignored = self._ignored_names + default_ignored_layers(
             target, self._example_input, self.keep_first_conv, self.keep_classifier)
         self._positions = layer_output_positions(target, self._example_input)

@@ -36,6 +36,7 @@ from dms_lightning.quant.prepare import (
     prepare_qat,
     set_quantizers_state,
 )
+from dms_lightning.utils.compression import as_network_input
 from dms_lightning.utils.predictions import batch_images
 
 #: ``reestimate_batchnorm(float_model, batches)``: re-estimate BatchNorm statistics before calibration.
@@ -126,8 +127,6 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], config: Calibra
         raise ValueError("calibrate() needs at least one batch")
     estimators = {name: config.estimator() for name in quantizers}
     passes = max(estimator.passes for estimator in estimators.values())
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
     everything = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
     was_training = model.training
     model.eval()
@@ -137,7 +136,7 @@ def calibrate(model: nn.Module, batches: Sequence[torch.Tensor], config: Calibra
                 for estimator in estimators.values():
                     estimator.start_pass(index)
                 for inputs in batches:
-                    model(inputs.to(device))
+                    model(as_network_input(inputs, model))
     finally:
         model.train(was_training)
     ranges = {}

@@ -98,3 +98,17 @@ def example_from_batch(batch: object) -> Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def as_network_input(example: Tensor, network: nn.Module) -> Tensor:
+    """``example`` on the device, and in the floating dtype, of ``network``'s parameters.
+
+    Example inputs (``example_input_array``, a data module's images, ``torch.zeros``) are float32, while
+    ``Trainer(precision="64-true" / "bf16-true")`` converts the network itself: feeding them as they are fails
+    with "Input type (float) and bias type (double) should be the same".
+    """
+    parameter = next((p for p in network.parameters() if p.is_floating_point()), None)
+    if parameter is None:
+        return example
+    dtype = parameter.dtype if example.is_floating_point() else example.dtype
+    return example.to(device=parameter.device, dtype=dtype)

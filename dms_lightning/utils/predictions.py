@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dms_lightning.utils.compression import as_network_input
+
 
 def split_dataloaders(trainer, split: str):
     """The ``split`` (``"train"``, ``"val"``, ``"test"``) dataloader(s) of a run, or ``None``: the Trainer's own
@@ -97,10 +99,9 @@ def torch_outputs(model: nn.Module, inputs: torch.Tensor | np.ndarray) -> np.nda
     """Logits of ``model`` in eval mode for CPU-side ``inputs`` (on the model's device; its mode is restored)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            batch = torch.as_tensor(np.asarray(inputs), dtype=torch.float32, device=device)
+            batch = as_network_input(torch.as_tensor(np.asarray(inputs), dtype=torch.float32), model)
             return model(batch).float().cpu().numpy()
     finally:
         model.train(was_training)
