@@ -30,7 +30,6 @@ from dms_lightning.pruning.trainer_surgery import (
     rewrap_distributed,
 )
 from dms_lightning.utils.checkpoint import install_architecture_restore, record_architecture_change
-from dms_lightning.utils.run_length import run_length
 from dms_lightning.utils.compression import (
     as_network_input,
     compression_target,
@@ -39,6 +38,7 @@ from dms_lightning.utils.compression import (
     float_network,
     is_wrapped,
 )
+from dms_lightning.utils.run_length import run_length
 from dms_lightning.utils.tensorboard import log_figure
 from dms_lightning.utils.validation import (
     check_choice,
@@ -96,8 +96,9 @@ class IterativePruning(Callback):
     Checked before training: ``end_epoch`` (``end_step``) within the run, in ``setup`` against ``max_epochs``
     (``max_steps``) and in ``on_train_start`` against the run the Trainer really makes (the epochs of a
     ``max_steps`` run, the optimizer steps left by ``accumulate_grad_batches`` / ``limit_train_batches``); a fit
-    that early stopping or a time limit ends before the schedule says so in a warning; and, next to :class:`~dms_lightning.callbacks.QuantizationAwareTraining`, that the
-    channels are removed before quantization starts. Layers the module lists in ``fixed_width_layers``
+    that early stopping or a time limit ends before the schedule says so in a warning; and, next to
+    :class:`~dms_lightning.callbacks.QuantizationAwareTraining`, that the channels are removed before
+    quantization starts. Layers the module lists in ``fixed_width_layers``
     (a :class:`~dms_lightning.DistillationModule`: the student layers of its FitNets hints) keep their width.
 
     Acts on ``pl_module.compression_target`` (our modules: the classifier network, a distillation
