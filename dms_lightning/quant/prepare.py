@@ -246,12 +246,13 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None,
                          f"include={list(config.include)}, exclude={list(config.exclude)}, quantize_depthwise={config.quantize_depthwise}, "
                          f"quantize_linear={config.quantize_linear}; nothing to quantize")
     try:
-        graph = fx.Tracer().trace(model)
+        graph = _NormLeafTracer().trace(model)
     except Exception as err:  # noqa: BLE001 - fx raises many types for data-dependent control flow
         raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx for quantization ({err}); "
                          "keep data-dependent control flow out of forward, or quantize the exported ONNX graph "
                          "with dms_lightning.export.ort_quantize.quantize_onnx") from err
     graph_module = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
+    _split_norm_activations(graph_module)
     quantized = _swap_layers(graph_module, config)
     _insert_activation_quantizers(graph_module, quantized, config)
     _observe_outputs(graph_module, observed_modules)
@@ -267,6 +268,47 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None,
     setattr(graph_module, FLOAT_NETWORK_ATTR, ref)
     graph_module.meta.setdefault(_PRESERVED_KEY, {})[FLOAT_NETWORK_ATTR] = ref
     return graph_module
+
+
+class _NormLeafTracer(fx.Tracer):
+    """Calls BatchNorm layers as modules, subclasses included, instead of tracing into their forward.
+
+    torch.fx runs a forward's ``if self.training`` once, at trace time. Traced into, a BatchNorm subclass
+    (timm's ``BatchNormAct2d`` in MobileNetV3, EfficientNet, ...) leaves ``F.batch_norm(..., training=True)`` in
+    the graph: the twin then normalises with batch statistics in eval mode, updates the running statistics in
+    every validation and test step, and no conv folds its BatchNorm.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
+# timm's norm + activation layers (BatchNormAct2d): batch norm, then ``self.drop``, then ``self.act``.
+_NORM_ACT_CHILDREN = ("drop", "act")
+
+
+def _split_norm_activations(gm: fx.GraphModule) -> None:
+    """Call each BatchNorm-plus-activation layer as a plain ``BatchNorm2d`` followed by its ``drop`` and ``act``.
+
+    The plain BatchNorm shares the layer's parameters, buffers and children (same names in the state dict), so
+    the conv before it folds it like any other and the activation is placed and quantized like any other.
+    BatchNorm subclasses of another shape stay single (float) calls, correct in both modes but not folded.
+    """
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if (not isinstance(layer, nn.BatchNorm2d) or type(layer) is nn.BatchNorm2d
+                or not set(layer._modules) <= set(_NORM_ACT_CHILDREN) or node.kwargs or len(node.args) != 1):
+            continue
+        plain = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
+        plain.__dict__.update(layer.__dict__)  # the same parameter, buffer and child dicts: one set of tensors
+        _set_submodule(gm, node.target, plain)
+        calls = []
+        for child in (c for c in _NORM_ACT_CHILDREN if c in layer._modules):
+            with gm.graph.inserting_after(calls[-1] if calls else node):
+                calls.append(gm.graph.call_module(f"{node.target}.{child}", (calls[-1] if calls else node,)))
+        if calls:
+            node.replace_all_uses_with(calls[-1], delete_user_cb=lambda user, first=calls[0]: user is not first)
 
 
 class ObservedOutput(nn.Module):

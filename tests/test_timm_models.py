@@ -1,0 +1,44 @@
+"""Networks built by timm in a user's own LightningModule: its norm + activation layers and ghost modules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from dms_lightning.export.qdq import fake_quant_disabled  # noqa: E402
+from dms_lightning.quant import prepare_qat  # noqa: E402
+from dms_lightning.quant.modules import QuantConvBn2d  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _timm(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=5, in_chans=1, pretrained=False)
+
+
+def test_fake_quant_twin_of_batchnormact_network_uses_running_statistics_in_eval():
+    # timm's BatchNormAct2d is a BatchNorm2d subclass: traced into, torch.fx froze training=True in the graph.
+    net = _timm("mobilenetv3_small_100").train()
+    twin = prepare_qat(net).eval()
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    images = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        batch, single = twin(images)[:1], twin(images[:1])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=0)
+    assert all(torch.equal(before[n], b) for n, b in net.named_buffers()), "eval updated running statistics"
+
+
+def test_batchnormact_is_folded_and_keeps_its_activation():
+    net = _timm("mobilenetv3_small_100").eval()
+    twin = prepare_qat(net).eval()
+    assert sum(isinstance(m, QuantConvBn2d) for m in twin.modules()) == sum(
+        isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad(), fake_quant_disabled():  # float twin: the folded conv + hardswish compute the network
+        torch.testing.assert_close(twin(images), net(images), atol=1e-4, rtol=1e-4)
+
