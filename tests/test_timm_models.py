@@ -42,3 +42,23 @@ def test_batchnormact_is_folded_and_keeps_its_activation():
     with torch.no_grad(), fake_quant_disabled():  # float twin: the folded conv + hardswish compute the network
         torch.testing.assert_close(twin(images), net(images), atol=1e-4, rtol=1e-4)
 
+
+def test_ghost_module_channels_removed_are_exactly_the_masked_ones():
+    # GhostNet concatenates x with a depthwise function of x: removing channel p of x also removes p + size.
+    from dms_lightning.pruning import prune_channels, remove_pruned_channels
+
+    net = _timm("ghostnet_100").eval()
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    images = torch.randn(2, 1, 32, 32)
+    chosen, _ = prune_channels(net, images[:1], 0.3, remove=False)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in net.parameters())
+    with torch.no_grad():
+        masked = net(images)
+    report = remove_pruned_channels(net, images[:1], pruned_channels=chosen)
+    with torch.no_grad():
+        removed = net(images)
+    torch.testing.assert_close(removed, masked, atol=1e-5, rtol=1e-4)
+    assert report.params_after >= nonzero  # nothing beyond the masked channels went

@@ -247,6 +247,53 @@ def _channel_groups(group: tp.Group) -> int:
     return max(factors)
 
 
+def _root_closure(graph: tp.DependencyGraph, group: tp.Group, channels: list[int]) -> set[int]:
+    # The root channels Torch-Pruning removes along with ``channels``: more than asked when they are tied.
+    root = group[0].dep.target.module
+    return set(graph.get_pruning_group(root, group[0].dep.handler, channels)[0].idxs)
+
+
+def _tied_channels(graph: tp.DependencyGraph, group: tp.Group, channels: int) -> int | None:
+    """How many of the root's channels are tied into one (1: none), or ``None`` for a pattern we cannot keep.
+
+    A concatenation of a tensor with a depthwise (or elementwise) function of itself — GhostNet's ghost module,
+    ``cat([x, dw(x)])`` — feeds one source channel to two positions of the root: removing either removes both.
+    Torch-Pruning's group lists each tensor once, so the tie shows only in what a removal takes along (its
+    closure). Ties of the grouped-convolution layout (position ``p`` with ``p + g·size``) are pruned like
+    grouped channels; the closure of each half of every bit of the position index must then be exactly the
+    expansion of that half, which pins every position's closure in ``2·log2(size)`` probes.
+    """
+    nodes = {dep.target for dep, _ in group} | {dep.source for dep, _ in group}
+    joins = [node for node in nodes if isinstance(node.module, tp.ops._ConcatOp)
+             and sum(source in nodes for source in node.inputs) > 1]
+    if not joins:  # no tensor of the group reaches a concatenation twice: nothing can tie
+        return 1
+    first = sorted(_root_closure(graph, group, [0]))
+    tied = len(first)
+    if tied == 1 and _root_closure(graph, group, list(range(channels))[1:]) == set(range(1, channels)):
+        # Position 0 is free; a tie elsewhere shows in some half of some bit of the index.
+        tied = 1 if all(_root_closure(graph, group, half) == set(half) for half in _bit_halves(channels)) else 0
+        return tied or None
+    size = channels // tied
+    if channels % tied or first != [g * size for g in range(tied)]:
+        return None
+    for half in _bit_halves(size):
+        expanded = {p + g * size for p in half for g in range(tied)}
+        if _root_closure(graph, group, half) != expanded:
+            return None
+    return tied
+
+
+def _bit_halves(count: int) -> list[list[int]]:
+    halves = []
+    for bit in range(max(1, (count - 1).bit_length())):
+        for side in (0, 1):
+            half = [i for i in range(count) if (i >> bit) & 1 == side]
+            if half:
+                halves.append(half)
+    return halves
+
+
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     """Conv/Linear layers whose outputs reach a network output through parameter-free ops only.
 
@@ -290,6 +337,12 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module] = ()
         if channels is None or channels < 2:
             continue
         factor = _channel_groups(group)
+        tied = _tied_channels(graph, group, channels)
+        if tied is None or (tied > 1 and factor not in (1, tied)):
+            warnings.warn(f"channel group {names[root]!r} couples its channels in a pattern channel removal cannot "
+                          "keep aligned; its channels are left unpruned", stacklevel=2)
+            continue
+        factor = max(factor, tied)
         if channels % factor:
             continue
         groups.append(ChannelGroup(names[root], root, group, channels, factor))
