@@ -1,16 +1,23 @@
-"""Pruning and QAT in one Trainer: their ordering is checked in ``setup``, before any training step."""
+"""Pruning and QAT in one Trainer: their ordering is checked in ``setup``, before any training step; masks keep
+working (measured and exported) while QAT trains."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from onnx import numpy_helper
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dms_lightning.callbacks import IterativePruning, QuantizationAwareTraining
+from dms_lightning.callbacks import IterativePruning, ONNXExport, QuantizationAwareTraining
+from dms_lightning.utils.artifacts import variants
 from dms_lightning.utils.validation import check_fraction, check_int, check_names
 
 TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -21,12 +28,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class UserNet(LightningModule):
-    def __init__(self, fixed_width_layers: list[str] | None = None) -> None:
+    def __init__(self, fixed_width_layers: list[str] | None = None, classes: int = 4) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                                  nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes))
         if fixed_width_layers is not None:
             self.fixed_width_layers = fixed_width_layers
 
@@ -85,6 +92,67 @@ def test_masks_only_pruning_may_overlap_qat(tmp_path):
     assert pruning.next_point == 3
     weights = [p for n, p in module.named_parameters() if n.endswith("weight") and p.dim() > 1]
     assert sum(int((w == 0).sum()) for w in weights[1:-1]) > 0
+
+
+@pytest.mark.parametrize("pruning_kwargs", [dict(method="unstructured"), dict(method="n_m"),
+                                            dict(method="channel", remove_channels=False, min_channels=4)],
+                         ids=["unstructured", "n_m", "channel_masks"])
+def test_sparse_qat_measures_masks_and_exports_them_in_int8(pruning_kwargs, tiny_datamodule, fast_trainer_kwargs):
+    # Pruning keeps masking after QAT wrapped the network (sparse QAT): the masks stay keyed by the float
+    # network's names (net.3.weight, which the twin holds as net.3.conv.weight), the logged sparsity and MACs
+    # are measured on them, and the INT8 model handed to export carries the zeros.
+    pruning = IterativePruning(target_sparsity=0.5, start_epoch=0, end_epoch=2, **pruning_kwargs)
+    root = Path(fast_trainer_kwargs["default_root_dir"])
+    qat = QuantizationAwareTraining(start_epoch=1, dirpath=str(root / "quant"))
+    writer = ONNXExport(export_fp32=False, export_int8=False, openvino=False, dirpath=str(root / "export"))
+    module = UserNet(classes=5)  # the synthetic data's classes
+    float_weights = dict(module.named_parameters())  # QAT's twin shares these tensors
+    trainer = Trainer(**{**fast_trainer_kwargs, "max_epochs": 3}, callbacks=[pruning, qat, writer],
+                      limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=tiny_datamodule(image_size=32, channels=1, train_size=32, val_size=16,
+                                                   test_size=16))
+
+    assert qat.quantized_since == 1 and pruning.next_point == 3
+    pruned = [float_weights[name] for name in ("net.3.weight", "net.6.weight")]  # first conv, classifier kept
+    zeros = sum(int((w == 0).sum()) for w in pruned) / sum(w.numel() for w in pruned)
+    last = pruning.history[-1]
+    assert last["sparsity"] == pytest.approx(zeros) and last["sparsity"] >= 0.5
+    # Every conv of UserNet keeps the 32 x 32 input size; the classifier runs once.
+    nonzero = {name: int(torch.count_nonzero(w)) for name, w in float_weights.items() if w.dim() > 1}
+    convs = ("net.0.weight", "net.3.weight", "net.6.weight")
+    assert last["macs"] == 32 * 32 * sum(nonzero[name] for name in convs) + nonzero["net.11.weight"]
+    (variant,) = [v for v in variants(trainer) if v.producer == "QuantizationAwareTraining"]
+    initializers = {i.name: numpy_helper.to_array(i) for i in onnx.load(variant.onnx_path).graph.initializer}
+    int8_weights = {name: torch.from_numpy(initializers[name + "_quantized"].copy()) for name in pruning.masks
+                    if name + "_quantized" in initializers}
+    assert {"net.3.weight", "net.6.weight"} <= set(int8_weights)
+    for name, int8_weight in int8_weights.items():
+        assert not int8_weight[~pruning.masks[name].cpu()].any(), name
+
+
+@pytest.mark.parametrize("method", ["unstructured", "channel"])
+def test_sparse_qat_resumed_from_a_quantized_checkpoint_prunes_as_the_uninterrupted_run(method, tiny_datamodule,
+                                                                                         fast_trainer_kwargs):
+    # The resumed run finds the network already wrapped by QAT when pruning traces it (on_fit_start).
+    def callbacks() -> list:
+        return [IterativePruning(method, target_sparsity=0.5, start_epoch=0, end_epoch=3, remove_channels=False,
+                                 min_channels=4), QuantizationAwareTraining(start_epoch=1, export=False)]
+
+    root = Path(fast_trainer_kwargs["default_root_dir"])
+    run = {**fast_trainer_kwargs, "max_epochs": 4, "limit_train_batches": 1, "limit_val_batches": 0}
+    data = dict(image_size=32, channels=1, train_size=32, val_size=16, test_size=16)
+    checkpoint = ModelCheckpoint(dirpath=root, filename="e{epoch}", save_top_k=-1, auto_insert_metric_name=False)
+    first = callbacks()
+    Trainer(**{**run, "enable_checkpointing": True}, callbacks=[*first, checkpoint]).fit(
+        UserNet(classes=5), datamodule=tiny_datamodule(**data))
+    resumed = callbacks()
+    Trainer(**run, callbacks=resumed).fit(UserNet(classes=5), datamodule=tiny_datamodule(**data),
+                                          ckpt_path=str(root / "e1.ckpt"))  # taken in QAT's first epoch
+
+    assert [h["point"] for h in resumed[0].history] == [0.0, 1.0, 2.0, 3.0]
+    for key in ("sparsity", "macs"):
+        assert [h[key] for h in resumed[0].history] == pytest.approx([h[key] for h in first[0].history]), key
+    assert resumed[0].history[-1]["sparsity"] >= 0.5
 
 
 def test_plain_module_without_example_input_is_pruned_from_the_first_batch(tmp_path):

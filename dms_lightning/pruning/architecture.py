@@ -9,37 +9,17 @@ fresh network to them before Lightning loads the weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from dms_lightning.utils.checkpoint import CHANNEL_REMOVAL, ArchitectureChange
-from dms_lightning.utils.compression import compression_target, float_network
+from dms_lightning.utils.compression import compression_target, named_float_modules
 
 # Module attributes that carry a channel count; everything else about a pruned layer is in its tensors.
 _SHAPE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
                      "normalized_shape", "num_channels", "num_groups", "num_parameters", "embedding_dim")
-
-
-def named_float_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` in float-network names, looking through fake-quantized sub-networks."""
-    model = float_network(model)
-    yield prefix, model
-    for name, child in model.named_children():
-        yield from named_float_modules(child, f"{prefix}.{name}" if prefix else name)
-
-
-def named_float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters by float-network name, each tensor once."""
-    found: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for module_name, module in named_float_modules(model):
-        for key, param in module._parameters.items():
-            if param is not None and id(param) not in seen:
-                seen.add(id(param))
-                found[f"{module_name}.{key}" if module_name else key] = param
-    return found
 
 
 def architecture_record(model: nn.Module) -> dict:

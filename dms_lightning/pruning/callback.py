@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from dms_lightning.models.batchnorm import reestimate_in_run
-from dms_lightning.pruning.architecture import ChannelRemoval, named_float_parameters
+from dms_lightning.pruning.architecture import ChannelRemoval
 from dms_lightning.pruning.functional import default_ignored_layers
 from dms_lightning.pruning.graph import PRUNABLE_TYPES, modules_under, resolve_module_names
 from dms_lightning.pruning.masks import Masks, apply_masks
@@ -36,7 +36,9 @@ from dms_lightning.utils.compression import (
     example_from_batch,
     fixed_width_layers,
     float_network,
+    float_view,
     is_wrapped,
+    named_float_parameters,
 )
 from dms_lightning.utils.run_length import run_length
 from dms_lightning.utils.tensorboard import log_figure
@@ -98,7 +100,9 @@ class IterativePruning(Callback):
     ``max_steps`` run, the optimizer steps left by ``accumulate_grad_batches`` / ``limit_train_batches``); a fit
     that early stopping or a time limit ends before the schedule says so in a warning; and, next to
     :class:`~dms_lightning.callbacks.QuantizationAwareTraining`, that the channels are removed before
-    quantization starts. Layers the module lists in ``fixed_width_layers``
+    quantization starts. Pruning that only masks (``"unstructured"``, ``"n_m"``, ``remove_channels=False``) may
+    go on while QAT trains (sparse QAT): the masks act on the float weights inside the quantized layers, and the
+    logged sparsity and MACs, checkpoints and INT8 export carry them. Layers the module lists in ``fixed_width_layers``
     (a :class:`~dms_lightning.DistillationModule`: the student layers of its FitNets hints) keep their width.
 
     Acts on ``pl_module.compression_target`` (our modules: the classifier network, a distillation
@@ -357,18 +361,19 @@ class IterativePruning(Callback):
             self._prepare(pl_module, example)
 
     def _prepare(self, pl_module: pl.LightningModule, example: Tensor) -> None:
-        target = _network(pl_module)
-        self._example_input = as_network_input(example.detach()[:1], target)
-        ignored = self._ignored_names + default_ignored_layers(
-            target, self._example_input, self.keep_first_conv, self.keep_classifier)
-        self._positions = layer_output_positions(target, self._example_input)
-        ignored_modules = modules_under(target, ignored)
-        ignored_ids = {id(m) for m in ignored_modules}
-        weights = {f"{name}.weight" if name else "weight": module.weight for name, module in target.named_modules()
-                   if isinstance(module, PRUNABLE_TYPES) and id(module) not in ignored_ids
-                   and isinstance(getattr(module, "weight", None), nn.Parameter)}
-        self._pruned_tensors = self._method.pruned_tensors(weights)
-        self._method.prepare(target, self._example_input, ignored_modules)
+        # A run resumed from a checkpoint taken during QAT has the network wrapped already: trace the float one.
+        with float_view(_network(pl_module)) as target:
+            self._example_input = as_network_input(example.detach()[:1], target)
+            ignored = self._ignored_names + default_ignored_layers(
+                target, self._example_input, self.keep_first_conv, self.keep_classifier)
+            self._positions = layer_output_positions(target, self._example_input)
+            ignored_modules = modules_under(target, ignored)
+            ignored_ids = {id(m) for m in ignored_modules}
+            weights = {f"{name}.weight" if name else "weight": module.weight for name, module in target.named_modules()
+                       if isinstance(module, PRUNABLE_TYPES) and id(module) not in ignored_ids
+                       and isinstance(getattr(module, "weight", None), nn.Parameter)}
+            self._pruned_tensors = self._method.pruned_tensors(weights)
+            self._method.prepare(target, self._example_input, ignored_modules)
         self._prepared = True
 
     @override

@@ -18,6 +18,7 @@ from dms_lightning.pruning.importance import CRITERIA, channel_scores
 from dms_lightning.pruning.masks import apply_masks, channel_masks
 from dms_lightning.pruning.removal import RemovalReport, remove_pruned_channels
 from dms_lightning.pruning.selection import select_channels
+from dms_lightning.utils.compression import named_float_parameters
 from dms_lightning.utils.validation import check_choice, check_fraction
 
 
@@ -80,7 +81,7 @@ def prune_channels(
     groups = prunable_groups(graph, modules_under(model, ignored_names))
     chosen = select_channels(groups, channel_scores(groups, importance), sparsity, scope, min_channels, round_to)
     masks, _ = channel_masks(model, groups, chosen)
-    apply_masks(dict(model.named_parameters()), masks)
+    apply_masks(named_float_parameters(model), masks)
     report = None
     if remove:
         report = remove_pruned_channels(model, example_input, pruned_channels=chosen, ignored_layers=ignored_names)

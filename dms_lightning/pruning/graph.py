@@ -20,6 +20,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from dms_lightning.utils.compression import named_float_modules
+
 PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -162,12 +164,14 @@ def execution_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
 
 
 def resolve_module_names(model: nn.Module, patterns: Sequence[str], field: str) -> list[str]:
-    """Module names of ``model`` matched by ``patterns`` (exact names or shell-style wildcards).
+    """Module names of ``model`` (its float network's, also while QAT wraps it) matched by ``patterns``.
+
+    Patterns are exact names or shell-style wildcards.
 
     Raises:
         ValueError: naming the pattern that matches nothing, with a few valid names.
     """
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name, _ in named_float_modules(model) if name]
     resolved: list[str] = []
     for pattern in patterns:
         matched = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]

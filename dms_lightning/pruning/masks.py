@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from dms_lightning.pruning.graph import ChannelGroup
+from dms_lightning.utils.compression import named_float_parameters
 
 Masks = dict[str, Tensor]
 
@@ -206,10 +207,11 @@ def channel_masks(model: nn.Module, groups: Iterable[ChannelGroup],
                   pruned: Mapping[str, list[int]]) -> tuple[Masks, set[str]]:
     """Keep-masks that zero the channels ``pruned[group name]`` in every tensor of each group.
 
-    Returns the masks and the names of layer types whose slices could not be masked (they are still
-    removed physically at the end).
+    Masks are keyed by float-network parameter names (``net.3.weight`` also while quantization-aware training
+    holds that weight as ``net.3.conv.weight``), the names :func:`apply_masks` is given. Returns the masks and
+    the names of layer types whose slices could not be masked (they are still removed physically at the end).
     """
-    parameters = dict(model.named_parameters())
+    parameters = named_float_parameters(model)
     param_names = {id(p): name for name, p in parameters.items()}
     masks: Masks = {}
     unsupported: set[str] = set()

@@ -2,7 +2,9 @@
 
 Every tensor is counted once: parameters shared between modules (tied weights) or reachable under two
 names are de-duplicated by identity, unlike Lightning's ``ModelPruning`` which counts a re-parametrised
-weight once as ``weight_orig`` and again as ``weight`` (Lightning issue #13595).
+weight once as ``weight_orig`` and again as ``weight`` (Lightning issue #13595). Names are the float
+network's (:func:`~dms_lightning.utils.compression.named_float_parameters`), also while quantization-aware
+training runs the network as its fake-quantized twin, so pruning's masks and reports keep matching.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dms_lightning.pruning.graph import PRUNABLE_TYPES
+from dms_lightning.utils.compression import named_float_modules, named_float_parameters
 
 
 @dataclass
@@ -35,8 +38,8 @@ class SparsityReport:
 
 
 def unique_parameters(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters by name, each tensor once (``named_parameters`` already drops repeated objects)."""
-    return dict(model.named_parameters(remove_duplicate=True))
+    """Parameters by (float-network) name, each tensor once."""
+    return dict(named_float_parameters(model))
 
 
 @torch.no_grad()
@@ -50,7 +53,7 @@ def layer_output_positions(model: nn.Module, example_input: Tensor) -> dict[str,
             positions[name] = positions.get(name, 0) + output[:1].numel() // max(1, channels)
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    handles = [m.register_forward_hook(hook(n)) for n, m in named_float_modules(model) if isinstance(m, PRUNABLE_TYPES)]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
@@ -63,11 +66,12 @@ def layer_output_positions(model: nn.Module, example_input: Tensor) -> dict[str,
     return positions
 
 
-def count_module_macs(model: nn.Module, example_input: Tensor, positions: Mapping[str, int] | None = None) -> tuple[int, int]:
+def count_module_macs(model: nn.Module, example_input: Tensor,
+                      positions: Mapping[str, int] | None = None) -> tuple[int, int]:
     """``(dense MACs, MACs on non-zero weights)`` of the Conv/Linear layers for one input."""
     positions = positions if positions is not None else layer_output_positions(model, example_input)
     dense = nonzero = 0
-    for name, module in model.named_modules():
+    for name, module in named_float_modules(model):
         if name in positions and isinstance(module, PRUNABLE_TYPES):
             # Each output position multiplies every weight of its filter once (groups included).
             per_output_channel = module.weight.numel() // module.weight.shape[0]

@@ -7,6 +7,11 @@
 * :func:`float_network` — the float network behind a fake-quantized twin: quantization-aware training
   replaces the network by a rewritten graph that shares its parameters; pruning keeps speaking in the
   float network's module names, which a freshly built model also has.
+* :func:`named_float_modules` / :func:`named_float_parameters` — ``named_modules`` / ``named_parameters`` in
+  those names, also where only part of a module was replaced (a plain LightningModule whose children QAT wrapped):
+  masks, sparsity and MACs stay keyed by ``net.3.weight`` while the twin holds it as ``net.3.conv.weight``.
+* :func:`float_view` — such a module running its float networks for a while (tracing, forward hooks on the float
+  layers), e.g. when pruning prepares on a run resumed from a checkpoint taken during quantization-aware training.
 
 These are plain attributes, not imports: pruning and quantization never import each other, and a user's
 own module opts in by defining ``compression_target`` / ``fixed_width_layers`` / ``feature_layers``.
@@ -14,7 +19,8 @@ own module opts in by defining ``compression_target`` / ``fixed_width_layers`` /
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 from torch import Tensor, nn
 
@@ -76,6 +82,57 @@ def wrapped_float_network(module: nn.Module) -> nn.Module | None:
 def float_network(module: nn.Module) -> nn.Module:
     """The float network behind a fake-quantized ``module``, else ``module`` itself."""
     return wrapped_float_network(module) or module
+
+
+def named_float_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` in float-network names, looking through fake-quantized sub-networks (each module once)."""
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
+        module = float_network(module)
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield name, module
+        for child_name, child in module.named_children():
+            yield from walk(child, f"{name}.{child_name}" if name else child_name)
+
+    yield from walk(model, prefix)
+
+
+def named_float_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by float-network name, each tensor once."""
+    found: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for module_name, module in named_float_modules(model):
+        for key, param in module._parameters.items():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                found[f"{module_name}.{key}" if module_name else key] = param
+    return found
+
+
+@contextmanager
+def float_view(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` with every fake-quantized twin inside it swapped back for its float network, until the block ends.
+
+    The twins share the float networks' parameters and BatchNorm statistics, so nothing is copied; what changes is
+    which modules a forward pass calls. The twin's layers call the float layers' kernels, not the layers themselves:
+    forward hooks and tracers see the float network only through this view.
+    """
+    module = float_network(module)
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            original = wrapped_float_network(child)
+            if original is not None:
+                swapped.append((parent, name, child))
+                setattr(parent, name, original)
+    try:
+        yield module
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
 
 
 def is_wrapped(module: nn.Module) -> bool:
