@@ -128,6 +128,19 @@ def test_callback_refuses_to_run_with_qat(tmp_path):
     assert trainer.global_step == 0
 
 
+def test_second_ptq_callback_is_refused_before_training_naming_both(tmp_path):
+    # The first one quantizes the network in place at fit end; the second would find it quantized and write nothing.
+    first = PostTrainingQuantization(calibration_batches=1)
+    second = PostTrainingQuantization(calibration_batches=2, filename="ptq_two_batches")
+    trainer = _trainer(tmp_path, [first, second, ONNXExport(checkpoint="last")])
+    module = DMSClassifier("mobilenet_v3_small", image_size=IMAGE, head_hidden=32)
+    with pytest.raises(MisconfigurationException, match=r"PostTrainingQuantization is listed 2 times .*"
+                                                        r"filename='ptq_int8', filename='ptq_two_batches'.*"
+                                                        r"post_training_quantize"):
+        trainer.fit(module, _datamodule())
+    assert trainer.global_step == 0 and not is_quantized(module.model)
+
+
 class _PlainModule(L.LightningModule):
     """A user module that has never heard of dms_lightning: no compression_target, no example_input_array."""
 

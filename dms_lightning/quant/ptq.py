@@ -98,7 +98,9 @@ class PostTrainingQuantization(Callback):
     unchanged), each activation range is set by ``calibration_method``, then observers and BatchNorm are
     frozen. The module is left fake-quantized, so the callbacks after this one export and measure the
     INT8 model (``trainer.test()`` after ``fit`` tests it too). **List it before** ``ONNXExport``,
-    ``SNPEExport`` and ``CompressionReport``: Lightning runs ``on_fit_end`` in callback order.
+    ``SNPEExport`` and ``CompressionReport``: Lightning runs ``on_fit_end`` in callback order. One per
+    Trainer (a second is refused in ``setup``: the first leaves the network quantized); compare calibration
+    settings with :func:`~dms_lightning.quant.post_training_quantize`, which returns a twin each time.
 
     Calibration runs on every rank (same batches, same ranges). Like QAT it writes no file itself: with
     ``export=True`` it hands the fake-quant network down to :class:`~dms_lightning.callbacks.ONNXExport`
@@ -311,10 +313,26 @@ class PostTrainingQuantization(Callback):
             raise MisconfigurationException(
                 "PostTrainingQuantization and QuantizationAwareTraining in one run would quantize the same network "
                 "twice; keep one of them (QAT already produces the INT8 model)")
+        self._check_single_ptq(trainer)
         check_target_quantizable(pl_module, self.config, "PostTrainingQuantization")
         announce_target(self.target, "PostTrainingQuantization")
         if self.export:
             warn_without_int8_writer(trainer, self)
+
+    @staticmethod
+    def _check_single_ptq(trainer: Trainer) -> None:
+        # Each one swaps the network for its quantized twin in place at fit end: a second one would find it quantized
+        # already and skip, its file never written. Two calibrations of one network are two post_training_quantize
+        # calls (each returns its own twin and leaves the float network alone).
+        listed = [callback for callback in trainer.callbacks if isinstance(callback, PostTrainingQuantization)]
+        if len(listed) > 1:
+            names = ", ".join(f"filename={callback.filename!r}" for callback in listed)
+            raise MisconfigurationException(
+                f"PostTrainingQuantization is listed {len(listed)} times in the Trainer's callbacks ({names}): each "
+                "quantizes the network in place when fit ends, so the second would find it already quantized and "
+                "write nothing. Keep one PostTrainingQuantization per run; to compare settings, call "
+                "dms_lightning.quant.post_training_quantize(network, calibration_data, config, ...) on the trained "
+                "network once per setting (it returns a quantized twin and leaves the network float)")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
