@@ -48,7 +48,8 @@ class UserNet(LightningModule):
 
     def train_dataloader(self):
         generator = torch.Generator().manual_seed(0)
-        data = TensorDataset(torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 4, (16,), generator=generator))
+        data = TensorDataset(torch.randn(16, 1, 8, 8, generator=generator),
+                             torch.randint(0, 4, (16,), generator=generator))
         return DataLoader(data, batch_size=8)
 
 
