@@ -62,3 +62,52 @@ def test_ghost_module_channels_removed_are_exactly_the_masked_ones():
         removed = net(images)
     torch.testing.assert_close(removed, masked, atol=1e-5, rtol=1e-4)
     assert report.params_after >= nonzero  # nothing beyond the masked channels went
+
+
+def _trained_twin(net: torch.nn.Module, size: int = 32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    twin = prepare_qat(net.train())
+    optimizer = torch.optim.SGD(twin.parameters(), lr=1e-3)
+    for _ in range(3):  # moves the activation ranges and the weights, as QAT epochs would
+        loss = twin(torch.randn(16, 1, size, size)).logsumexp(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return twin.eval()
+
+
+def test_relu_of_batchnormact_is_fused_into_the_conv_output_quantizer():
+    # The conv folds the BatchNorm; its ReLU must follow it directly, so one quantizer sits after the ReLU
+    # (what QLinearConv computes), rather than one between conv and ReLU and another after it.
+    twin = prepare_qat(_timm("mobilenetv3_small_100").eval())
+    conv = next(n for n in twin.graph.nodes if n.target == "blocks.1.0.conv_pw")
+    (act,) = conv.users
+    assert isinstance(twin.get_submodule(act.target), torch.nn.ReLU)
+    (quantize,) = act.users
+    assert str(quantize.target).startswith("activation_quantizers.")
+
+
+def test_int8_export_quantizes_each_tensor_once_and_agrees_with_the_fake_quant_network(tmp_path):
+    # timm's BatchNormAct2d ends a block's last BatchNorm with identity drop / act layers: a quantizer before
+    # and another after them quantized the tensor twice, with two scales; ONNX Runtime merges such Q/DQ pairs
+    # into one, so the exported graph computed something else than the network it was checked against.
+    import onnx
+
+    from dms_lightning.export.parity import check_parity
+    from dms_lightning.export.qdq import export_qdq_onnx
+
+    twin = _trained_twin(_timm("mobilenetv3_small_100"))
+    path = export_qdq_onnx(twin, torch.zeros(1, 1, 32, 32), tmp_path / "int8.onnx")
+    graph = onnx.load(str(path)).graph
+    produced_by = {output: node for node in graph.node for output in node.output}
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    twice = [(producer.name, node.name) for node in graph.node if node.op_type == "QuantizeLinear"
+             for producer in [produced_by.get(node.input[0])]
+             if producer is not None and producer.op_type == "DequantizeLinear"
+             and not (values[producer.input[1]] == values[node.input[1]]).all()]
+    assert not twice, f"tensors quantized twice with different scales: {twice}"
+    torch.manual_seed(1)
+    result, _, _ = check_parity(twin, path, torch.randn(64, 1, 32, 32), atol=None, raise_on_failure=False,
+                                fuse_qdq=False)
+    assert result.top1_agreement >= 0.99, result.describe()
+

@@ -301,14 +301,35 @@ def _split_norm_activations(gm: fx.GraphModule) -> None:
                 or not set(layer._modules) <= set(_NORM_ACT_CHILDREN) or node.kwargs or len(node.args) != 1):
             continue
         plain = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
-        plain.__dict__.update(layer.__dict__)  # the same parameter, buffer and child dicts: one set of tensors
+        plain.__dict__.update(layer.__dict__)  # the same parameter and buffer dicts: one set of tensors
+        # The same children in a dict of its own: the twin drops the children it never calls (identities), and
+        # the float network must keep them.
+        plain.__dict__["_modules"] = dict(layer._modules)
         _set_submodule(gm, node.target, plain)
         calls = []
-        for child in (c for c in _NORM_ACT_CHILDREN if c in layer._modules):
+        # An identity child (no dropout, ``apply_act=False``) is not called: between a conv and its activation it
+        # would hide a ReLU the conv fuses with, and between two quantized tensors it would quantize one twice.
+        for child in (c for c in _NORM_ACT_CHILDREN if c in layer._modules
+                      and not isinstance(layer._modules[c], nn.Identity)):
             with gm.graph.inserting_after(calls[-1] if calls else node):
                 calls.append(gm.graph.call_module(f"{node.target}.{child}", (calls[-1] if calls else node,)))
         if calls:
             node.replace_all_uses_with(calls[-1], delete_user_cb=lambda user, first=calls[0]: user is not first)
+
+
+def _norm_only(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """``bn`` without the children a split norm + activation layer keeps (its parameters and buffers shared).
+
+    The graph calls those children by their own names (``bn1.act``); held a second time inside the folded conv
+    (``conv.bn.act``), ``named_modules()`` would list each under the conv's name only, and a placement that looks
+    the graph's ``bn1.act`` up there would miss the ReLU the conv fuses with.
+    """
+    if not bn._modules:
+        return bn
+    norm = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
+    norm.__dict__.update(bn.__dict__)
+    norm.__dict__["_modules"] = {}
+    return norm
 
 
 class ObservedOutput(nn.Module):
@@ -371,7 +392,8 @@ def _swap_layers(gm: fx.GraphModule, config: QuantizationConfig) -> list[fx.Node
             if isinstance(bn, nn.BatchNorm2d) and bn.num_features == layer.out_channels and bn.track_running_stats:
                 users[0].replace_all_uses_with(node)
                 gm.graph.erase_node(users[0])
-                _set_submodule(gm, node.target, QuantConvBn2d(layer, bn, config.weight_spec_for(node.target)))
+                folded = QuantConvBn2d(layer, _norm_only(bn), config.weight_spec_for(node.target))
+                _set_submodule(gm, node.target, folded)
             else:
                 _set_submodule(gm, node.target, QuantConv2d(layer, config.weight_spec_for(node.target)))
         quantized.append(node)
@@ -449,8 +471,10 @@ def _insert_activation_quantizers(gm: fx.GraphModule, quantized: list[fx.Node], 
         if node not in points:
             continue
         source = range_preserving_input(node, modules)
+        while source is not None and source not in owner:  # through a chain: timm's identity drop / drop_path
+            source = range_preserving_input(source, modules)
         # Same scale on both sides, as int8 max-pool / reshape require; the group takes its widest grid.
-        name = owner[source] if source is not None and source in owner else node.name
+        name = owner[source] if source is not None else node.name
         owner[node] = name
         group_bits[name] = max(group_bits.get(name, 0), points[node])
     container = nn.Module()
