@@ -90,3 +90,25 @@ class _LeavesAutograd(torch.nn.Module):
 def test_untraceable_model_is_reported_clearly():
     with pytest.raises(UntraceableModelError, match="cannot trace _LeavesAutograd"):
         remove_pruned_channels(_LeavesAutograd(), torch.zeros(1, 1, 8, 8))
+
+
+class _UnequalSplit(torch.nn.Module):
+    """A 1-channel slice of the stem feeds its own conv, like MobileViT-v2's query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.query = torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(1, 4, 1)
+        self.rest, self.fc = torch.nn.Conv2d(7, 4, 1), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        query, rest = self.stem(x).split([1, 7], dim=1)
+        return self.fc((self.query(query) + self.rest(rest)).mean((2, 3)))
+
+
+def test_removal_never_leaves_a_coupled_layer_without_channels():
+    net = _UnequalSplit().eval()
+    images = torch.randn(2, 1, 16, 16)
+    with pytest.warns(UserWarning, match="would leave 'query' \\(1 channels\\) with none"):
+        report = remove_pruned_channels(net, images[:1], pruned_channels={"stem": [0, 3]})
+    assert report.removed_channels == {}
+    assert net.query.in_channels == 1 and net(images).shape == (2, 3)

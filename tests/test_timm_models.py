@@ -111,3 +111,20 @@ def test_int8_export_quantizes_each_tensor_once_and_agrees_with_the_fake_quant_n
                                 fuse_qdq=False)
     assert result.top1_agreement >= 0.99, result.describe()
 
+
+def test_channels_through_an_unequal_split_are_left_unpruned():
+    # MobileViT-v2's attention splits qkv into [1, embed_dim, embed_dim], sizes stored on the module: pruning
+    # through it emptied the 1-channel query slice (a crash at removal, after the whole schedule) or broke the
+    # forward's split_with_sizes.
+    from dms_lightning.pruning import prune_channels
+
+    net = _timm("mobilevitv2_050").eval()
+    qkv = {name: m.out_channels for name, m in net.named_modules() if name.endswith("attn.qkv_proj")}
+    images = torch.randn(2, 1, 32, 32)
+    with pytest.warns(UserWarning, match=r"attn\.qkv_proj' passes through a split into unequal parts \[1, "):
+        _, report = prune_channels(net, images[:1], 0.3)
+    assert report.params_after < 0.8 * report.params_before
+    assert {name: net.get_submodule(name).out_channels for name in qkv} == qkv
+    with torch.no_grad():
+        assert net(images).shape == (2, 5)
+

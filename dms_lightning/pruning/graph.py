@@ -298,6 +298,21 @@ def _bit_halves(count: int) -> list[list[int]]:
     return halves
 
 
+def _unequal_split(group: tp.Group) -> list[int] | None:
+    """Sizes of a split into unequal parts that the group's channels pass through, or ``None``.
+
+    ``qkv.split([1, embed_dim, embed_dim])`` (timm's MobileViT-v2 attention) takes its sizes from numbers
+    stored on the module: a pruned forward would still ask for the old sizes, and the 1-channel part could be
+    emptied. ``chunk(2)`` (ShuffleNet) cuts equal halves of whatever it is given and stays prunable.
+    """
+    for dep, _ in group:
+        for node in (dep.source, dep.target):
+            sizes = getattr(node.module, "split_sizes", None)
+            if isinstance(node.module, tp.ops._SplitOp) and sizes and len(set(sizes)) > 1:
+                return list(sizes)
+    return None
+
+
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     """Conv/Linear layers whose outputs reach a network output through parameter-free ops only.
 
@@ -339,6 +354,11 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module] = ()
         root = group[0].dep.target.module
         channels = graph.get_out_channels(root)
         if channels is None or channels < 2:
+            continue
+        sizes = _unequal_split(group)
+        if sizes is not None:
+            warnings.warn(f"channel group {names[root]!r} passes through a split into unequal parts {sizes}, whose "
+                          "sizes the forward code fixes; its channels are left unpruned", stacklevel=2)
             continue
         factor = _channel_groups(group)
         tied = _tied_channels(graph, group, channels)

@@ -9,6 +9,7 @@ squeeze-excitation gates stay consistent.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -97,6 +98,25 @@ def zero_channels(group: ChannelGroup) -> list[int]:
 
 
 # --------------------------------------------------------------------------------------------- removal
+def _emptied_layer(graph: tp.DependencyGraph, group: tp.Group) -> tuple[str, int] | None:
+    """``(name, channels)`` of a layer that pruning ``group`` would leave with no channel, or ``None``.
+
+    The root keeps a channel by construction, but a coupled tensor can be narrower than the root: the 1-channel
+    part of an unequal split, a concatenation's smaller input. An empty layer cuts the network in two.
+    """
+    for dep, idxs in group:
+        module = dep.target.module
+        if graph.is_out_channel_pruning_fn(dep.handler):
+            channels = graph.get_out_channels(module)
+        elif graph.is_in_channel_pruning_fn(dep.handler):
+            channels = graph.get_in_channels(module)
+        else:
+            continue
+        if channels is not None and len(set(idxs)) >= channels:
+            return graph._module2name.get(module, type(module).__name__), channels
+    return None
+
+
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -166,7 +186,14 @@ def remove_pruned_channels(
             if not idxs:
                 continue
             handler = graph.get_pruner_of_module(root).prune_out_channels
-            graph.get_pruning_group(root, handler, list(idxs)).prune()
+            pruning_group = graph.get_pruning_group(root, handler, list(idxs))
+            emptied = _emptied_layer(graph, pruning_group)
+            if emptied is not None:
+                warnings.warn(f"channel group {name!r}: removing {len(idxs)} channels would leave {emptied[0]!r} "
+                              f"({emptied[1]} channels) with none; its channels stay in the network (zeroed)",
+                              stacklevel=2)
+                continue
+            pruning_group.prune()
             removed[name] = len(idxs)
     for param in model.parameters():
         param.grad = None  # Torch-Pruning slices stale gradients along; nobody needs them
