@@ -417,6 +417,23 @@ def test_untraceable_model_fails_before_training(tmp_path):
     assert trainer.global_step == 0
 
 
+
+def test_group_that_cannot_be_scored_fails_before_training(tmp_path, monkeypatch):
+    # A layer layout Torch-Pruning's criteria do not know (FastViT's depthwise multiplier raised an IndexError)
+    # must stop the run at fit start, naming the group, not at the first pruning point.
+    from torch_pruning.pruner import importance
+
+    def unknown_layout(self, group):
+        raise IndexError("index 1 is out of bounds for dimension 0 with size 1")
+
+    monkeypatch.setattr(importance.GroupMagnitudeImportance, "__call__", unknown_layout)
+    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                      callbacks=[IterativePruning("channel", start_epoch=1, end_epoch=1)], **TRAINER)
+    with pytest.raises(UntraceableModelError, match=r"cannot score channel group 'net\.\d'.*ignored_layers.*"
+                                                    r"method='unstructured'"):
+        trainer.fit(TinyNet())
+    assert trainer.global_step == 0
+
 # --------------------------------------------------------------------------------------- CLI config
 def test_prune_config_prunes_removes_and_reloads_through_the_cli(tmp_path):
     import yaml

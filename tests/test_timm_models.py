@@ -128,3 +128,20 @@ def test_channels_through_an_unequal_split_are_left_unpruned():
     with torch.no_grad():
         assert net(images).shape == (2, 5)
 
+
+def test_fastvit_prunes_around_its_depthwise_multiplier_convs():
+    # FastViT's downsampling and final convs are depthwise with a channel multiplier (groups == in_channels <
+    # out_channels): Torch-Pruning's L1 scores raised IndexError at the first pruning point for the groups
+    # feeding them. Those groups stay whole; the rest is pruned and removed exactly.
+    from dms_lightning.pruning import prune_channels, remove_pruned_channels
+
+    net = _timm("fastvit_t8").eval()
+    images = torch.randn(2, 1, 64, 64)
+    with pytest.warns(UserWarning, match=r"feeds the depthwise conv 'final_conv\.conv_kxk\.0\.conv'"):
+        chosen, _ = prune_channels(net, images[:1], 0.3, remove=False)
+    with torch.no_grad():
+        masked = net(images)
+    report = remove_pruned_channels(net, images[:1], pruned_channels=chosen)
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), masked, atol=1e-5, rtol=1e-4)
+    assert report.params_after < 0.9 * report.params_before

@@ -313,6 +313,22 @@ def _unequal_split(group: tp.Group) -> list[int] | None:
     return None
 
 
+def _depthwise_multiplier_input(graph: tp.DependencyGraph, group: tp.Group) -> str | None:
+    """Name of a conv whose input channels the group prunes although each feeds several filters, or ``None``.
+
+    A depthwise conv with a channel multiplier (``groups == in_channels < out_channels``, FastViT's final conv)
+    ties input channel ``i`` to output channels ``i·k … i·k + k - 1``. Torch-Pruning removes its input channels
+    as if it were a plain conv: the L1 / L2 scores index past its weight (an IndexError at the first pruning
+    point) and the pruned layer would keep its groups.
+    """
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and graph.is_in_channel_pruning_fn(dep.handler) and \
+                1 < module.groups == module.in_channels < module.out_channels:
+            return graph._module2name.get(module, type(module).__name__)
+    return None
+
+
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     """Conv/Linear layers whose outputs reach a network output through parameter-free ops only.
 
@@ -359,6 +375,12 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module] = ()
         if sizes is not None:
             warnings.warn(f"channel group {names[root]!r} passes through a split into unequal parts {sizes}, whose "
                           "sizes the forward code fixes; its channels are left unpruned", stacklevel=2)
+            continue
+        multiplier = _depthwise_multiplier_input(graph, group)
+        if multiplier is not None:
+            warnings.warn(f"channel group {names[root]!r} feeds the depthwise conv {multiplier!r}, whose every input "
+                          "channel feeds several filters (a channel multiplier), which channel removal cannot "
+                          "keep aligned; its channels are left unpruned", stacklevel=2)
             continue
         factor = _channel_groups(group)
         tied = _tied_channels(graph, group, channels)

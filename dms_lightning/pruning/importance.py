@@ -17,7 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor
 
-from dms_lightning.pruning.graph import ChannelGroup
+from dms_lightning.pruning.graph import ChannelGroup, UntraceableModelError
 
 CRITERIA: tuple[str, ...] = ("l1", "l2", "bn_gamma", "taylor")
 
@@ -44,14 +44,25 @@ def _has_gradients(group: ChannelGroup) -> bool:
 
 @torch.no_grad()
 def channel_scores(groups: list[ChannelGroup], criterion: str) -> dict[str, Tensor]:
-    """One score per channel *position* of every group (grouped convolutions: averaged over groups)."""
+    """One score per channel *position* of every group (grouped convolutions: averaged over groups).
+
+    Raises:
+        UntraceableModelError: Torch-Pruning cannot score a group (a layer layout its criteria do not know),
+            naming the group.
+    """
     scorer, fallback = _scorer(criterion), _scorer("l1")
     scores: dict[str, Tensor] = {}
     for group in groups:
         use = scorer if criterion != "taylor" or _has_gradients(group) else fallback
-        score = use(group.group)
-        if score is None:  # no tensor of the criterion's kind in this group (e.g. no BatchNorm)
-            score = fallback(group.group)
+        try:
+            score = use(group.group)
+            if score is None:  # no tensor of the criterion's kind in this group (e.g. no BatchNorm)
+                score = fallback(group.group)
+        except Exception as err:  # noqa: BLE001 - Torch-Pruning's criteria fail in many ways on unknown layouts
+            raise UntraceableModelError(
+                f"cannot score channel group {group.name!r} by importance={criterion!r} ({type(err).__name__}: "
+                f"{err}): Torch-Pruning does not know how its layers share channels. Add {group.name!r} to "
+                "ignored_layers, or use method='unstructured' or 'n_m' for this model") from err
         if score is None:
             score = torch.zeros(group.channels)
         # A fully pruned group normalises to 0/0: its channels are all equally unimportant.

@@ -175,6 +175,7 @@ class ChannelPruning(PruningMethod):
         if not self.groups:
             raise ValueError(f"IterativePruning found no prunable channel group in {type(network).__name__}; "
                              "check ignored_layers")
+        channel_scores(self.groups, self.importance)  # a group Torch-Pruning cannot score fails now, not mid-run
 
     def masks_for_training(self, network, parameters, masks):
         self._parameters = parameters
