@@ -18,12 +18,7 @@ TRAINER = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=
                enable_model_summary=False, num_sanity_val_steps=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyNet(LightningModule):
