@@ -32,6 +32,10 @@ def parse_feature_pairs(field: str, pairs: Sequence[Mapping | Sequence] | None,
                         default_weight: float) -> list[FeaturePair]:
     """Turn ``[{student: features.8, teacher: layer3, weight: 1.0}, ...]`` (or ``[path, path, weight]`` lists)
     into :class:`FeaturePair` objects, with errors that name ``field``."""
+    if isinstance(pairs, (Mapping, str)):
+        # Iterating a lone pair would report its keys (or characters) as malformed pairs.
+        raise ValueError(f"{field}={pairs!r} must be a list of pairs, e.g. [{{'student': 'features.8', "
+                         "'teacher': 'layer3'}]: wrap a single pair in a list")
     parsed = []
     for index, pair in enumerate(pairs or []):
         where = f"{field}[{index}]={pair!r}"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from dms_lightning.distill.losses import (
 )
 from dms_lightning.distill.teacher import TEACHER_DEFAULT_CHECKPOINT, FrozenTeacher, load_teacher
 from dms_lightning.models.backbones import Activation, Head, build_backbone
-from dms_lightning.models.classifier import ClassificationModule
+from dms_lightning.models.classifier import ClassificationModule, images_and_labels
 from dms_lightning.utils.validation import check_fraction, check_number
 
 #: Default attention-transfer weight: β/2 with β = 10³ as in Zagoruyko & Komodakis (2017).
@@ -157,7 +158,9 @@ class DistillationModule(ClassificationModule):
                          class_weights, bn_reestimation, channels_last)
         if not isinstance(teacher_cache, bool):
             raise ValueError(f"model.teacher_cache={teacher_cache!r} must be true or false")
-        check_number("model.temperature", temperature, 0.0, low_inclusive=False, hint="(typical: 2 to 8)")
+        # Not inf: logits / inf are all 0, and T² · KL is then inf · 0 = NaN.
+        check_number("model.temperature", temperature, 0.0, math.inf, low_inclusive=False, high_inclusive=False,
+                     hint="(typical: 2 to 8)")
         check_fraction("model.alpha", alpha, hint="(the weight of the distillation term)")
         if mixing not in MIXING_MODES:
             raise ValueError(f"model.mixing={mixing!r} must be one of {', '.join(map(repr, MIXING_MODES))}")
@@ -225,8 +228,13 @@ class DistillationModule(ClassificationModule):
             with torch.no_grad():
                 logits = network(self.example_input_array)
         except RuntimeError as err:
+            dtypes = sorted({str(p.dtype) for p in network.parameters() if p.is_floating_point()} - {"torch.float32"})
+            # Images arrive in float32 (Trainer(precision=...) sets mixed precision), so a half / double network
+            # fails at its first layer with an error that names no field.
+            hint = (f" (its parameters are {', '.join(dtypes)}: pass the network in float32, e.g. network.float(); "
+                    "use Trainer(precision='bf16-mixed' / '16-mixed') for mixed precision)") if dtypes else ""
             raise ValueError(f"{field}: the network fails on a 1 × {self.in_channels} × {self.image_size} × "
-                             f"{self.image_size} input: {err}") from err
+                             f"{self.image_size} float32 input: {err}{hint}") from err
         finally:
             network.train(was_training)
         if not isinstance(logits, torch.Tensor) or logits.shape != (1, self.num_classes):
@@ -429,7 +437,8 @@ class DistillationModule(ClassificationModule):
 
     def _update_teacher_acc(self, batch, stage: str) -> None:
         if self._teacher_acc_pending[stage] and not self.trainer.sanity_checking:
-            self.teacher_acc.update(self.teacher(batch[0]), batch[1])
+            images, labels = images_and_labels(batch, f"DistillationModule {stage}")
+            self.teacher_acc.update(self.teacher(images), labels)
 
     def _log_teacher_acc(self, stage: str) -> None:
         if self._teacher_acc_pending[stage] and not self.trainer.sanity_checking and self.teacher_acc.update_called:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from dms_lightning.models.batchnorm import BatchNormReestimation, find_reestimat
 from dms_lightning.models.factories import OPTIMIZER_BASES, SCHEDULER_BASES, factory_config, resolve_factory
 from dms_lightning.utils.checkpoint import restore_architecture
 from dms_lightning.utils.plotting import confusion_matrix_figure
+from dms_lightning.utils.predictions import batch_images, batch_labels, require_labels
 from dms_lightning.utils.tensorboard import log_figure
 
 
@@ -39,6 +40,23 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _positive_finite(weight) -> bool:
+    # An infinite class weight makes the weighted cross-entropy inf / inf = NaN from the first batch.
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(weight, bool) and math.isfinite(value) and value > 0
+
+
+def images_and_labels(batch, owner: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of a labelled batch: ``(images, labels, ...)`` or a dict such as
+    ``{"image": ..., "label": ...}`` (keys of :data:`~dms_lightning.utils.predictions.IMAGE_KEYS` / ``LABEL_KEYS``)."""
+    if isinstance(batch, Mapping):
+        return batch_images(batch), require_labels(batch, owner)
+    return batch[0], batch[1]
 
 
 class ClassificationModule(LightningModule):
@@ -70,8 +88,10 @@ class ClassificationModule(LightningModule):
         self.optimizer_factory = resolve_factory(optimizer, "model.optimizer", OPTIMIZER_BASES) or torch.optim.AdamW
         self.lr_scheduler_factory = resolve_factory(lr_scheduler, "model.lr_scheduler", SCHEDULER_BASES)
         self.label_smoothing = label_smoothing
-        if class_weights is not None and (len(class_weights) != num_classes or not all(w > 0 for w in class_weights)):
-            raise ValueError(f"model.class_weights={list(class_weights)!r} must be {num_classes} positive numbers, one "
+        if class_weights is not None and (isinstance(class_weights, (str, bytes)) or len(class_weights) != num_classes
+                                          or not all(_positive_finite(w) for w in class_weights)):
+            shown = class_weights if isinstance(class_weights, (str, bytes)) else list(class_weights)
+            raise ValueError(f"model.class_weights={shown!r} must be {num_classes} positive finite numbers, one "
                              "per class (DMSDataModule(balance='loss_weights') computes them)")
         # Not persistent: a checkpoint's state_dict stays the same with or without class weights.
         self.register_buffer("class_weights", None if class_weights is None
@@ -178,7 +198,7 @@ class ClassificationModule(LightningModule):
 
     @override
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, labels = batch[0], batch[1]
+        images, labels = images_and_labels(batch, f"{type(self).__name__}.training_step")
         loss, logits = self.training_loss(images, labels)
         self.train_acc(logits.detach(), self.accuracy_targets(labels))
         self.log("train/loss", loss, prog_bar=True)
@@ -186,7 +206,7 @@ class ClassificationModule(LightningModule):
         return loss
 
     def _eval_step(self, batch, stage: str) -> None:
-        images, labels = batch[0], batch[1]
+        images, labels = images_and_labels(batch, f"{type(self).__name__} {stage}")
         logits = self(images)
         self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=stage == "val", sync_dist=True)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
@@ -226,9 +246,12 @@ class ClassificationModule(LightningModule):
 
     @override
     def predict_step(self, batch, batch_idx: int) -> dict:
-        images = batch[0]
+        images = batch_images(batch) if isinstance(batch, Mapping) else batch[0]
         probs = torch.softmax(self(images).float(), dim=1)
         out = {"probs": probs, "pred": probs.argmax(dim=1)}
+        if isinstance(batch, Mapping):
+            labels = batch_labels(batch)
+            return out if labels is None else {**out, "label": labels}
         if len(batch) > 2:
             out["ids"] = list(batch[2])
         if len(batch) > 1:
