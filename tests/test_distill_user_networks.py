@@ -90,6 +90,14 @@ def test_class_weights_that_are_not_finite_numbers_are_refused(weights):
         _module(class_weights=weights)
 
 
+@pytest.mark.parametrize(("field", "value", "valid"), [("label_smoothing", "0.1", r"must be in \[0, 1\)"),
+                                                   ("save_teacher", "no", "must be true or false")])
+def test_a_setting_of_the_wrong_type_is_refused_naming_the_field(field, value, valid):
+    # label_smoothing="0.1" raised a bare TypeError; save_teacher="no" was taken as true (a non-empty string).
+    with pytest.raises(ValueError, match=rf"model.{field}={value!r} {valid}"):
+        _module(**{field: value})
+
+
 def test_class_weights_as_a_tensor_still_work():
     module = _module(class_weights=torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0]))
     assert module.class_weights.tolist() == [1.0, 2.0, 1.0, 1.0, 1.0]

@@ -182,6 +182,8 @@ class DistillationModule(ClassificationModule):
                              f"{teacher_checkpoint!r} / model.teacher_backbone both name a teacher: give one of them")
         self.save_hyperparameters(ignore=["student", "teacher"] if isinstance(student, nn.Module) else ["teacher"])
         self._factories_as_config()
+        if not isinstance(save_teacher, bool):
+            raise ValueError(f"model.save_teacher={save_teacher!r} must be true or false")
         self.temperature, self.alpha, self.save_teacher = float(temperature), float(alpha), save_teacher
         self.mixing = mixing
         self._mixed: MixedBatch | None = None

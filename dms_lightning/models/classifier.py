@@ -27,6 +27,7 @@ from dms_lightning.utils.checkpoint import restore_architecture
 from dms_lightning.utils.plotting import confusion_matrix_figure
 from dms_lightning.utils.predictions import batch_images, batch_labels, require_labels
 from dms_lightning.utils.tensorboard import log_figure
+from dms_lightning.utils.validation import check_fraction
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.03):
@@ -81,8 +82,7 @@ class ClassificationModule(LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"model.class_names has {len(class_names)} names {list(class_names)} but "
                              f"model.num_classes={num_classes}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"model.label_smoothing={label_smoothing!r} must be in [0, 1)")
+        label_smoothing = check_fraction("model.label_smoothing", label_smoothing, high_inclusive=False)
         self.class_names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.optimizer_factory = resolve_factory(optimizer, "model.optimizer", OPTIMIZER_BASES) or torch.optim.AdamW
