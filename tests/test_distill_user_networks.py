@@ -98,6 +98,14 @@ def test_a_setting_of_the_wrong_type_is_refused_naming_the_field(field, value, v
         _module(**{field: value})
 
 
+def test_a_teacher_on_another_device_passes_the_construction_checks():
+    # A teacher loaded onto a GPU (load_from_checkpoint(map_location="cuda")) was run on a CPU example input and
+    # refused; the checks now run on the teacher's own device. The meta device stands in for a GPU here.
+    teacher = SmallCNN(width=16).to("meta")
+    module = _module(teacher=teacher, attention_transfer=[{"student": "features.2", "teacher": "features.2"}])
+    assert next(module.teacher.network.parameters()).device.type == "meta"
+
+
 def test_class_weights_as_a_tensor_still_work():
     module = _module(class_weights=torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0]))
     assert module.class_weights.tolist() == [1.0, 2.0, 1.0, 1.0, 1.0]

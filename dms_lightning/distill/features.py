@@ -99,15 +99,23 @@ def capture_outputs(network: nn.Module, paths: Sequence[str]) -> Iterator[dict[s
             handle.remove()
 
 
+def network_device(network: nn.Module) -> torch.device:
+    """The device of ``network``'s first parameter or buffer (CPU for a network with neither)."""
+    tensor = next(network.parameters(), None)
+    tensor = tensor if tensor is not None else next(network.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 def feature_shapes(network: nn.Module, paths: Sequence[str], example_input: torch.Tensor) -> dict[str, torch.Size]:
-    """Output shapes of ``paths`` for ``example_input``, without touching BatchNorm statistics."""
+    """Output shapes of ``paths`` for ``example_input`` (moved to the network's device), without touching
+    BatchNorm statistics."""
     if not paths:
         return {}
     was_training = network.training
     network.eval()
     try:
         with torch.no_grad(), capture_outputs(network, paths) as features:
-            network(example_input)
+            network(example_input.to(network_device(network)))
     finally:
         network.train(was_training)
     return {path: features[path].shape for path in paths if isinstance(features.get(path), torch.Tensor)}

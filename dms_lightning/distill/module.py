@@ -21,6 +21,7 @@ from dms_lightning.distill.features import (
     capture_outputs,
     check_module_path,
     feature_shapes,
+    network_device,
     parse_feature_pairs,
 )
 from dms_lightning.distill.cache import TeacherCache
@@ -228,7 +229,7 @@ class DistillationModule(ClassificationModule):
         network.eval()
         try:
             with torch.no_grad():
-                logits = network(self.example_input_array)
+                logits = network(self.example_input_array.to(network_device(network)))
         except RuntimeError as err:
             dtypes = sorted({str(p.dtype) for p in network.parameters() if p.is_floating_point()} - {"torch.float32"})
             # Images arrive in float32 (Trainer(precision=...) sets mixed precision), so a half / double network
