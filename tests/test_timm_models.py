@@ -6,6 +6,9 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 timm = pytest.importorskip("timm")
 
@@ -145,3 +148,42 @@ def test_fastvit_prunes_around_its_depthwise_multiplier_convs():
     with torch.no_grad():
         torch.testing.assert_close(net(images), masked, atol=1e-5, rtol=1e-4)
     assert report.params_after < 0.9 * report.params_before
+
+
+class _TimmUser(LightningModule):
+    """A user's own module around a timm network: no ``compression_target``, no ``example_input_array``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.net = _timm(name)
+        self.steps = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("quantization", ["ptq", "qat"])
+def test_network_torch_fx_cannot_trace_is_refused_before_training(quantization, tiny_datamodule, fast_trainer_kwargs):
+    # MobileViT-v2's attention branches on a tensor size: torch.fx cannot trace it. The quantizers are wrapped at
+    # QAT's start_epoch or when fit ends (PTQ), so the run trained for nothing and then crashed.
+    from dms_lightning.callbacks import PostTrainingQuantization, QuantizationAwareTraining
+
+    callback = PostTrainingQuantization(calibration_batches=1, export=False) if quantization == "ptq" else \
+        QuantizationAwareTraining(start_epoch=1, export=False)
+    module = _TimmUser("mobilevitv2_050")
+    trainer = Trainer(callbacks=[callback], **{**fast_trainer_kwargs, "max_epochs": 2})
+    with pytest.raises(MisconfigurationException, match=r"cannot quantize _TimmUser\.net: ByobNet cannot be traced "
+                                                        r"by torch\.fx.*, at .*mobilevit\.py:\d+ in forward"):
+        trainer.fit(module, tiny_datamodule(image_size=32))
+    assert module.steps == 0
+

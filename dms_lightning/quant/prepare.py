@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+import os
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
@@ -245,12 +247,7 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None,
         raise ValueError(f"{type(model).__name__} has no quantizable layer (Conv2d / Linear) under "
                          f"include={list(config.include)}, exclude={list(config.exclude)}, quantize_depthwise={config.quantize_depthwise}, "
                          f"quantize_linear={config.quantize_linear}; nothing to quantize")
-    try:
-        graph = _NormLeafTracer().trace(model)
-    except Exception as err:  # noqa: BLE001 - fx raises many types for data-dependent control flow
-        raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx for quantization ({err}); "
-                         "keep data-dependent control flow out of forward, or quantize the exported ONNX graph "
-                         "with dms_lightning.export.ort_quantize.quantize_onnx") from err
+    graph = trace_for_quantization(model)
     graph_module = fx.GraphModule(model, graph, class_name=f"Quantized{type(model).__name__}")
     _split_norm_activations(graph_module)
     quantized = _swap_layers(graph_module, config)
@@ -268,6 +265,32 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None,
     setattr(graph_module, FLOAT_NETWORK_ATTR, ref)
     graph_module.meta.setdefault(_PRESERVED_KEY, {})[FLOAT_NETWORK_ATTR] = ref
     return graph_module
+
+
+def trace_for_quantization(model: nn.Module) -> fx.Graph:
+    """The ``torch.fx`` graph :func:`prepare_qat` rewrites.
+
+    Raises:
+        ValueError: ``model`` cannot be traced (data-dependent control flow); the message names the network, the
+            source line where tracing stopped and what to do instead.
+    """
+    try:
+        return _NormLeafTracer().trace(model)
+    except Exception as err:  # noqa: BLE001 - fx raises many types for data-dependent control flow
+        raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx for quantization ({err}"
+                         f"{_traced_code_location(err)}); keep data-dependent control flow out of forward, or "
+                         "quantize the exported ONNX graph with dms_lightning.export.ort_quantize.quantize_onnx"
+                         ) from err
+
+
+def _traced_code_location(err: BaseException) -> str:
+    """``", at <file>:<line>"`` of the innermost frame outside torch where tracing failed (the model's own code)."""
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in frame.f_code.co_filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f", at {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
 
 class _NormLeafTracer(fx.Tracer):

@@ -17,6 +17,7 @@ from dms_lightning.quant.prepare import (
     is_quantized,
     prepare_qat,
     quantizable_layers,
+    trace_for_quantization,
 )
 from dms_lightning.utils.checkpoint import QUANTIZER_WRAPPING, ArchitectureChange
 from dms_lightning.utils.compression import compression_target, feature_layers
@@ -48,12 +49,24 @@ def target_quantizable_layers(pl_module: nn.Module, config: QuantizationConfig) 
 
 
 def check_target_quantizable(pl_module: nn.Module, config: QuantizationConfig, owner: str) -> None:
-    """Raise (naming ``owner`` and the selection fields) when ``config`` selects no layer of the target."""
-    if not target_is_quantized(pl_module) and not target_quantizable_layers(pl_module, config):
+    """Raise (naming ``owner``) when ``config`` selects no layer of the target or ``torch.fx`` cannot trace it.
+
+    Called in ``setup``: quantizer wrapping happens at QAT's ``start_epoch`` or when ``fit`` ends (PTQ), so a
+    network that cannot be wrapped must fail before training, not after it.
+    """
+    if target_is_quantized(pl_module):
+        return
+    if not target_quantizable_layers(pl_module, config):
         raise MisconfigurationException(
             f"{owner} found no quantizable layer (Conv2d / Linear) in {type(compression_target(pl_module)).__name__} "
             f"with include={list(config.include)}, exclude={list(config.exclude)}, "
             f"quantize_depthwise={config.quantize_depthwise}, quantize_linear={config.quantize_linear}")
+    for parent, name in _slots(pl_module, config):
+        try:
+            trace_for_quantization(getattr(parent, name))
+        except ValueError as err:
+            raise MisconfigurationException(f"{owner} cannot quantize {type(pl_module).__name__}.{name}: {err}") \
+                from err
 
 
 def target_is_quantized(pl_module: nn.Module) -> bool:
