@@ -187,3 +187,14 @@ def test_network_torch_fx_cannot_trace_is_refused_before_training(quantization, 
         trainer.fit(module, tiny_datamodule(image_size=32))
     assert module.steps == 0
 
+
+def test_n_m_pruning_reports_the_sparsity_its_pattern_applies(tiny_datamodule, fast_trainer_kwargs):
+    # N:M applies its whole pattern at the first point: the log and pruning/target_sparsity said 0.000 there.
+    from dms_lightning.callbacks import IterativePruning
+
+    pruning = IterativePruning(method="n_m", start_epoch=0, end_epoch=1, plot_layer_sparsity=False)
+    trainer = Trainer(callbacks=[pruning], **{**fast_trainer_kwargs, "max_epochs": 2, "limit_train_batches": 1,
+                                              "limit_val_batches": 1})
+    trainer.fit(_TimmUser("mobilenetv3_small_100"), tiny_datamodule(image_size=32))
+    assert [entry["target"] for entry in pruning.history] == [0.5, 0.5]
+    assert all(entry["sparsity"] == pytest.approx(entry["target"], abs=1e-3) for entry in pruning.history)

@@ -471,7 +471,9 @@ class IterativePruning(Callback):
 
     # ----------------------------------------------------------------------------------------- pruning
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
-        sparsity = self._schedule.sparsity_at_point(point)
+        # N:M applies its whole pattern at every point, whatever the schedule says: that is the sparsity asked for.
+        implied = self._method.implied_sparsity
+        sparsity = implied if implied is not None else self._schedule.sparsity_at_point(point)
         weights = {name: self._parameters[name] for name in self._pruned_tensors}
         self.masks = self._method.choose(trainer, _network(pl_module), weights, sparsity, previous=self.masks)
         apply_masks(self._parameters, self.masks)
