@@ -138,8 +138,20 @@ def test_every_onnx_file_the_package_writes_carries_the_same_metadata(quantized_
             NARROW_WEIGHTS_KEY}
     assert all(found == set(METADATA_KEYS) for found in keys.values()), keys
     precisions = {label: read_metadata(path)["precision"] for label, path in files.items()}
-    assert {precisions[k] for k in ("ONNXExport int8", "QAT int8", "PTQ int8", "SNPE static QDQ")} == {"int8"}
-    assert precisions["ONNXExport fp32"] == precisions["report CLI"] == "fp32"
+    # The report CLI exported the QAT checkpoint: a fake-quantized network, so an INT8 file.
+    assert {precisions[k] for k in ("ONNXExport int8", "QAT int8", "PTQ int8", "SNPE static QDQ", "report CLI")} == {
+        "int8"}
+    assert precisions["ONNXExport fp32"] == "fp32"
+
+
+def test_report_cli_export_of_a_quantized_checkpoint_is_the_int8_file_onnx_export_wrote(quantized_runs):
+    # Its weights are stored as integers like ONNXExport's, so the report's size column is the INT8 file's.
+    cli, written = quantized_runs["cli_export"], quantized_runs["qat"] / "export/student_int8.onnx"
+    integer = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    for path in (cli, written):
+        weights = [t for t in onnx.load(str(path)).graph.initializer if t.name.endswith("weight_quantized")]
+        assert weights and all(t.data_type in integer for t in weights), path
+    assert cli.stat().st_size == pytest.approx(written.stat().st_size, rel=0.05)
 
 
 @pytest.mark.parametrize("run, handed_down", [("qat", "qat_int8"), ("ptq", "ptq_int8")])

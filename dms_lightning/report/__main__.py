@@ -8,7 +8,8 @@ Example::
 
 ``.ckpt`` inputs are loaded with ``--model_class`` (default :class:`~dms_lightning.DMSClassifier`; pruned
 and quantized architectures are rebuilt from the checkpoint) and exported to
-``<output_dir>/onnx/<name>.onnx`` with :func:`dms_lightning.export.export_onnx` before measuring.
+``<output_dir>/onnx/<name>.onnx`` before measuring: FP32 with :func:`dms_lightning.export.export_onnx`, a
+fake-quantized (QAT / PTQ) network as its INT8 QDQ file (:func:`dms_lightning.export.qdq.export_qdq_onnx`).
 """
 
 from __future__ import annotations
@@ -65,10 +66,16 @@ def _import_class(path: str):
 def export_checkpoint(ckpt: str | Path, onnx_path: str | Path, model_class: str = "dms_lightning.DMSClassifier",
                       opset: int = 18, image_size: int | None = None, channels: int | None = None,
                       datamodule=None) -> Path:
-    """Load a Lightning checkpoint and export its deployable network (``compression_target``) to ONNX."""
+    """Load a Lightning checkpoint and export its deployable network (``compression_target``) to ONNX.
+
+    A fake-quantized network (a QAT or PTQ checkpoint) becomes the INT8 QDQ file the run's ``ONNXExport`` writes
+    (integer weights, ``precision`` ``int8`` in the metadata), so its size is the INT8 file's; else FP32.
+    """
     import torch
 
     from dms_lightning.export import export_onnx, onnx_metadata, preprocessing_info
+    from dms_lightning.export.qdq import export_qdq_onnx
+    from dms_lightning.quant import is_quantized
     from dms_lightning.utils.checkpoint import compression_target, load_checkpoint
 
     ckpt = Path(ckpt)
@@ -81,9 +88,12 @@ def export_checkpoint(ckpt: str | Path, onnx_path: str | Path, model_class: str 
             raise ValueError(f"{model_class} has no example_input_array: give --data.image_size and --data.channels")
         example = torch.zeros(1, channels, image_size, image_size)
     info = preprocessing_info(datamodule, module, example)
-    metadata = onnx_metadata(info, variant=Path(onnx_path).stem, precision="fp32",
+    network = compression_target(module)
+    quantized = is_quantized(network)
+    metadata = onnx_metadata(info, variant=Path(onnx_path).stem, precision="int8" if quantized else "fp32",
                              source={"checkpoint": ckpt.name})
-    return export_onnx(compression_target(module), example[:1], onnx_path, opset=opset, metadata=metadata)
+    export = export_qdq_onnx if quantized else export_onnx
+    return export(network, example[:1], onnx_path, opset=opset, metadata=metadata)
 
 
 def run(config) -> Report:
