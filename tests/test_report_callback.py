@@ -161,3 +161,15 @@ def test_cli_exports_checkpoints_and_measures_onnx_files(fitted, teacher_onnx, t
     # The checkpoint's ONNX classifies the test set exactly as the exporter's ONNX of the same weights did.
     assert report.row("student").accuracy == fitted[1].report.row("student_fp32").accuracy
     assert "| variant |" in capsys.readouterr().out
+
+
+def test_cli_refuses_an_onnx_file_whose_input_is_not_the_data_naming_the_settings(teacher_onnx, tmp_path):
+    # A user's 1 × 32 × 32 file measured with the default --data (96 px): ONNX Runtime said only "invalid
+    # dimensions" once measuring had started.
+    from dms_lightning.report.__main__ import main
+
+    with pytest.raises(ValueError, match=rf"takes .*1 × 32 × 32 input but --data gives 1 × 96 × 96 images.*"
+                                         rf"set --data.channels 1 --data.image_size {IMAGE_SIZE}"):
+        main(["--onnx", f"teacher={teacher_onnx}", "--data.image_size", "96", "--data.test_size", "16",
+              "--output_dir", str(tmp_path / "out"), "--progress_bar", "false"])
+    assert not (tmp_path / "out").exists()

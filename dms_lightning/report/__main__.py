@@ -96,6 +96,27 @@ def export_checkpoint(ckpt: str | Path, onnx_path: str | Path, model_class: str 
     return export(network, example[:1], onnx_path, opset=opset, metadata=metadata)
 
 
+def _check_input_matches_data(variant: Variant, channels: int, image_size: int) -> None:
+    """Refuse an ONNX file whose static input is not the ``--data`` images (ONNX Runtime would only say
+    "invalid dimensions" once measuring starts), naming the ``--data`` settings that match it."""
+    import onnx
+
+    graph = onnx.load(variant.onnx_path, load_external_data=False).graph
+    weights = {initializer.name for initializer in graph.initializer}
+    inputs = [value for value in graph.input if value.name not in weights]
+    if not inputs:
+        return
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    expected = [channels, image_size, image_size]
+    if len(dims) != 4 or None in dims[1:] or dims[1:] == expected:
+        return
+    hint = (f": set --data.channels {dims[1]} --data.image_size {dims[2]}" if dims[2] == dims[3]
+            else " (this report feeds square N × C × H × W images)")
+    raise ValueError(f"--onnx {variant.name}={variant.onnx_path!r} takes {' × '.join(map(str, dims))} input but "
+                     f"--data gives {channels} × {image_size} × {image_size} images (data.channels={channels}, "
+                     f"data.image_size={image_size}){hint}")
+
+
 def run(config) -> Report:
     """Measure, write and print the report described by a parsed ``config``."""
     variants = parse_variant_specs(config.onnx, "--onnx")
@@ -104,6 +125,8 @@ def run(config) -> Report:
             raise FileNotFoundError(f"--onnx {variant.name}={variant.onnx_path!r} does not exist")
     data_args = {k: v for k, v in vars(config.data).items() if not k.startswith("__")}
     datamodule = DMSDataModule(**data_args)
+    for variant in variants:
+        _check_input_matches_data(variant, datamodule.channels, datamodule.image_size)
     output_dir = Path(config.output_dir)
     for spec in parse_variant_specs(config.ckpt, "--ckpt"):
         target = output_dir / "onnx" / f"{spec.name}.onnx"
