@@ -106,6 +106,21 @@ def test_a_teacher_on_another_device_passes_the_construction_checks():
     assert next(module.teacher.network.parameters()).device.type == "meta"
 
 
+class SharedReLU(SmallCNN):
+    """A student whose ReLU module runs twice per forward, as in torchvision ResNet's blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features[4] = self.features[2]
+
+
+def test_a_feature_layer_that_runs_twice_is_warned_about():
+    # Its hook keeps only the last call's output: the comparison silently used the second use of the module.
+    with pytest.warns(UserWarning, match=r"student module 'features.2' runs 2 times in one forward pass"):
+        DistillationModule(SharedReLU(), teacher=SmallCNN(16), image_size=SIZE,
+                           attention_transfer=[{"student": "features.2", "teacher": "features.2"}])
+
+
 def test_class_weights_as_a_tensor_still_work():
     module = _module(class_weights=torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0]))
     assert module.class_weights.tolist() == [1.0, 2.0, 1.0, 1.0, 1.0]

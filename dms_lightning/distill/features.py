@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -106,11 +107,24 @@ def network_device(network: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def feature_shapes(network: nn.Module, paths: Sequence[str], example_input: torch.Tensor) -> dict[str, torch.Size]:
+def feature_shapes(network: nn.Module, paths: Sequence[str], example_input: torch.Tensor,
+                   owner: str = "") -> dict[str, torch.Size]:
     """Output shapes of ``paths`` for ``example_input`` (moved to the network's device), without touching
-    BatchNorm statistics."""
+    BatchNorm statistics.
+
+    A module that runs more than once in one forward pass (a shared block, torchvision ResNet's ReLU used twice
+    per block) is warned about, naming ``owner`` and the path: only its last output is captured and compared.
+    """
     if not paths:
         return {}
+    calls = dict.fromkeys(paths, 0)
+
+    def counter(path: str):
+        def hook(module: nn.Module, inputs, output) -> None:
+            calls[path] += 1
+        return hook
+
+    counters = [network.get_submodule(path).register_forward_hook(counter(path)) for path in calls]
     was_training = network.training
     network.eval()
     try:
@@ -118,4 +132,11 @@ def feature_shapes(network: nn.Module, paths: Sequence[str], example_input: torc
             network(example_input.to(network_device(network)))
     finally:
         network.train(was_training)
+        for handle in counters:
+            handle.remove()
+    for path, count in calls.items():
+        if count > 1:
+            warnings.warn(f"{owner}{path!r} runs {count} times in one forward pass (a module used more than once): "
+                          "only its last output is compared; name a module that runs once, such as its parent block",
+                          stacklevel=3)
     return {path: features[path].shape for path in paths if isinstance(features.get(path), torch.Tensor)}

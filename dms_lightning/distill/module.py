@@ -266,8 +266,10 @@ class DistillationModule(ClassificationModule):
             field = "model.feature_hints" if pair in self.hint_pairs else "model.attention_transfer"
             check_module_path(self.model, pair.student, f"{field} student")
             check_module_path(self.teacher.network, pair.teacher, f"{field} teacher")
-        student_shapes = feature_shapes(self.model, [p.student for p in pairs], self.example_input_array)
-        teacher_shapes = feature_shapes(self.teacher.network, [p.teacher for p in pairs], self.example_input_array)
+        student_shapes = feature_shapes(self.model, [p.student for p in pairs], self.example_input_array,
+                                        "feature pairs: the student module ")
+        teacher_shapes = feature_shapes(self.teacher.network, [p.teacher for p in pairs], self.example_input_array,
+                                        "feature pairs: the teacher module ")
         for pair in pairs:
             for role, path, shapes in (("student", pair.student, student_shapes),
                                        ("teacher", pair.teacher, teacher_shapes)):
