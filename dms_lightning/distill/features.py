@@ -72,8 +72,10 @@ def check_module_path(network: nn.Module, path: str, field: str) -> None:
 
 
 @contextlib.contextmanager
-def capture_outputs(network: nn.Module, paths: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the outputs of ``network``'s sub-modules ``paths`` during the forward passes inside the block.
+def capture_outputs(network: nn.Module, paths: Sequence[str],
+                    calls: dict[str, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of ``network``'s sub-modules ``paths`` during the forward passes inside the block
+    (a module that runs several times keeps its last output; ``calls``, if given, counts the runs per path).
 
     Example:
         >>> import torchvision
@@ -89,6 +91,8 @@ def capture_outputs(network: nn.Module, paths: Sequence[str]) -> Iterator[dict[s
     def recorder(path: str):
         def hook(module: nn.Module, inputs, output) -> None:
             features[path] = output
+            if calls is not None:
+                calls[path] = calls.get(path, 0) + 1
         return hook
 
     try:
@@ -117,23 +121,14 @@ def feature_shapes(network: nn.Module, paths: Sequence[str], example_input: torc
     """
     if not paths:
         return {}
-    calls = dict.fromkeys(paths, 0)
-
-    def counter(path: str):
-        def hook(module: nn.Module, inputs, output) -> None:
-            calls[path] += 1
-        return hook
-
-    counters = [network.get_submodule(path).register_forward_hook(counter(path)) for path in calls]
+    calls: dict[str, int] = {}
     was_training = network.training
     network.eval()
     try:
-        with torch.no_grad(), capture_outputs(network, paths) as features:
+        with torch.no_grad(), capture_outputs(network, paths, calls) as features:
             network(example_input.to(network_device(network)))
     finally:
         network.train(was_training)
-        for handle in counters:
-            handle.remove()
     for path, count in calls.items():
         if count > 1:
             warnings.warn(f"{owner}{path!r} runs {count} times in one forward pass (a module used more than once): "
