@@ -107,20 +107,22 @@ def row(commit: str, exit_code: int, wall_min: float, workdir: Path) -> dict:
 def write_table(rows: list[dict]) -> str:
     lines = ["# The main job on the AVX2 proxy (one core, AVX2-capped kernels, 2 torch threads)", "",
              "`python benchmarks/bench_main_job_proxy.py`; the method and its calibration are in the script's "
-             f"docstring. Estimate on the 2-core AVX2 kind = proxy time × {CALIBRATION[0]:.2f}-{CALIBRATION[1]:.2f} (not a "
-             "measurement there).", "",
+             "docstring. Estimate on the 2-core AVX2 kind = proxy time × "
+             f"{CALIBRATION[0]:.2f}-{CALIBRATION[1]:.2f} (not a measurement there).", "",
              "| commit | proxy total | teacher | student training | after training | AVX2 kind, estimated | "
              "teacher | student FP32 | student INT8 | INT8 `.tflite` | machine |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for entry in rows:
         stages, acc = entry["stages_min"], entry["accuracy_pct"]
         low, high = entry["estimate_avx2_min"]
-        minutes = [f"{stages[k]:.1f}" if k in stages else "—" for k in ("teacher", "student_training", "after_training")]
+        minutes = [f"{stages[k]:.1f}" if k in stages else "—"
+                   for k in ("teacher", "student_training", "after_training")]
         pct = [f"{acc[k]:.2f} %" if k in acc else "—"
                for k in ("teacher_fp32", "student_fp32", "student_int8", "student_int8_tflite")]
-        lines.append(f"| {entry['commit']}{'' if entry['exit_code'] == 0 else ' (failed)'} | **{entry['wall_min']:.1f} min** | "
-                     + " | ".join(minutes) + f" | {low:.1f}-{high:.1f} min | "
-                     + " | ".join(pct) + f" | {machine_summary(entry['machine'])}, {entry['machine']['measured_at'][:10]} |")
+        commit = entry["commit"] + ("" if entry["exit_code"] == 0 else " (failed)")
+        machine = f"{machine_summary(entry['machine'])}, {entry['machine']['measured_at'][:10]}"
+        lines.append(f"| {commit} | **{entry['wall_min']:.1f} min** | " + " | ".join(minutes)
+                     + f" | {low:.1f}-{high:.1f} min | " + " | ".join(pct) + f" | {machine} |")
     return "\n".join(lines) + "\n"
 
 
