@@ -105,7 +105,31 @@ class _UnequalSplit(torch.nn.Module):
         return self.fc((self.query(query) + self.rest(rest)).mean((2, 3)))
 
 
-def test_removal_never_leaves_a_coupled_layer_without_channels():
+def test_explicit_channels_of_a_group_automatic_removal_skips_are_refused():
+    # remove_pruned_channels(pruned_channels=...) applies the rules prunable_groups does: channels through an
+    # unequal split (sizes fixed in the forward code), the classifier's logits, or a layer the caller keeps are
+    # refused with the layer and the reason, before anything is changed.
+    net = _UnequalSplit().eval()
+    images = torch.randn(2, 1, 16, 16)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"pruned_channels\['stem'\]: its channel group passes through a split "
+                                         r"into unequal parts \[1, 7\]"):
+        remove_pruned_channels(net, images[:1], pruned_channels={"stem": [0, 3]})
+    with pytest.raises(ValueError, match=r"pruned_channels\['fc'\]: the outputs of 'fc' are the network's outputs"):
+        remove_pruned_channels(net, images[:1], pruned_channels={"fc": [0]})
+    with pytest.raises(ValueError, match=r"removes output channels of \['query'\], which ignored_layers keeps"):
+        remove_pruned_channels(net, images[:1], pruned_channels={"rest": [0]}, ignored_layers=["query"])
+    with pytest.raises(ValueError, match=r"channel indices \[9\] are outside 0\.\.3"):
+        remove_pruned_channels(net, images[:1], pruned_channels={"rest": [9]})
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_removal_never_leaves_a_coupled_layer_without_channels(monkeypatch):
+    # The last guard, for a coupling pattern the group rules do not know: a removal that would empty a coupled
+    # layer is skipped with a warning, the network intact.
+    import dms_lightning.pruning.removal as removal
+
+    monkeypatch.setattr(removal, "group_refusal", lambda graph, group, channels: (None, 1))
     net = _UnequalSplit().eval()
     images = torch.randn(2, 1, 16, 16)
     with pytest.warns(UserWarning, match="would leave 'query' \\(1 channels\\) with none"):

@@ -356,6 +356,41 @@ def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     return found
 
 
+_CROSSES_SHUFFLE = "crosses a channel shuffle"
+_TOO_FEW = "has fewer than two channels"
+_INDIVISIBLE = "has a channel count its channel groups do not divide"
+# Refusals prunable_groups passes over without a warning: nothing a user would expect pruned.
+_SILENT_REFUSALS = (_CROSSES_SHUFFLE, _TOO_FEW, _INDIVISIBLE)
+
+
+def group_refusal(graph: tp.DependencyGraph, group: tp.Group, channels: int | None) -> tuple[str | None, int]:
+    """Why the channels of ``group`` cannot be removed (``None`` when they can), and their channel factor.
+
+    The one set of rules for every group, whether :func:`prunable_groups` enumerates it or a caller names its
+    root (``remove_pruned_channels(pruned_channels=...)``). The factor is how many channels each removable
+    position stands for (grouped convolutions, tied channels).
+    """
+    if any(_is_barrier(dep.target) or _is_barrier(dep.source) for dep, _ in group):
+        return _CROSSES_SHUFFLE, 1
+    if channels is None or channels < 2:
+        return _TOO_FEW, 1
+    sizes = _unequal_split(group)
+    if sizes is not None:
+        return f"passes through a split into unequal parts {sizes}, whose sizes the forward code fixes", 1
+    multiplier = _depthwise_multiplier_input(graph, group)
+    if multiplier is not None:
+        return (f"feeds the depthwise conv {multiplier!r}, whose every input channel feeds several filters (a "
+                "channel multiplier), which channel removal cannot keep aligned"), 1
+    factor = _channel_groups(group)
+    tied = _tied_channels(graph, group, channels)
+    if tied is None or (tied > 1 and factor not in (1, tied)):
+        return "couples its channels in a pattern channel removal cannot keep aligned", 1
+    factor = max(factor, tied)
+    if channels % factor:
+        return _INDIVISIBLE, factor
+    return None, factor
+
+
 def prunable_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module] = ()) -> list[ChannelGroup]:
     """Every group of coupled channels rooted at a Conv/Linear, except groups touching ``ignored``.
 
@@ -365,31 +400,12 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Sequence[nn.Module] = ()
     groups = []
     ignored = list(ignored) + output_layers(graph)
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE_TYPES)):
-        if any(_is_barrier(dep.target) or _is_barrier(dep.source) for dep, _ in group):
-            continue
         root = group[0].dep.target.module
         channels = graph.get_out_channels(root)
-        if channels is None or channels < 2:
-            continue
-        sizes = _unequal_split(group)
-        if sizes is not None:
-            warnings.warn(f"channel group {names[root]!r} passes through a split into unequal parts {sizes}, whose "
-                          "sizes the forward code fixes; its channels are left unpruned", stacklevel=2)
-            continue
-        multiplier = _depthwise_multiplier_input(graph, group)
-        if multiplier is not None:
-            warnings.warn(f"channel group {names[root]!r} feeds the depthwise conv {multiplier!r}, whose every input "
-                          "channel feeds several filters (a channel multiplier), which channel removal cannot "
-                          "keep aligned; its channels are left unpruned", stacklevel=2)
-            continue
-        factor = _channel_groups(group)
-        tied = _tied_channels(graph, group, channels)
-        if tied is None or (tied > 1 and factor not in (1, tied)):
-            warnings.warn(f"channel group {names[root]!r} couples its channels in a pattern channel removal cannot "
-                          "keep aligned; its channels are left unpruned", stacklevel=2)
-            continue
-        factor = max(factor, tied)
-        if channels % factor:
+        reason, factor = group_refusal(graph, group, channels)
+        if reason is not None:
+            if reason not in _SILENT_REFUSALS:
+                warnings.warn(f"channel group {names[root]!r} {reason}; its channels are left unpruned", stacklevel=2)
             continue
         groups.append(ChannelGroup(names[root], root, group, channels, factor))
     return groups

@@ -21,7 +21,9 @@ from dms_lightning.pruning.graph import (
     PRUNABLE_TYPES,
     ChannelGroup,
     build_dependency_graph,
+    group_refusal,
     modules_under,
+    output_layers,
     prunable_groups,
     resolve_module_names,
 )
@@ -121,6 +123,38 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_named_groups(model: nn.Module, graph: tp.DependencyGraph, plan: dict, ignored_layers: Sequence[str]) -> None:
+    """Refuse explicit channels of a group :func:`prunable_groups` would leave alone, naming the layer and why.
+
+    The same rules as the automatic path: channel removal there skips such a group with a warning; channels a
+    caller names in it would cut the network's outputs, touch a layer it asked to keep, or break a split, a
+    channel multiplier or a tied channel pattern in the smaller network.
+    """
+    outputs = set(map(id, output_layers(graph)))
+    ignored = set(map(id, modules_under(model, resolve_module_names(model, list(ignored_layers), "ignored_layers"))))
+    for name, (root, idxs, channels) in plan.items():
+        if not idxs:
+            continue
+        if id(root) in outputs:
+            raise ValueError(f"pruned_channels[{name!r}]: the outputs of {name!r} are the network's outputs "
+                             "(its logits); they keep every channel")
+        bad = [i for i in idxs if not 0 <= i < (channels or 0)]
+        if bad:
+            raise ValueError(f"pruned_channels[{name!r}]: channel indices {bad[:8]} are outside "
+                             f"0..{(channels or 0) - 1}")
+        group = graph.get_pruning_group(root, graph.get_pruner_of_module(root).prune_out_channels, list(idxs))
+        # As Torch-Pruning reads ignored_layers: their output channels stay (their inputs follow their producers).
+        touched = sorted({graph._module2name.get(dep.target.module, "?") for dep, _ in group
+                          if id(dep.target.module) in ignored and graph.is_out_channel_pruning_fn(dep.handler)})
+        if touched:
+            raise ValueError(f"pruned_channels[{name!r}]: removing these channels removes output channels of "
+                             f"{touched}, which ignored_layers keeps")
+        reason, _ = group_refusal(graph, group, channels)
+        if reason is not None:
+            raise ValueError(f"pruned_channels[{name!r}]: its channel group {reason}; its channels cannot be "
+                             "removed (automatic removal leaves this group unpruned)")
+
+
 def remove_pruned_channels(
     model: nn.Module,
     example_input: Tensor,
@@ -148,7 +182,9 @@ def remove_pruned_channels(
 
     Raises:
         UntraceableModelError: if the model cannot be traced.
-        ValueError: for unknown layer names.
+        ValueError: for unknown layer names, and for ``pruned_channels`` the automatic path would not remove:
+            the classifier's logits, output channels of ``ignored_layers``, indices out of range, a group through
+            an unequal split, a depthwise conv with a channel multiplier or an unalignable channel pattern.
 
     Example:
         >>> import torchvision
@@ -178,6 +214,7 @@ def remove_pruned_channels(
                              f"{type(model).__name__}")
         plan = {name: (modules[name], sorted(int(i) for i in idxs), graph.get_out_channels(modules[name]))
                 for name, idxs in pruned_channels.items()}
+        _check_named_groups(model, graph, plan, ignored_layers)
     removed: dict[str, int] = {}
     with torch.no_grad():
         for name, (root, idxs, channels) in plan.items():
