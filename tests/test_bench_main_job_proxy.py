@@ -41,7 +41,8 @@ def test_the_row_reads_the_stage_times_and_the_report(tmp_path):
     table = bench.write_table([row, bench.row("def5678", 1, 3.0, tmp_path / "missing")])
     assert "| abc1234 | **15.0 min** | 8.0 | 5.4 | 1.3 |" in table
     assert "| 98.00 % | 96.40 % | 96.80 % | — |" in table
-    assert "| def5678 (failed) | **3.0 min** | — | — | — |" in table, "a failed run is marked, and has no stage times"
+    # A failed run is marked, and has no stage times.
+    assert "| def5678 (failed) | **3.0 min** | — | — | — |" in table
 
 
 def test_the_wrapper_saves_what_run_pipeline_returns(tmp_path):
