@@ -117,6 +117,31 @@ class DMSLightningCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
     @override
+    def before_instantiate_classes(self) -> None:
+        self._route_model_class_weights()
+
+    def _route_model_class_weights(self) -> None:
+        """``model.class_weights`` given on the command line or in a config reaches the model.
+
+        The model's class weights are linked from ``data.class_weights`` (so ``data.balance: loss_weights`` can
+        compute them), and a link overwrites its target: a value given for the model was silently replaced by
+        the data's ``None``. It is moved to ``data.class_weights``, which the link carries to the model.
+        """
+        config = self._subcommand_config()
+        init_args = config.get("model", {}).get("init_args") if hasattr(config.get("model", {}), "get") else None
+        weights = init_args.get("class_weights") if init_args is not None else None
+        if weights is None or config.get("data") is None:
+            return
+        data = config["data"]
+        if data.get("class_weights") is not None or data.get("balance") == "loss_weights":
+            given = ("data.class_weights=" + repr(data.get("class_weights")) if data.get("class_weights") is not None
+                     else "data.balance='loss_weights'")
+            raise ValueError(f"model.class_weights={list(weights)!r} and {given} both set the loss's class weights; "
+                             "give one of them (data.class_weights takes a list or {class name: weight})")
+        data["class_weights"] = list(weights)
+        init_args["class_weights"] = None
+
+    @override
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         if trainer.logger is None:  # `--trainer.logger=false`: the default monitor would refuse to start

@@ -154,6 +154,27 @@ def test_loss_weights_of_an_imbalanced_folder_reach_the_model_and_its_loss(tmp_p
     assert not torch.isclose(weighted, plain)
 
 
+@pytest.mark.parametrize("given", [["--model.init_args.class_weights=[1, 2, 1, 1, 1]"],
+                                   ["--data.class_weights={eyes_closed: 2.0}"]])
+def test_class_weights_given_by_the_user_reach_the_model(given):
+    # model.class_weights is linked from data.class_weights: a value given for the model was silently replaced
+    # by the data's None (the link overwrites its target), and the loss stayed unweighted.
+    from dms_lightning.cli import DMSLightningCLI
+
+    cli = DMSLightningCLI(args=["--config", str(ROOT / "configs/student.yaml"), "--data.train_size=20",
+                                "--data.val_size=10", "--data.test_size=10", *given], run=False)
+    assert cli.datamodule.class_names[1] == "eyes_closed"
+    assert cli.model.class_weights.tolist() == [1.0, 2.0, 1.0, 1.0, 1.0]
+    assert cli.model.hparams.class_weights == [1.0, 2.0, 1.0, 1.0, 1.0], "recorded in the checkpoint"
+
+
+def test_class_weights_set_twice_are_refused(capsys):
+    code, err = _console(capsys, "fit", "--config", str(ROOT / "configs/student.yaml"),
+                         "--data.balance=loss_weights", "--model.init_args.class_weights=[1, 2, 1, 1, 1]")
+    assert code == 1
+    assert "model.class_weights=[1.0, 2.0, 1.0, 1.0, 1.0] and data.balance='loss_weights' both set" in err
+
+
 # ----------------------------------------------------------------------------- errors as one message
 def _console(capsys, *argv):
     from dms_lightning.cli import console_main

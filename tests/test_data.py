@@ -291,6 +291,22 @@ def test_loss_weights_are_inverse_class_frequencies(tmp_path):
                          test_split=0.0).class_weights is None
 
 
+def test_class_weights_by_name_or_in_class_order_and_bad_ones_refused():
+    def weights(value, **kwargs):
+        return DMSDataModule(train_size=10, val_size=5, test_size=5, class_weights=value, **kwargs).class_weights
+
+    assert weights({"eyes_closed": 2.0, "phone": 3}) == [1.0, 2.0, 1.0, 1.0, 3.0]
+    assert weights([1, 1, 2, 1, 1]) == [1.0, 1.0, 2.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"names \['eyes'\], which are not classes of this data; valid: one "
+                                         r"positive number per class \['alert', 'eyes_closed'"):
+        weights({"eyes": 2.0})
+    for bad in ([1, 2], [1, 1, 0, 1, 1], [1, 1, float("nan"), 1, 1], "2", {"phone": -1}):
+        with pytest.raises(ValueError, match="data.class_weights="):
+            weights(bad)
+    with pytest.raises(ValueError, match="both set the loss's class weights"):
+        weights([1, 2, 1, 1, 1], balance="loss_weights")
+
+
 def test_unknown_balance_mode_is_refused():
     with pytest.raises(ValueError, match="data.balance='oversample'"):
         DMSDataModule(balance="oversample")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -136,6 +137,23 @@ def auto_batch_size(train_images: int) -> int:
     return size
 
 
+def _resolve_class_weights(weights: list[float] | dict[str, float], class_names: list[str]) -> list[float]:
+    """``data.class_weights`` as one positive finite weight per class, in class order; a clear error otherwise."""
+    valid = f"one positive number per class {list(class_names)}, or {{class name: weight}}"
+    if isinstance(weights, dict):
+        unknown = sorted(set(weights) - set(class_names))
+        if unknown:
+            raise ValueError(f"data.class_weights names {unknown}, which are not classes of this data; valid: {valid}")
+        values = [weights.get(name, 1.0) for name in class_names]
+    elif isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) != len(class_names):
+        raise ValueError(f"data.class_weights={weights!r} must be {valid}")
+    else:
+        values = list(weights)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"data.class_weights={weights!r} must be {valid}")
+    return [float(v) for v in values]
+
+
 class DMSDataModule(LightningDataModule):
     """Driver-monitoring images for training, validation, test and prediction.
 
@@ -158,7 +176,9 @@ class DMSDataModule(LightningDataModule):
     :class:`~torch.utils.data.WeightedRandomSampler` (each class equally likely, an epoch is still
     ``len(train)`` images); ``"loss_weights"`` keeps the data as it is and exposes
     :attr:`class_weights` (``N / (K · n_c)``), which the CLI links into the model's cross-entropy;
-    ``"none"`` (default) does neither.
+    ``"none"`` (default) does neither. ``class_weights`` sets the loss weights yourself, e.g. to favour the
+    recall of a safety class: a list in class order, or ``{class name: weight}`` with 1.0 for the classes
+    left out (``{eyes_closed: 2.0}``).
 
     Batch size: ``"auto"`` (default) is 64, halved for small training splits until an epoch has 16
     optimizer steps (never below 8: 150 images give batches of 8; see :func:`auto_batch_size`); an integer
@@ -209,12 +229,16 @@ class DMSDataModule(LightningDataModule):
         balance: Balance = "none",
         augment_views: int | None = None,
         predict_dir: str | None = None,
+        class_weights: list[float] | dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if source not in ("synthetic", "image_folder", "csv"):
             raise ValueError(f"data.source={source!r} is not one of 'synthetic', 'image_folder', 'csv'")
         if balance not in _BALANCE:
             raise ValueError(f"data.balance={balance!r} is not one of {_BALANCE}")
+        if class_weights is not None and balance == "loss_weights":
+            raise ValueError(f"data.class_weights={class_weights!r} and data.balance='loss_weights' both set the "
+                             "loss's class weights; give one of them")
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels!r} must be 1 (grayscale / NIR) or 3 (RGB)")
         if not isinstance(image_size, int) or image_size < 16:
@@ -250,6 +274,8 @@ class DMSDataModule(LightningDataModule):
         self._files: dict[str, list[tuple[str, int]]] | None = None
         self.class_names = self._discover(source, data_dir, manifest, val_split, test_split, split_seed)
         self._check_class_names()
+        self._given_weights = None if class_weights is None else _resolve_class_weights(class_weights,
+                                                                                       self.class_names)
         if self._files is not None:
             for split, samples in self._files.items():
                 counts = collections.Counter(label for _, label in samples)
@@ -365,10 +391,13 @@ class DMSDataModule(LightningDataModule):
 
     @property
     def class_weights(self) -> list[float] | None:
-        """Cross-entropy weights ``N / (K · n_c)`` of the training classes with ``balance="loss_weights"``, else None.
+        """Cross-entropy weights, one per class: ``class_weights`` as given, ``N / (K · n_c)`` of the training
+        classes with ``balance="loss_weights"``, else None.
 
         Known before ``setup`` (from the file lists), so the CLI links it into the model.
         """
+        if self._given_weights is not None:
+            return list(self._given_weights)
         if self.hparams.balance != "loss_weights":
             return None
         counts = self._train_counts()

@@ -305,8 +305,10 @@ class DMSClassifier(ClassificationModule):
             ``{class_path, init_args}`` (a lambda or function is not recorded).
         lr_scheduler: scheduler factory (the same forms); default: 3 % linear warm-up then cosine decay per step.
         label_smoothing: cross-entropy label smoothing.
-        class_weights: one cross-entropy weight per class (against class imbalance); linked by the CLI from
-            ``DMSDataModule(balance="loss_weights").class_weights``. ``None``: unweighted.
+        class_weights: one cross-entropy weight per class (against class imbalance, or to favour a safety
+            class's recall); linked by the CLI from ``DMSDataModule.class_weights`` (``data.class_weights`` as
+            given, or computed with ``data.balance: loss_weights``; a ``model.class_weights`` given to the CLI is
+            moved there). ``None``: unweighted.
         bn_momentum: momentum of every BatchNorm's running statistics (default 0.1). torchvision's
             MobileNets use 0.01, which leaves evaluation at chance level after a short run; ``None``
             keeps torchvision's value.
