@@ -168,6 +168,16 @@ def test_class_weights_given_by_the_user_reach_the_model(given):
     assert cli.model.hparams.class_weights == [1.0, 2.0, 1.0, 1.0, 1.0], "recorded in the checkpoint"
 
 
+@pytest.mark.parametrize("given", [["--data.class_weights={eyes_closed: 2.0}"], ["--data.balance=loss_weights"]])
+def test_fit_with_class_weights_logs_its_hyperparameters(given, tmp_path):
+    # Lightning refuses a run whose module and data module disagree on an hparam of the same name: data
+    # weights given by class name ({eyes_closed: 2.0}) against the model's list stopped the fit at its start.
+    cli = _run(tmp_path, "fit", "--config", str(ROOT / "configs/student.yaml"), *given,
+               "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
+    assert cli.trainer.state.finished
+    assert cli.model.class_weights is not None and cli.model.hparams.class_weights == cli.datamodule.class_weights
+
+
 def test_class_weights_set_twice_are_refused(capsys):
     code, err = _console(capsys, "fit", "--config", str(ROOT / "configs/student.yaml"),
                          "--data.balance=loss_weights", "--model.init_args.class_weights=[1, 2, 1, 1, 1]")

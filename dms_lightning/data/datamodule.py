@@ -267,7 +267,9 @@ class DMSDataModule(LightningDataModule):
         if any(s <= 0 for s in std):
             raise ValueError(f"data.std={std!r} must be positive")
 
-        self.save_hyperparameters()
+        # Not class_weights: the model records the weights it uses (a user's own module may call its own weights
+        # by that name, and Lightning refuses a run whose module and data module disagree on an hparam).
+        self.save_hyperparameters(ignore=["class_weights"])
         self.source, self.image_size, self.channels = source, image_size, channels
         self.mean, self.std = mean, std
         self.batch_size, self.num_workers = batch_size, num_workers
