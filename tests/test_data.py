@@ -307,6 +307,30 @@ def test_class_weights_by_name_or_in_class_order_and_bad_ones_refused():
         weights([1, 2, 1, 1, 1], balance="loss_weights")
 
 
+@pytest.mark.parametrize("passed", [False, True])
+def test_class_weights_a_script_forgets_to_pass_are_warned_about(passed, tiny_datamodule, fast_trainer_kwargs):
+    # Outside the CLI nothing links data.class_weights into the model: a script that sets them on the data module
+    # only trained an unweighted loss without a word.
+    import warnings
+
+    from lightning.pytorch import Trainer
+
+    from dms_lightning import DMSClassifier
+
+    dm = tiny_datamodule(class_weights={"eyes_closed": 2.0}, image_size=32)
+    model = DMSClassifier(image_size=32, class_weights=dm.class_weights if passed else None)
+    trainer = Trainer(**fast_trainer_kwargs, limit_train_batches=1, limit_val_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, datamodule=dm)
+    said = [str(w.message) for w in caught if "does not use them" in str(w.message)]
+    if passed:
+        assert not said
+    else:
+        assert len(said) == 1 and "data.class_weights gives class weights [1.0, 2.0, 1.0, 1.0, 1.0]" in said[0]
+        assert "DMSClassifier(..., class_weights=datamodule.class_weights)" in said[0]
+
+
 def test_unknown_balance_mode_is_refused():
     with pytest.raises(ValueError, match="data.balance='oversample'"):
         DMSDataModule(balance="oversample")

@@ -473,6 +473,24 @@ class DMSDataModule(LightningDataModule):
             self._bit_depth = image_bit_depth(first.samples[0][0])
         if added:
             self._log_class_counts()
+        if stage == "fit":
+            self._warn_unused_class_weights()
+
+    def _warn_unused_class_weights(self) -> None:
+        """Class weights reach a model's loss through the CLI's link; a Python script passes them itself."""
+        weights = self.class_weights
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        # A module with no class_weights attribute may read datamodule.class_weights itself: nothing to say.
+        if weights is None or module is None or not hasattr(module, "class_weights"):
+            return
+        used = module.class_weights
+        if used is None or (isinstance(used, torch.Tensor) and not torch.allclose(
+                used.detach().float().cpu(), torch.tensor(weights, dtype=torch.float32))):
+            source = "data.class_weights" if self._given_weights is not None else "data.balance='loss_weights'"
+            rank_zero_warn(f"{source} gives class weights {[round(w, 3) for w in weights]}, but the "
+                           f"{type(module).__name__}'s loss does not use them (its class_weights: "
+                           f"{None if used is None else [round(w, 3) for w in used.tolist()]}); the CLI links them "
+                           "in, a script passes them itself: DMSClassifier(..., class_weights=datamodule.class_weights)")
 
     def _log_class_counts(self) -> None:
         trainer = getattr(self, "trainer", None)
