@@ -128,11 +128,10 @@ class DMSLightningCLI(LightningCLI):
         the data's ``None``. It is moved to ``data.class_weights``, which the link carries to the model.
         """
         config = self._subcommand_config()
-        init_args = config.get("model", {}).get("init_args") if hasattr(config.get("model", {}), "get") else None
+        init_args, data = config.get("model.init_args"), config.get("data")
         weights = init_args.get("class_weights") if init_args is not None else None
-        if weights is None or config.get("data") is None:
+        if weights is None or data is None:
             return
-        data = config["data"]
         if data.get("class_weights") is not None or data.get("balance") == "loss_weights":
             given = ("data.class_weights=" + repr(data.get("class_weights")) if data.get("class_weights") is not None
                      else "data.balance='loss_weights'")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +24,7 @@ from dms_lightning.data.sources import (
 from dms_lightning.data.synthetic import SYNTHETIC_CLASSES
 from dms_lightning.data.transforms import eval_transform, pixel_values, train_transform
 from dms_lightning.utils.tensorboard import log_text
+from dms_lightning.utils.validation import is_positive_finite
 
 Source = Literal["synthetic", "image_folder", "csv"]
 Balance = Literal["none", "sampler", "loss_weights"]
@@ -149,7 +149,7 @@ def _resolve_class_weights(weights: list[float] | dict[str, float], class_names:
         raise ValueError(f"data.class_weights={weights!r} must be {valid}")
     else:
         values = list(weights)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+    if not all(is_positive_finite(v) for v in values):
         raise ValueError(f"data.class_weights={weights!r} must be {valid}")
     return [float(v) for v in values]
 

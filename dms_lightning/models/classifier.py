@@ -27,7 +27,7 @@ from dms_lightning.utils.checkpoint import restore_architecture
 from dms_lightning.utils.plotting import confusion_matrix_figure
 from dms_lightning.utils.predictions import batch_images, batch_labels, require_labels
 from dms_lightning.utils.tensorboard import log_figure
-from dms_lightning.utils.validation import check_fraction
+from dms_lightning.utils.validation import check_fraction, is_positive_finite
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.03):
@@ -41,15 +41,6 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _positive_finite(weight) -> bool:
-    # An infinite class weight makes the weighted cross-entropy inf / inf = NaN from the first batch.
-    try:
-        value = float(weight)
-    except (TypeError, ValueError):
-        return False
-    return not isinstance(weight, bool) and math.isfinite(value) and value > 0
 
 
 def images_and_labels(batch, owner: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +80,7 @@ class ClassificationModule(LightningModule):
         self.lr_scheduler_factory = resolve_factory(lr_scheduler, "model.lr_scheduler", SCHEDULER_BASES)
         self.label_smoothing = label_smoothing
         if class_weights is not None and (isinstance(class_weights, (str, bytes)) or len(class_weights) != num_classes
-                                          or not all(_positive_finite(w) for w in class_weights)):
+                                          or not all(is_positive_finite(w) for w in class_weights)):
             shown = class_weights if isinstance(class_weights, (str, bytes)) else list(class_weights)
             raise ValueError(f"model.class_weights={shown!r} must be {num_classes} positive finite numbers, one "
                              "per class (DMSDataModule(balance='loss_weights') computes them)")

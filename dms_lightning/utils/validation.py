@@ -17,6 +17,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_positive_finite(value: Any) -> bool:
+    """Whether ``value`` is a number (not a bool or string) that is finite and > 0, e.g. a class weight.
+
+    An infinite class weight makes a weighted cross-entropy inf / inf = NaN from the first batch.
+    """
+    if isinstance(value, (bool, str, bytes)):
+        return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(number) and number > 0
+
+
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None, *,
               optional: bool = False, hint: str = "") -> int | None:
     """``value`` if it is an integer in ``[minimum, maximum]`` (``None`` too when ``optional``), else ValueError.
