@@ -348,6 +348,17 @@ def test_auto_batch_size_gives_a_small_training_split_enough_steps_per_epoch(tmp
         DMSDataModule(batch_size=0)
 
 
+def test_max_batch_size_caps_auto_and_small_splits_still_get_their_steps():
+    capped = DMSDataModule(image_size=32, train_size=3000, val_size=10, test_size=10, max_batch_size=32)
+    assert capped.batch_size == 32
+    capped.setup("fit")
+    assert len(capped.train_dataloader()) == 93  # 3000 // 32: the last, partial batch is dropped
+    assert DMSDataModule(image_size=32, train_size=150, val_size=10, test_size=10, max_batch_size=32).batch_size == 8
+    with pytest.raises(ValueError, match=r"data.max_batch_size=0 must be a positive integer"):
+        DMSDataModule(max_batch_size=0)
+    assert DMSDataModule(image_size=32, train_size=3000, batch_size=16, max_batch_size=32).batch_size == 16
+
+
 def test_synthetic_images_are_rendered_once_per_process(monkeypatch):
     """The pipeline's student stage serves the teacher stage's rendered images instead of rendering again."""
     import gc

@@ -120,8 +120,9 @@ def _unlabelled_images(predict_dir: str) -> list[tuple[str, int]]:
     return files
 
 
-def auto_batch_size(train_images: int) -> int:
-    """The batch size ``"auto"`` picks: 64, halved until an epoch of ``train_images`` has 16 steps, never below 8.
+def auto_batch_size(train_images: int, max_batch_size: int = AUTO_MAX_BATCH) -> int:
+    """The batch size ``"auto"`` picks: ``max_batch_size`` (64), halved until an epoch of ``train_images`` has 16
+    steps, never below 8.
 
     A from-scratch network needs hundreds of optimizer steps, and BatchNorm's running statistics dozens, to
     settle; with a few hundred images and batches of 64 a 15-epoch run takes 30-75 steps and a student stays
@@ -130,8 +131,10 @@ def auto_batch_size(train_images: int) -> int:
     Example:
         >>> [auto_batch_size(n) for n in (150, 300, 1000, 3000)]
         [8, 16, 32, 64]
+        >>> auto_batch_size(6000, max_batch_size=32), auto_batch_size(150, max_batch_size=32)
+        (32, 8)
     """
-    size = AUTO_MAX_BATCH
+    size = max_batch_size
     while size > AUTO_MIN_BATCH and train_images / size < AUTO_MIN_STEPS:
         size //= 2
     return size
@@ -180,9 +183,11 @@ class DMSDataModule(LightningDataModule):
     recall of a safety class: a list in class order, or ``{class name: weight}`` with 1.0 for the classes
     left out (``{eyes_closed: 2.0}``).
 
-    Batch size: ``"auto"`` (default) is 64, halved for small training splits until an epoch has 16
-    optimizer steps (never below 8: 150 images give batches of 8; see :func:`auto_batch_size`); an integer
-    is used as given.
+    Batch size: ``"auto"`` (default) is ``max_batch_size`` (64), halved for small training splits until an epoch
+    has 16 optimizer steps (never below 8: 150 images give batches of 8; see :func:`auto_batch_size`); an
+    integer is used as given (``max_batch_size`` then plays no part: ``--data.batch_size 16`` overrides a config's
+    cap). A short schedule learns more from smaller batches (more optimizer steps for the
+    same images, at about the same cost per image on a CPU): ``configs/teacher.yaml`` caps ``auto`` at 32.
 
     Augmentation views (``augment_views``): ``None`` (default) draws fresh random augmentations every
     time an image is read. An integer K gives each training image K fixed augmented views, shown in turn
@@ -216,6 +221,7 @@ class DMSDataModule(LightningDataModule):
         std: list[float] | None = None,
         augment: bool = True,
         batch_size: int | Literal["auto"] = "auto",
+        max_batch_size: int = AUTO_MAX_BATCH,
         num_workers: int = 0,
         train_size: int = 2000,
         val_size: int = 500,
@@ -245,6 +251,9 @@ class DMSDataModule(LightningDataModule):
             raise ValueError(f"data.image_size={image_size!r} must be an integer >= 16")
         if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"data.batch_size={batch_size!r} must be a positive integer or 'auto'")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"data.max_batch_size={max_batch_size!r} must be a positive integer (the largest batch "
+                             "data.batch_size: auto picks)")
         for name, value in (("train_size", train_size), ("val_size", val_size), ("test_size", test_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{name}={value!r} must be a positive integer")
@@ -285,7 +294,7 @@ class DMSDataModule(LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.class_counts: dict[str, dict[str, int]] = {}
         if batch_size == "auto":
-            self.batch_size = auto_batch_size(sum(self._train_counts()))
+            self.batch_size = auto_batch_size(sum(self._train_counts()), max_batch_size)
             rank_zero_info(f"[dms_lightning] data.batch_size auto: {self.batch_size} "
                            f"({sum(self._train_counts())} training images)")
         self._bit_depth: int | None = 8
