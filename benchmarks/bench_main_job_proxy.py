@@ -120,6 +120,8 @@ def write_table(rows: list[dict]) -> str:
         pct = [f"{acc[k]:.2f} %" if k in acc else "—"
                for k in ("teacher_fp32", "student_fp32", "student_int8", "student_int8_tflite")]
         commit = entry["commit"] + ("" if entry["exit_code"] == 0 else " (failed)")
+        if entry.get("label"):
+            commit += f": {entry['label']}"
         machine = f"{machine_summary(entry['machine'])}, {entry['machine']['measured_at'][:10]}"
         lines.append(f"| {commit} | **{entry['wall_min']:.1f} min** | " + " | ".join(minutes)
                      + f" | {low:.1f}-{high:.1f} min | " + " | ".join(pct) + f" | {machine} |")
@@ -132,9 +134,10 @@ def main() -> None:
     parser.add_argument("--core", type=int, default=0, help="the one CPU core to pin the run to")
     parser.add_argument("--workdir", type=Path, default=None, help="fresh clone directory (default: a temp dir)")
     parser.add_argument("--no-save", action="store_true", help="print the row, do not touch benchmarks/results/")
+    parser.add_argument("--label", default="", help="what the commit's configs do, shown beside it in the table")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dms_proxy_")) / "clone"
-    result = run(args.commit, args.core, workdir)
+    result = {**run(args.commit, args.core, workdir), "label": args.label}
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
     if args.no_save:
         return

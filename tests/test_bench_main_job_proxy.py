@@ -43,6 +43,8 @@ def test_the_row_reads_the_stage_times_and_the_report(tmp_path):
     assert "| 98.00 % | 96.40 % | 96.80 % | — |" in table
     # A failed run is marked, and has no stage times.
     assert "| def5678 (failed) | **3.0 min** | — | — | — |" in table
+    labelled = bench.write_table([{**row, "label": "student 5 epochs"}])
+    assert "| abc1234: student 5 epochs | **15.0 min** |" in labelled
 
 
 def test_the_wrapper_saves_what_run_pipeline_returns(tmp_path):
