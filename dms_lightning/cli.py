@@ -262,6 +262,31 @@ class DMSLightningCLI(LightningCLI):
         self.check_checkpoint()
 
 
+class _Parsed(Exception):
+    """Stops :class:`_ParseOnlyCLI` once the command line is parsed and checked."""
+
+
+class _ParseOnlyCLI(DMSLightningCLI):
+    @override
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        raise _Parsed
+
+
+def check_arguments(args: list[str]) -> None:
+    """Parse ``args`` (``["fit", "--config", ...]``) as :func:`main` would and raise what it refuses, building and
+    running nothing.
+
+    For a run that starts later (the student stage of ``python -m dms_lightning pipeline``): an unknown key, a value
+    of the wrong type or a missing config file is reported before an earlier stage spends minutes training.
+    Checks that need the classes built (a callback's value ranges, the data folder) are left to the run itself.
+    """
+    try:
+        _ParseOnlyCLI(args=args)
+    except _Parsed:
+        return
+
+
 def main(args=None) -> DMSLightningCLI:
     if args is not None and list(args) == sys.argv[1:]:
         args = None  # the command line itself: LightningCLI reads sys.argv (and DDP relaunches it)

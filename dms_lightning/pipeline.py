@@ -10,8 +10,10 @@
 
 Each stage is an ordinary LightningCLI run, so anything after ``--`` is passed to both ``fit`` calls as
 overrides (``python -m dms_lightning pipeline -- --data.train_size 3000``: both stages on half the images).
-Epoch overrides must leave the student config's schedule room: its pruning ends at epoch 2 and QAT starts at
-epoch 3, so ``--trainer.max_epochs`` below 4 is refused when the student stage starts.
+The student's command line (its config and the overrides) is parsed before the teacher trains, so an unknown key,
+a value of the wrong type or a missing file fails at once. Epoch overrides must leave the student config's schedule
+room: its pruning ends at epoch 1 and QAT starts at epoch 2, so ``--trainer.max_epochs`` below 3 is refused when the
+student stage starts (before it trains).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from dms_lightning.cli import DMSLightningCLI
+from dms_lightning.cli import DMSLightningCLI, check_arguments
 
 DEFAULT_TEACHER_CONFIG = "configs/teacher.yaml"
 DEFAULT_STUDENT_CONFIG = "configs/distill.yaml"
@@ -108,6 +110,9 @@ def run_pipeline(argv: list[str] | None = None) -> dict:
         if not Path(path).is_file():
             raise FileNotFoundError(f"pipeline config {path!r} does not exist (run from the repository root, "
                                     "or pass --teacher-config / --student-config)")
+    # The student's command line is parsed now: a typo in its config fails here, not after the teacher has trained.
+    rank_zero_info(f"[pipeline] checking the student's config {args.student_config} (and the overrides)")
+    check_arguments(_student_args(args.student_config, args.teacher_checkpoint, overrides))
     start = time.perf_counter()
     teacher_cli = None
     teacher_checkpoint = args.teacher_checkpoint
@@ -125,8 +130,7 @@ def run_pipeline(argv: list[str] | None = None) -> dict:
     rank_zero_info(f"[pipeline] 2/2 distil + prune + QAT + export + report from {teacher_checkpoint}: "
                    f"fit --config {args.student_config}")
     student_start, clock = time.perf_counter(), _FitClock()
-    student_cli = DMSLightningCLI(args=["fit", "--config", args.student_config,
-                                        f"--model.init_args.teacher_checkpoint={teacher_checkpoint}", *overrides],
+    student_cli = DMSLightningCLI(args=_student_args(args.student_config, teacher_checkpoint, overrides),
                                   trainer_defaults={"callbacks": [clock]})
     end = time.perf_counter()
     seconds = end - start
@@ -137,6 +141,10 @@ def run_pipeline(argv: list[str] | None = None) -> dict:
                    f"each callback). TensorBoard: tensorboard --logdir {log_root}")
     return {"teacher": teacher_cli, "student": student_cli, "teacher_checkpoint": teacher_checkpoint,
             "seconds": seconds, "stages": stages}
+
+
+def _student_args(config: str, teacher_checkpoint: str, overrides: list[str]) -> list[str]:
+    return ["fit", "--config", config, f"--model.init_args.teacher_checkpoint={teacher_checkpoint}", *overrides]
 
 
 def _stages(start: float, student_start: float, clock: _FitClock, end: float) -> dict[str, float]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from dms_lightning.cli import USER_ERRORS
 from dms_lightning.pipeline import run_pipeline
 from dms_lightning.utils.checkpoint import load_checkpoint
 
@@ -71,3 +72,19 @@ def test_pipeline_says_where_the_time_went(configs):
     assert abs(sum(stages.values()) - result["seconds"]) < 1e-6
     callbacks = result["student"].trainer.callbacks
     assert any(type(c).__name__ == "LearningRateMonitor" for c in callbacks), "the clock joins the defaults"
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda config: config["trainer"].update(max_epoch=5), "max_epoch"),  # a typo'd key
+    (lambda config: config["trainer"].update(max_epochs="five"), "max_epochs"),  # a value of the wrong type
+])
+def test_a_bad_student_config_fails_before_the_teacher_trains(configs, edit, named):
+    args, teacher_dir = configs
+    student = Path(args[args.index("--student-config") + 1])
+    config = yaml.safe_load(student.read_text())
+    edit(config)
+    student.write_text(yaml.safe_dump(config))
+    with pytest.raises(Exception, match=named) as raised:
+        run_pipeline([*args, "--", *TINY])
+    assert isinstance(raised.value, USER_ERRORS), "shown by the console as one message"
+    assert not teacher_dir.exists(), "nothing trained before the error"
