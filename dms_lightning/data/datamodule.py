@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import collections
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
+from typing_extensions import override
 
 from dms_lightning.data.sources import (
     IMAGE_EXTENSIONS,
@@ -23,6 +24,7 @@ from dms_lightning.data.sources import (
 )
 from dms_lightning.data.synthetic import SYNTHETIC_CLASSES
 from dms_lightning.data.transforms import eval_transform, pixel_values, train_transform
+from dms_lightning.utils.rng import RNG_RECORD, restore_rng_states, resuming_fit, rng_states
 from dms_lightning.utils.tensorboard import log_text
 from dms_lightning.utils.validation import is_positive_finite
 
@@ -46,10 +48,12 @@ class _Transformed(Dataset):
     VIEW_CACHE_BYTES = 1 << 30
 
     def __init__(self, base: Dataset, transform, with_ids: bool = False, views: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, reads: collections.Counter[int] | None = None) -> None:
         self.base, self.transform, self.with_ids = base, transform, with_ids
         self.views, self.seed = views, seed
-        self._reads: collections.Counter[int] = collections.Counter()
+        # How often each image was read (which view comes next); the data module's own counter for its training
+        # split, so that a checkpoint records it and a resumed run goes on with the views the uninterrupted one read.
+        self._reads: collections.Counter[int] = collections.Counter() if reads is None else reads
         self._view_cache: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
         self._view_cache_bytes = 0
 
@@ -101,6 +105,26 @@ def _targets(dataset: Dataset) -> list[int]:
         parent = _targets(dataset.dataset)
         return [parent[i] for i in dataset.indices]
     return dataset.targets
+
+
+class _EpochWeightedSampler(WeightedRandomSampler):
+    """Class-balanced draws (with replacement) that are a function of ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before each epoch, so a run resumed at epoch ``k`` draws what the
+    uninterrupted run drew there; without Lightning each iteration moves on to the next epoch's draws.
+    """
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int) -> None:
+        super().__init__(weights, num_samples=num_samples, replacement=True, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed((self.seed * 1_000_003 + self.epoch) % (1 << 63))
+        self.epoch += 1
+        return super().__iter__()
 
 
 #: ``batch_size="auto"``: at most this many images a batch (the default ``max_batch_size``), at least
@@ -295,6 +319,7 @@ class DMSDataModule(LightningDataModule):
                 self._check_split_classes(split, {name: counts.get(i, 0) for i, name in enumerate(self.class_names)})
         self.datasets: dict[str, Dataset] = {}
         self.class_counts: dict[str, dict[str, int]] = {}
+        self._train_view_reads: collections.Counter[int] = collections.Counter()
         if batch_size == "auto":
             self.batch_size = auto_batch_size(sum(self._train_counts()), max_batch_size)
             rank_zero_info(f"[dms_lightning] data.batch_size auto: {self.batch_size} "
@@ -530,7 +555,8 @@ class DMSDataModule(LightningDataModule):
         views = self.hparams.augment_views if train and self.hparams.augment else None
         return DataLoader(
             _Transformed(self.datasets[split], transform, with_ids=with_ids, views=views,
-                         seed=self.hparams.seed + torch.initial_seed()),
+                         seed=self.hparams.seed + torch.initial_seed(),
+                         reads=self._train_view_reads if views and split == "train" else None),
             batch_size=self.batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
@@ -544,8 +570,27 @@ class DMSDataModule(LightningDataModule):
         labels = _targets(self.datasets[split])
         counts = collections.Counter(labels)
         weights = torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
-        generator = torch.Generator().manual_seed(self.hparams.split_seed)
-        return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+        return _EpochWeightedSampler(weights, len(labels), self.hparams.split_seed)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed ``fit`` needs to read the data as the uninterrupted run would: the random generators
+        (shuffling, augmentation; :mod:`dms_lightning.utils.rng`) and which augmented view of each training image
+        comes next (``augment_views``)."""
+        reads = sorted(self._train_view_reads.items())
+        return {RNG_RECORD: rng_states(),
+                "train_view_reads": torch.tensor(reads, dtype=torch.int64).reshape(-1, 2)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not resuming_fit(self.trainer):
+            return  # evaluating or predicting from a checkpoint: nothing to go on with
+        reads = state_dict.get("train_view_reads")
+        if reads is not None:
+            self._train_view_reads.clear()
+            self._train_view_reads.update({int(index): int(count) for index, count in reads.tolist()})
+        if RNG_RECORD in state_dict:
+            restore_rng_states(state_dict[RNG_RECORD])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

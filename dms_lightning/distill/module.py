@@ -490,6 +490,7 @@ class DistillationModule(ClassificationModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         # The checkpoint holds the trained student: reloading must not need the original weights file.
         hparams = checkpoint.get("hyper_parameters", {})
         if "student_weights" in hparams:

@@ -23,9 +23,10 @@ from typing_extensions import override
 from dms_lightning.models.backbones import Activation, Head, build_backbone
 from dms_lightning.models.batchnorm import BatchNormReestimation, find_reestimation
 from dms_lightning.models.factories import OPTIMIZER_BASES, SCHEDULER_BASES, factory_config, resolve_factory
-from dms_lightning.utils.checkpoint import restore_architecture
+from dms_lightning.utils.checkpoint import checkpoint_records, restore_architecture
 from dms_lightning.utils.plotting import confusion_matrix_figure
 from dms_lightning.utils.predictions import batch_images, batch_labels, require_labels
+from dms_lightning.utils.rng import RNG_RECORD, restore_rng_states, resuming_fit, rng_states
 from dms_lightning.utils.tensorboard import log_figure
 from dms_lightning.utils.validation import check_fraction, is_positive_finite
 
@@ -277,6 +278,16 @@ class ClassificationModule(LightningModule):
         # Trainer the compression callbacks did so in setup already (then this finds nothing to change); for
         # load_from_checkpoint, which runs no callback, this is what rebuilds it.
         restore_architecture(self, checkpoint)
+        # Resuming fit: the random generators as they were when the checkpoint was written (shuffling, dropout,
+        # augmentation, mixing), so the resumed run ends where the uninterrupted one did. Loading for evaluation or
+        # export leaves them alone.
+        states = (checkpoint.get("dms_lightning") or {}).get(RNG_RECORD)
+        if states is not None and resuming_fit(self._trainer):
+            restore_rng_states(states)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint_records(checkpoint)[RNG_RECORD] = rng_states()
 
 
 class DMSClassifier(ClassificationModule):
@@ -354,5 +365,6 @@ class DMSClassifier(ClassificationModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         # The checkpoint holds the trained weights: reloading must not need the original weights file.
         checkpoint.get("hyper_parameters", {})["weights"] = None
