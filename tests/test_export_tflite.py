@@ -368,3 +368,50 @@ def test_exporters_say_why_the_best_checkpoint_gives_no_int8_file(tmp_path, quan
     # what was written is what the warning says: float files only
     assert sorted(p.name for p in export.glob("*.tflite")) == ["tiny_fp16.tflite", "tiny_fp32.tflite"]
     assert not list(export.glob("*int8*.onnx"))
+
+
+_RUN_WITH_XNNPACK = """
+import sys, numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1])  # LiteRT's default CPU path: the XNNPACK delegate
+interpreter.allocate_tensors()
+details = interpreter.get_input_details()[0]
+interpreter.set_tensor(details["index"], np.zeros(details["shape"], details["dtype"]))
+interpreter.invoke()
+print("ran")
+"""
+
+
+@needs_tflite
+def test_int8_tflite_with_a_switched_off_squeeze_excitation_runs_in_litert_default_cpu_path(tmp_path):
+    """Reproduces a main-job crash: training had switched off one squeeze-excitation block of the student (its ReLU
+    output always 0), its observed range was ~2e-5 wide, the INT8 file's scale 7e-8; XNNPACK refuses a convolution
+    whose input x weight / output scale reaches 256, and LiteRT 2.3 died of a double free instead of falling back.
+    Activations are now quantized over at least MIN_ACTIVATION_RANGE, as SNPE's quantizer does."""
+    import subprocess
+    import sys
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from dms_lightning.export.tflite import export_tflite_model
+    from dms_lightning.quant.calibration import post_training_quantize
+    from dms_lightning.quant.fake_quant import MIN_ACTIVATION_RANGE
+
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 16, 16)
+    net = _SqueezeNet().eval()
+    with torch.no_grad():
+        net.se_fc1.weight.mul_(10.0)  # a wide input x weight range ...
+        net.se_fc1.bias.fill_(-500.0)  # ... but every pre-activation negative: the ReLU output is always 0
+    int8 = post_training_quantize(net, [images[:16], images[16:]]).eval()
+    path, _ = export_tflite_model(int8, images[:1], tmp_path / "dead_se.tflite", precision="int8", io="int8",
+                                  calibration=images)
+
+    reference = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    scales = [float(t["quantization_parameters"]["scales"][0]) for t in reference.get_tensor_details()
+              if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1]
+    assert min(scales) >= MIN_ACTIVATION_RANGE / 255 * (1 - 1e-6)
+
+    run = subprocess.run([sys.executable, "-c", _RUN_WITH_XNNPACK, str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "ran" in run.stdout, run.stderr[-2000:]

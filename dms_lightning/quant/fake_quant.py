@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from dms_lightning.quant.observers import RangeEstimator
 
 _MIN_SCALE = 1e-8
+#: The narrowest range an activation is quantized over, as Qualcomm's SNPE quantizer enforces ("a minimum range of
+#: 0.01") and TensorFlow's ``QuantizeV2`` (``ensure_minimum_range``). A tensor that is (nearly) always 0, e.g. the
+#: ReLU output of a squeeze-excitation block that training switched off, otherwise gets a scale of ~1e-7: SNPE would
+#: widen it (its DLC no longer the network QAT trained), and XNNPACK, LiteRT's default CPU delegate, refuses a
+#: convolution whose input scale x weight scale / output scale reaches 256; LiteRT 2.3 then crashes (double free)
+#: instead of falling back (``tests/test_quant_units.py``).
+MIN_ACTIVATION_RANGE = 0.01
 #: Distance (in grid steps) every ``exact_values`` entry keeps from a rounding tie: float32 rounding of
 #: ``x / scale`` is ~1e-5 steps, so the result does not depend on how a runtime divides or rounds.
 TIE_MARGIN = 1e-3
@@ -172,6 +179,8 @@ class FakeQuantizer(nn.Module):
             scale = torch.clamp(torch.maximum(-low, high) / limit, min=_MIN_SCALE)
         else:
             scale = torch.clamp((high - low) / (quant_max - quant_min), min=_MIN_SCALE)
+        if not self.is_weight:
+            scale = torch.clamp(scale, min=MIN_ACTIVATION_RANGE / (quant_max - quant_min))
         if self.exact_values is not None and not self.per_channel:
             scale = self._tie_free_scale(scale, low)
         self.scale.copy_(scale)
