@@ -382,6 +382,22 @@ print("ran")
 """
 
 
+def _switched_off_squeeze_excitation_file(tmp_path) -> Path:
+    from dms_lightning.export.tflite import export_tflite_model
+    from dms_lightning.quant.calibration import post_training_quantize
+
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 16, 16)
+    net = _SqueezeNet().eval()
+    with torch.no_grad():
+        net.se_fc1.weight.mul_(10.0)  # a wide input x weight range ...
+        net.se_fc1.bias.fill_(-500.0)  # ... but every pre-activation negative: the ReLU output is always 0
+    int8 = post_training_quantize(net, [images[:16], images[16:]]).eval()
+    path, _ = export_tflite_model(int8, images[:1], tmp_path / "dead_se.tflite", precision="int8", io="int8",
+                                  calibration=images)
+    return path
+
+
 @needs_tflite
 def test_int8_tflite_with_a_switched_off_squeeze_excitation_runs_in_litert_default_cpu_path(tmp_path):
     """Reproduces a main-job crash: training had switched off one squeeze-excitation block of the student (its ReLU
@@ -393,25 +409,29 @@ def test_int8_tflite_with_a_switched_off_squeeze_excitation_runs_in_litert_defau
 
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from dms_lightning.export.tflite import export_tflite_model
-    from dms_lightning.quant.calibration import post_training_quantize
+    from dms_lightning.export.tflite import xnnpack_refusals
     from dms_lightning.quant.fake_quant import MIN_ACTIVATION_RANGE
 
-    torch.manual_seed(0)
-    images = torch.randn(32, 3, 16, 16)
-    net = _SqueezeNet().eval()
-    with torch.no_grad():
-        net.se_fc1.weight.mul_(10.0)  # a wide input x weight range ...
-        net.se_fc1.bias.fill_(-500.0)  # ... but every pre-activation negative: the ReLU output is always 0
-    int8 = post_training_quantize(net, [images[:16], images[16:]]).eval()
-    path, _ = export_tflite_model(int8, images[:1], tmp_path / "dead_se.tflite", precision="int8", io="int8",
-                                  calibration=images)
-
-    reference = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    path = _switched_off_squeeze_excitation_file(tmp_path)
+    reference = Interpreter(model_path=str(path),
+                            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     scales = [float(t["quantization_parameters"]["scales"][0]) for t in reference.get_tensor_details()
               if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1]
     assert min(scales) >= MIN_ACTIVATION_RANGE / 255 * (1 - 1e-6)
+    assert xnnpack_refusals(path) == []
 
     run = subprocess.run([sys.executable, "-c", _RUN_WITH_XNNPACK, str(path)], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and "ran" in run.stdout, run.stderr[-2000:]
+
+
+@needs_tflite
+def test_a_file_xnnpack_would_refuse_is_named_instead_of_crashing_the_process(tmp_path, monkeypatch):
+    from dms_lightning.export.tflite import LiteRTModel, xnnpack_refusals
+
+    monkeypatch.setattr("dms_lightning.quant.fake_quant.MIN_ACTIVATION_RANGE", 0.0)  # the scales before the floor
+    path = _switched_off_squeeze_excitation_file(tmp_path)
+    refused = xnnpack_refusals(path)
+    assert len(refused) == 1 and "se_act" in refused[0] and "CONV_2D" in refused[0]
+    with pytest.raises(ValueError, match=r"dead_se.tflite: XNNPACK, LiteRT's default CPU delegate, refuses 1 "):
+        LiteRTModel(path)  # before: the process died here (double free)

@@ -231,6 +231,44 @@ def export_tflite_model(model: nn.Module, example_input: torch.Tensor, path: str
     return path, form
 
 
+#: XNNPACK creates an integer convolution or fully-connected operator only when every output channel's
+#: requantization scale (input scale x weight scale / output scale) is below this.
+XNNPACK_MAX_REQUANTIZATION = 256.0
+_REQUANTIZING_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+
+
+def xnnpack_refusals(path: str | Path) -> list[str]:
+    """The integer convolutions / fully-connected layers of a .tflite file that XNNPACK refuses, as
+    ``"<output tensor> (<op>, requantization scale <r>)"``; empty for a float file.
+
+    Read with LiteRT's reference kernels only (no delegate), so a file XNNPACK cannot take is named here instead of
+    crashing the process that loads it with the default delegate.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    reader = Interpreter(model_path=str(path),
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = {t["index"]: t for t in reader.get_tensor_details()}
+
+    def scales(index: int) -> np.ndarray:
+        return np.asarray(tensors[index]["quantization_parameters"]["scales"], dtype=np.float64)
+
+    refused = []
+    for op in reader._get_ops_details():
+        if op["op_name"] not in _REQUANTIZING_OPS or len(op["inputs"]) < 2 or not op["outputs"]:
+            continue
+        data, weight, out = op["inputs"][0], op["inputs"][1], op["outputs"][0]
+        if min(data, weight, out) < 0 or tensors[out]["dtype"] not in (np.int8, np.uint8):
+            continue
+        s_in, s_w, s_out = scales(data), scales(weight), scales(out)
+        if not (len(s_in) and len(s_w) and len(s_out)) or s_out[0] <= 0:
+            continue
+        ratio = float((s_in[0] * s_w / s_out[0]).max())
+        if ratio >= XNNPACK_MAX_REQUANTIZATION:
+            refused.append(f"{tensors[out]['name']} ({op['op_name']}, requantization scale {ratio:.4g})")
+    return refused
+
+
 class LiteRTModel:
     """One LiteRT interpreter of a .tflite file, fed NCHW float images whatever the file takes.
 
@@ -242,6 +280,13 @@ class LiteRTModel:
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
+        refused = xnnpack_refusals(path)
+        if refused:  # LiteRT 2.3 would crash the process (double free) instead of falling back
+            raise ValueError(f"{self.path.name}: XNNPACK, LiteRT's default CPU delegate, refuses {len(refused)} "
+                             f"integer convolution(s) whose input scale x weight scale / output scale reaches "
+                             f"{XNNPACK_MAX_REQUANTIZATION:g}: {'; '.join(refused[:3])}. An output that narrow is "
+                             "(nearly) constant: quantize it over a wider range (FakeQuantizer keeps activations "
+                             "to at least MIN_ACTIVATION_RANGE) or leave it in float")
         self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
         self.interpreter.allocate_tensors()
         self.feed, self.fetch = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
