@@ -409,7 +409,7 @@ def test_int8_tflite_with_a_switched_off_squeeze_excitation_runs_in_litert_defau
 
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from dms_lightning.export.tflite import xnnpack_refusals
+    from dms_lightning.export.tflite_int8 import xnnpack_refusals
     from dms_lightning.quant.fake_quant import MIN_ACTIVATION_RANGE
 
     path = _switched_off_squeeze_excitation_file(tmp_path)
@@ -427,7 +427,8 @@ def test_int8_tflite_with_a_switched_off_squeeze_excitation_runs_in_litert_defau
 
 @needs_tflite
 def test_a_file_xnnpack_would_refuse_is_named_instead_of_crashing_the_process(tmp_path, monkeypatch):
-    from dms_lightning.export.tflite import LiteRTModel, xnnpack_refusals
+    from dms_lightning.export.tflite import LiteRTModel
+    from dms_lightning.export.tflite_int8 import xnnpack_refusals
 
     monkeypatch.setattr("dms_lightning.quant.fake_quant.MIN_ACTIVATION_RANGE", 0.0)  # the scales before the floor
     path = _switched_off_squeeze_excitation_file(tmp_path)

@@ -43,11 +43,13 @@ from dms_lightning.export.source import (
 )
 from dms_lightning.export.tflite_int8 import (
     IO_TYPES,
+    XNNPACK_MAX_REQUANTIZATION,
     IntegerForm,
     integer_network,
     set_io_type,
     static_quant_config,
     unpack_tflite,
+    xnnpack_refusals,
 )
 from dms_lightning.utils.io import atomic_path, ensure_writable_dir
 
@@ -229,44 +231,6 @@ def export_tflite_model(model: nn.Module, example_input: torch.Tensor, path: str
     finally:
         model.train(was_training)
     return path, form
-
-
-#: XNNPACK creates an integer convolution or fully-connected operator only when every output channel's
-#: requantization scale (input scale x weight scale / output scale) is below this.
-XNNPACK_MAX_REQUANTIZATION = 256.0
-_REQUANTIZING_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
-
-
-def xnnpack_refusals(path: str | Path) -> list[str]:
-    """The integer convolutions / fully-connected layers of a .tflite file that XNNPACK refuses, as
-    ``"<output tensor> (<op>, requantization scale <r>)"``; empty for a float file.
-
-    Read with LiteRT's reference kernels only (no delegate), so a file XNNPACK cannot take is named here instead of
-    crashing the process that loads it with the default delegate.
-    """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    reader = Interpreter(model_path=str(path),
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    tensors = {t["index"]: t for t in reader.get_tensor_details()}
-
-    def scales(index: int) -> np.ndarray:
-        return np.asarray(tensors[index]["quantization_parameters"]["scales"], dtype=np.float64)
-
-    refused = []
-    for op in reader._get_ops_details():
-        if op["op_name"] not in _REQUANTIZING_OPS or len(op["inputs"]) < 2 or not op["outputs"]:
-            continue
-        data, weight, out = op["inputs"][0], op["inputs"][1], op["outputs"][0]
-        if min(data, weight, out) < 0 or tensors[out]["dtype"] not in (np.int8, np.uint8):
-            continue
-        s_in, s_w, s_out = scales(data), scales(weight), scales(out)
-        if not (len(s_in) and len(s_w) and len(s_out)) or s_out[0] <= 0:
-            continue
-        ratio = float((s_in[0] * s_w / s_out[0]).max())
-        if ratio >= XNNPACK_MAX_REQUANTIZATION:
-            refused.append(f"{tensors[out]['name']} ({op['op_name']}, requantization scale {ratio:.4g})")
-    return refused
 
 
 class LiteRTModel:

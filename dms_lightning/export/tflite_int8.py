@@ -495,21 +495,58 @@ def tflite_tensors(path) -> list[dict]:
     return out
 
 
-def float_operators(path) -> list[str]:
-    """Operators of the .tflite file that read or write a float32 tensor, the I/O converters excepted."""
-    from ai_edge_litert.interpreter import Interpreter
+def _operators(path) -> list[tuple[str, list[dict], list[dict]]]:
+    """``(op name, input tensors, output tensors)`` of every operator of the .tflite file (absent optional inputs
+    left out), read with LiteRT's reference kernels only: a file the default delegate (XNNPACK) cannot take is
+    still read."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_path=str(path))
+    interpreter = Interpreter(model_path=str(path),
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     boundary = {d["index"] for d in interpreter.get_input_details() + interpreter.get_output_details()}
+    for tensor in tensors.values():
+        tensor["boundary"] = tensor["index"] in boundary
+    return [(op["op_name"], [tensors[i] for i in op["inputs"] if i >= 0], [tensors[i] for i in op["outputs"] if i >= 0])
+            for op in interpreter._get_ops_details()]  # the interpreter's public op listing
+
+
+def float_operators(path) -> list[str]:
+    """Operators of the .tflite file that read or write a float32 tensor, the I/O converters excepted."""
     found = []
-    for op in interpreter._get_ops_details():  # the interpreter's public op listing
-        indices = [i for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
-        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") and any(i in boundary for i in indices):
+    for name, inputs, outputs in _operators(path):
+        if name in ("QUANTIZE", "DEQUANTIZE") and any(t["boundary"] for t in inputs + outputs):
             continue
-        if any(tensors[i]["dtype"] == np.float32 for i in indices):
-            found.append(op["op_name"])
+        if any(t["dtype"] == np.float32 for t in inputs + outputs):
+            found.append(name)
     return found
+
+
+#: XNNPACK creates an integer convolution or fully-connected operator only when every output channel's
+#: requantization scale (input scale x weight scale / output scale) is below this.
+XNNPACK_MAX_REQUANTIZATION = 256.0
+_REQUANTIZING_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+
+
+def xnnpack_refusals(path) -> list[str]:
+    """The integer convolutions / fully-connected layers of a .tflite file that XNNPACK, LiteRT's default CPU
+    delegate, refuses, as ``"<output tensor> (<op>, requantization scale <r>)"``; empty for a float file. Named here
+    so that no process has to load the file with that delegate to find out (LiteRT 2.3 crashes on it)."""
+    refused = []
+    for name, inputs, outputs in _operators(path):
+        if name not in _REQUANTIZING_OPS or len(inputs) < 2 or not outputs:
+            continue
+        data, weight, out = inputs[0], inputs[1], outputs[0]
+        if out["dtype"] not in (np.int8, np.uint8):
+            continue
+        s_in, s_w, s_out = (np.asarray(t["quantization_parameters"]["scales"], dtype=np.float64)
+                            for t in (data, weight, out))
+        if not (s_in.size and s_w.size and s_out.size) or s_out[0] <= 0:
+            continue
+        ratio = float((s_in[0] * s_w / s_out[0]).max())
+        if ratio >= XNNPACK_MAX_REQUANTIZATION:
+            refused.append(f"{out['name']} ({name}, requantization scale {ratio:.4g})")
+    return refused
 
 
 def compare_with_encodings(path, encodings: dict, exceptions: Sequence[dict] = (), rtol: float = 1e-6) -> dict:

@@ -44,7 +44,7 @@ _MIN_SCALE = 1e-8
 #: ReLU output of a squeeze-excitation block that training switched off, otherwise gets a scale of ~1e-7: SNPE would
 #: widen it (its DLC no longer the network QAT trained), and XNNPACK, LiteRT's default CPU delegate, refuses a
 #: convolution whose input scale x weight scale / output scale reaches 256; LiteRT 2.3 then crashes (double free)
-#: instead of falling back (``tests/test_quant_units.py``).
+#: instead of falling back (``tests/test_export_tflite.py``).
 MIN_ACTIVATION_RANGE = 0.01
 #: Distance (in grid steps) every ``exact_values`` entry keeps from a rounding tie: float32 rounding of
 #: ``x / scale`` is ~1e-5 steps, so the result does not depend on how a runtime divides or rounds.
